@@ -1,0 +1,169 @@
+"""The ``lpdseg`` command line: parse, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lpdseg.errors import LpdsegError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Weakly supervised segmentation of H&E tissue with learnable prototypes (LPD) "
+    "and the PBIP baseline. Configs are YAML presets (see `lpdseg presets`) with "
+    "dotted overrides, e.g. `lpdseg train demo train.epochs=2 model.head=cam`.",
+)
+
+PresetArg = Annotated[str, typer.Argument(help="Preset name (see `lpdseg presets`) or path to a YAML config.")]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Config overrides as section.key=value, e.g. train.epochs=2 data.root=data/x.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, warnings only.")]
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _run(fn, *args, **kwargs):
+    """Call library code; turn user errors into a one-line message and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except LpdsegError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def presets() -> None:
+    """List the shipped config presets."""
+    from lpdseg.config import preset_names
+
+    for name in preset_names():
+        typer.echo(name)
+
+
+@app.command()
+def config(preset: PresetArg = "demo", overrides: OverridesArg = None) -> None:
+    """Print the resolved config of a preset + overrides (YAML)."""
+    import yaml
+
+    from lpdseg.config import load_config
+
+    cfg = _run(load_config, preset, overrides or [])
+    typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write (BCSS-WSSS layout).")],
+    n_train: Annotated[int, typer.Option(help="Training patches (image-level labels in the name).")] = 600,
+    n_val: Annotated[int, typer.Option(help="Validation patches with masks.")] = 60,
+    n_test: Annotated[int, typer.Option(help="Test patches with masks.")] = 120,
+    size: Annotated[int, typer.Option(help="Patch side in pixels.")] = 224,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes identical files.")] = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a synthetic H&E dataset (patches + exact masks) in the BCSS-WSSS layout."""
+    _setup_logging(quiet)
+    from lpdseg.data.synthetic import write_dataset
+
+    summary = _run(write_dataset, out, n_train, n_val, n_test, size=size, seed=seed,
+                   progress=not quiet)
+    typer.echo(f"wrote {out}: {summary}")
+
+
+@app.command()
+def train(
+    preset: PresetArg = "demo",
+    overrides: OverridesArg = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue from this last.pt (same config).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a model (stage 1: image-level labels; train.task=seg: stage 2 on pseudo masks).
+
+    The run folder (train.out_dir) receives config.yaml, metrics.jsonl, last.pt,
+    best.pt (best validation mIoU), curves.png and the test metrics of best.pt.
+    """
+    _setup_logging(quiet)
+    from lpdseg.config import load_config
+    from lpdseg.engine.train import train as run_train
+
+    cfg = _run(load_config, preset, overrides or [])
+    summary = _run(run_train, cfg, resume=resume, progress=not quiet)
+    if "test" in summary:
+        typer.echo(summary["test"]["table"])
+    typer.echo(f"run folder: {summary['run_dir']}")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (best.pt / last.pt).")],
+    data: Annotated[Optional[Path], typer.Option(help="Dataset folder (default: the one it was trained on).")] = None,
+    split: Annotated[str, typer.Option(help="Split to score: val or test.")] = "test",
+    mode: Annotated[str, typer.Option(help="Gating: pseudo (labels), predict (classifier) or both.")] = "both",
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation (scales x flip).")] = True,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for <split>_metrics.json/.md (default: next to the checkpoint).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score a checkpoint: mIoU, mDice, FwIoU, pixel accuracy and boundary IoU."""
+    _setup_logging(quiet)
+    from lpdseg.engine.train import evaluate_checkpoint
+
+    if split not in ("val", "test"):
+        typer.secho("error: --split must be val or test", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    modes = ("pseudo", "predict") if mode == "both" else (mode,)
+    res = _run(evaluate_checkpoint, checkpoint, split=split, modes=modes, tta=tta,
+               progress=not quiet, out_dir=out or checkpoint.parent,
+               data_root=str(data) if data else None)
+    typer.echo(res["table"])
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (best.pt).")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation.")] = False,
+    threshold: Annotated[Optional[float], typer.Option(help="Class probability threshold (default: the checkpoint's eval.cls_threshold).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images (listed at the end) instead of stopping.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Segment images of any size: index mask PNG, overlay with legend, per-class areas."""
+    _setup_logging(quiet)
+    from lpdseg.engine.predict import predict_images
+
+    written = _run(predict_images, checkpoint, images, out, tta=tta, threshold=threshold,
+                   batch_size=batch_size, skip_bad=skip_bad, progress=not quiet)
+    typer.echo(f"wrote predictions for {len(written)} images to {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for data, runs and overlays.")] = Path("demo_output"),
+    quick: Annotated[bool, typer.Option(help="Tiny run (seconds) to check the pipeline.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Synthetic H&E -> train LPD and the CAM baseline -> test table + overlays."""
+    _setup_logging(quiet)
+    from lpdseg.demo import run_demo
+
+    report = _run(run_demo, out, quick=quick, progress=not quiet)
+    typer.echo(report)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

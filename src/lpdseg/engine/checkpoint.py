@@ -1,0 +1,87 @@
+"""Checkpoints: everything needed to resume bit-for-bit, written atomically.
+
+A checkpoint is a dict of tensors and plain Python values only, so it loads
+with ``torch.load(weights_only=True)`` (no code runs from an untrusted file):
+model, optimizer, scheduler, grad-scaler, EMA encoder, RNG states, step and
+epoch, the best validation score, and the resolved config that built the
+model (a checkpoint rebuilds its own model, nanoGPT style).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lpdseg
+from lpdseg.errors import CheckpointError
+from lpdseg.io import atomic_save_with
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of the main process (torch CPU/CUDA, Python)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "python": list(_flatten_py_state(random.getstate()))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _flatten_py_state(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (temp file + fsync + rename).
+
+    Raises:
+        lpdseg.io.WriteError: when the write fails; the previous file stays intact.
+    """
+    payload = {"format_version": FORMAT_VERSION, "lpdseg_version": lpdseg.__version__, **payload}
+    atomic_save_with(path, lambda handle: torch.save(payload, handle))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``) and check its format.
+
+    Raises:
+        CheckpointError: missing, unreadable, unsafe or from another format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; give the path to a .pt file "
+                              "written by `lpdseg train` (e.g. runs/<name>/best.pt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} contains objects that are not plain tensors/values and "
+                              f"was refused for safety (weights_only=True): {exc}") from None
+    except Exception as exc:  # truncated / not a torch file
+        raise CheckpointError(f"{path} is not a readable lpdseg checkpoint ({exc}); it may be "
+                              "truncated or from another program") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not an lpdseg checkpoint (no model/config inside)")
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version}, this lpdseg "
+                              f"({lpdseg.__version__}) reads format {FORMAT_VERSION}; retrain or "
+                              "use the lpdseg version that wrote it")
+    return ckpt

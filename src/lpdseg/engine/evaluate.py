@@ -1,0 +1,206 @@
+"""Maps to masks, and scoring a split (METHOD.md, "Turning maps into masks").
+
+1. Test-time augmentation: every scale x (flip or not); maps are resized back
+   to the input size, un-flipped and averaged.
+2. Each stage's class maps are min-max normalised per image and class, fused
+   with ``eval.fuse_weights`` (0.3 M_2 + 0.3 M_3 + 0.4 M_4) and normalised again.
+3. Class gating: ``pseudo`` keeps the image's labelled classes, ``predict``
+   keeps classes whose classifier probability exceeds ``eval.cls_threshold``.
+4. Background channel ``(1 - max_c M_c)^gamma``; argmax over C + 1 channels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lpdseg.config import EvalConfig
+from lpdseg.metrics import SegmentationMeter
+from lpdseg.models.lpd import WSSSModel, needed_stages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MapOutput:
+    """TTA-averaged outputs for a batch.
+
+    Attributes:
+        stage_maps: per stage, B x C x H x W raw class maps at input size (``None``
+            for stages with fuse weight 0).
+        probs: B x C classifier probabilities (sigmoid of stage-4 logits).
+    """
+
+    stage_maps: list[Tensor | None]
+    probs: Tensor
+
+
+def _flip(x: Tensor, flip: bool) -> Tensor:
+    return x.flip(-1) if flip else x
+
+
+@torch.no_grad()
+def infer_maps(model: WSSSModel, images: Tensor, cfg: EvalConfig,
+               tta: bool = True, amp_dtype: torch.dtype | None = None) -> MapOutput:
+    """Run the model with TTA and return raw per-stage maps at input size.
+
+    Args:
+        model: a trained model (put in eval mode by the caller).
+        images: B x 3 x H x W normalised images.
+        cfg: evaluation settings (scales, flip, fuse weights, merge).
+        tta: ``False`` runs scale 1.0 without flip only (fast validation).
+        amp_dtype: autocast dtype, or ``None`` for fp32.
+    """
+    h, w = images.shape[-2:]
+    stages = needed_stages(cfg.fuse_weights)
+    scales = cfg.tta_scales if tta else [1.0]
+    flips = [False, True] if (tta and cfg.tta_flip) else [False]
+    sums: list[Tensor | None] = [None] * 4
+    prob_sum = None
+    count = 0
+    for scale in scales:
+        x = images
+        if scale != 1.0:
+            size = (max(32, round(h * scale)), max(32, round(w * scale)))
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        for flip in flips:
+            with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                out = model(_flip(x, flip), stages=stages, inference_merge=cfg.inference_merge)
+            for i in stages:
+                if not cfg.fuse_weights[i]:
+                    continue
+                m = F.interpolate(out.class_maps[i].float(), size=(h, w), mode="bilinear",
+                                  align_corners=False)
+                m = _flip(m, flip)
+                sums[i] = m if sums[i] is None else sums[i] + m
+            p = torch.sigmoid(out.logits[3].float())
+            prob_sum = p if prob_sum is None else prob_sum + p
+            count += 1
+    maps = [None if s is None else s / count for s in sums]
+    return MapOutput(maps, prob_sum / count)
+
+
+def minmax_normalise(maps: Tensor) -> Tensor:
+    """Min-max normalise each (image, class) map over its pixels to [0, 1]."""
+    flat = maps.flatten(2)
+    lo = flat.min(-1).values[..., None, None]
+    hi = flat.max(-1).values[..., None, None]
+    return (maps - lo) / (hi - lo).clamp_min(1e-6)
+
+
+def fuse_maps(stage_maps: list[Tensor | None], weights: Iterable[float]) -> Tensor:
+    """Weighted sum of min-max normalised stage maps, normalised again (B x C x H x W)."""
+    fused = None
+    for m, wt in zip(stage_maps, weights):
+        if m is None or not wt:
+            continue
+        term = wt * minmax_normalise(m)
+        fused = term if fused is None else fused + term
+    if fused is None:
+        raise ValueError("eval.fuse_weights selects no stage")
+    return minmax_normalise(fused)
+
+
+def label_scores(fused: Tensor, keep: Tensor, gamma: float) -> Tensor:
+    """Gated fused maps + background channel (B x (C + 1) x H x W), background last.
+
+    Args:
+        fused: B x C x H x W fused maps in [0, 1].
+        keep: B x C bool, classes allowed in each image.
+        gamma: background exponent.
+    """
+    gated = fused * keep[:, :, None, None].to(fused.dtype)
+    background = (1.0 - gated.max(1, keepdim=True).values).clamp_min(0) ** gamma
+    return torch.cat([gated, background], dim=1)
+
+
+def maps_to_mask(fused: Tensor, keep: Tensor, gamma: float) -> Tensor:
+    """Gated fused maps -> label mask (B x H x W), background = C."""
+    return label_scores(fused, keep, gamma).argmax(1)
+
+
+def class_gate(cfg: EvalConfig, probs: Tensor, labels: Tensor | None, mode: str | None = None) -> Tensor:
+    """Which classes may appear: the labels (``pseudo``) or confident ones (``predict``)."""
+    mode = mode or cfg.gating
+    if mode == "pseudo":
+        if labels is None:
+            raise ValueError("pseudo gating needs image-level labels; use gating=predict")
+        return labels > 0.5
+    return probs > cfg.cls_threshold
+
+
+def predict_scores(model: WSSSModel, images: Tensor, cfg: EvalConfig, labels: Tensor | None = None,
+                   mode: str | None = None, tta: bool = True,
+                   amp_dtype: torch.dtype | None = None) -> Tensor:
+    """Images -> per-label scores (B x (C + 1) x H x W); argmax gives the mask."""
+    out = infer_maps(model, images, cfg, tta=tta, amp_dtype=amp_dtype)
+    fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
+    return label_scores(fused, class_gate(cfg, out.probs, labels, mode), cfg.bg_gamma)
+
+
+def predict_masks(model: WSSSModel, images: Tensor, cfg: EvalConfig, labels: Tensor | None = None,
+                  mode: str | None = None, tta: bool = True,
+                  amp_dtype: torch.dtype | None = None) -> tuple[Tensor, MapOutput]:
+    """Images -> label masks (B x H x W) and the maps they came from."""
+    out = infer_maps(model, images, cfg, tta=tta, amp_dtype=amp_dtype)
+    fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
+    keep = class_gate(cfg, out.probs, labels, mode)
+    return maps_to_mask(fused, keep, cfg.bg_gamma), out
+
+
+@torch.no_grad()
+def evaluate(model: WSSSModel, loader: Iterable[dict], cfg: EvalConfig, class_names: list[str],
+             *, mode: str | None = None, tta: bool = True, limit: int | None = None,
+             device: torch.device | None = None, progress: bool = True,
+             desc: str = "eval") -> dict:
+    """Score a split: one confusion matrix over all pixels + boundary IoU.
+
+    Args:
+        model: the model (switched to eval mode here).
+        loader: yields dicts with ``image`` (B x 3 x H x W), ``mask`` (B x H x W)
+            and ``label`` (B x C); lists of per-image tensors are accepted for
+            images of different sizes.
+        cfg: evaluation settings.
+        class_names: tissue class names.
+        mode: ``pseudo`` or ``predict`` (default ``cfg.gating``).
+        tta: use test-time augmentation.
+        limit: stop after this many images.
+
+    Returns:
+        The meter's results (see :class:`lpdseg.metrics.SegmentationMeter`),
+        plus ``mode`` and ``images``.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    meter = SegmentationMeter(len(class_names), class_names, boundary_ratio=cfg.boundary_ratio)
+    seen = 0
+    bar = tqdm(total=limit, desc=desc, disable=not progress, leave=False, unit="img")
+    for batch in loader:
+        images, masks, labels = batch["image"], batch["mask"], batch["label"]
+        if isinstance(images, torch.Tensor):
+            images, masks, labels = [images], [masks], [labels]
+        else:  # list of single images of different sizes
+            images = [im[None] for im in images]
+            masks = [m[None] for m in masks]
+            labels = [lb[None] for lb in labels]
+        for img, msk, lab in zip(images, masks, labels):
+            pred, _ = predict_masks(model, img.to(device), cfg, lab.to(device), mode=mode, tta=tta)
+            meter.update(pred.cpu(), msk)
+            seen += img.shape[0]
+            bar.update(img.shape[0])
+        if limit is not None and seen >= limit:
+            break
+    bar.close()
+    model.train(was_training)
+    results = meter.compute()
+    results["mode"] = mode or cfg.gating
+    results["images"] = seen
+    return results

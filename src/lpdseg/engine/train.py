@@ -1,0 +1,422 @@
+"""Training loop: AdamW, warm-up + poly, AMP, clipping, validation, atomic resume.
+
+One function, :func:`train`, runs a whole stage-1 (weakly supervised) training
+described by a :class:`~lpdseg.config.Config`. The run folder receives the
+resolved config, ``metrics.jsonl``, ``last.pt``, ``best.pt`` (by validation
+mIoU), a loss/mIoU curve and, when a test split exists, the test metrics of
+``best.pt``.
+
+Determinism: batches come from a per-epoch permutation seeded by
+``(seed, epoch)`` and every sample's augmentation from ``(seed, epoch, index)``,
+so a resumed run (which skips the batches already consumed in its epoch and
+restores model, optimiser, scheduler, scaler, EMA encoder and RNG states)
+continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lpdseg.config import Config, config_from_dict, save_config
+from lpdseg.data.loaders import DataBundle, make_eval_loader, make_train_loader, resolve_data
+from lpdseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lpdseg.engine.evaluate import evaluate
+from lpdseg.errors import ConfigError, TrainingError
+from lpdseg.io import atomic_write_json
+from lpdseg.losses import classification_loss, diversity_loss, diversity_ramp, similarity_loss
+from lpdseg.models.encoders import FrozenEncoder, build_encoder
+from lpdseg.models.lpd import WSSSModel, build_model, needed_stages
+from lpdseg.models.prototypes import PrototypeHead
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+    return torch.device(name)
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``train.amp`` on this device (fp16 only on CUDA)."""
+    if cfg.train.amp == "off":
+        return None
+    if cfg.train.amp == "fp16":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.bfloat16
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float, power: float) -> float:
+    """Linear warm-up to 1, then poly decay ``(1 - progress)^power`` to 0."""
+    warmup = int(round(warmup_fraction * total))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - progress) ** power
+
+
+def param_groups(model: WSSSModel, cfg: Config) -> list[dict[str, Any]]:
+    """Backbone at ``lr``; head (prototypes, projections, scale) at ``lr * head_lr_mult``.
+
+    Norm weights, biases and prototypes get no weight decay.
+    """
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "backbone" if name.startswith("backbone.") else "head"
+        no_decay = p.ndim <= 1 or name.endswith("prototypes")
+        groups.setdefault((part, no_decay), []).append(p)
+    out = []
+    for (part, no_decay), params in sorted(groups.items()):
+        lr = cfg.train.lr * (cfg.train.head_lr_mult if part == "head" else 1.0)
+        out.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.train.weight_decay,
+                    "name": f"{part}{'_no_decay' if no_decay else ''}"})
+    return out
+
+
+@dataclass
+class StepResult:
+    """Losses of one training step (floats, for logging)."""
+
+    loss: float
+    terms: dict[str, float] = field(default_factory=dict)
+    finite: bool = True
+
+
+class Trainer:
+    """Holds the model, optimiser and state of one run. See :func:`train`."""
+
+    def __init__(self, cfg: Config, bundle: DataBundle, device: torch.device) -> None:
+        self.cfg = cfg
+        self.bundle = bundle
+        self.device = device
+        self.amp = amp_dtype(cfg, device)
+        c = len(bundle.class_names)
+        self.model = build_model(cfg, c).to(device)
+        head = self.model.head
+        self.is_proto = isinstance(head, PrototypeHead)
+        self.encoder: FrozenEncoder | None = None
+        use_sim = self.is_proto and cfg.loss.sim_mode != "off" and cfg.loss.sim_weight > 0
+        if use_sim:
+            self.encoder = build_encoder(
+                cfg.loss.encoder, backbone=self.model.backbone, model_mean=bundle.mean,
+                model_std=bundle.std, ema_decay=cfg.loss.encoder_ema_decay,
+                allow_random=cfg.loss.allow_random_encoder).to(device)
+            if self.encoder.embed_dim != head.embed_dim:
+                raise ConfigError(
+                    f"prototype space has {head.embed_dim} dims but encoder {cfg.loss.encoder!r} "
+                    f"embeds in {self.encoder.embed_dim}; set model.embed_dim={self.encoder.embed_dim} "
+                    "(or leave it null)")
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
+        self.stages = needed_stages(cfg.loss.stage_weights)
+        self.step = 0
+        self.epoch = 0
+        self.best = -math.inf
+        self.nonfinite_in_row = 0
+        self.skipped_steps = 0
+        self.total_steps = 0  # set by train()
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.last_good: str | None = None
+
+    def make_scheduler(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        t = self.cfg.train
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, t.warmup_fraction, t.poly_power))
+
+    def compute_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Forward + all loss terms (METHOD.md step 6)."""
+        lc = self.cfg.loss
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                            enabled=self.amp is not None):
+            out = self.model(images, stages=self.stages)
+            dense = None
+            if self.encoder is not None and lc.sim_mode == "feature":
+                dense = self.encoder.dense(images)
+        terms: dict[str, Tensor] = {"cls": classification_loss(out.logits, labels, lc.stage_weights)}
+        total = terms["cls"]
+        if self.encoder is not None:
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                enabled=self.amp is not None and lc.sim_mode == "image"):
+                sim, stats = similarity_loss(
+                    out.proto_maps[3], out.logits[3], labels, self.model.head.prototypes,
+                    mode=lc.sim_mode, dense_features=dense, images=images,
+                    embed_images=self.encoder.embed, threshold=lc.sim_threshold,
+                    temperature=lc.sim_temperature, fg_weight=lc.sim_fg_weight,
+                    bg_weight=lc.sim_bg_weight, activation_reg=lc.sim_activation_reg)
+            terms["sim"] = sim
+            total = total + lc.sim_weight * sim
+        if self.is_proto and self.model.head.learnable and lc.div_weight > 0:
+            weight = diversity_ramp(self.step, self.total_steps, lc.div_weight, lc.div_warmup)
+            div = diversity_loss(out.proto_maps[3], out.class_maps[3], labels, lc.div_temperature)
+            terms["div"] = div
+            total = total + weight * div
+        return total, terms
+
+    def train_step(self, images: Tensor, labels: Tensor) -> StepResult:
+        """One optimisation step; a non-finite loss skips the step (counted)."""
+        self.model.train()
+        images, labels = images.to(self.device), labels.to(self.device).float()
+        loss, terms = self.compute_loss(images, labels)
+        floats = {k: float(v.detach()) for k, v in terms.items()}
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_row += 1
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss %s (%s); step skipped (%d in a row)",
+                        self.step, float(loss), floats, self.nonfinite_in_row)
+            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite:
+                raise TrainingError(
+                    f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; "
+                    f"stopping. Last good checkpoint: {self.last_good or 'none written yet'}. "
+                    "Lower train.lr, check the data, or set train.amp=off.")
+            self.step += 1
+            self.scheduler.step()
+            return StepResult(float(loss), floats, finite=False)
+        self.nonfinite_in_row = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.encoder is not None:
+            self.encoder.update(self.model)
+        self.step += 1
+        return StepResult(float(loss.detach()), floats)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "encoder": self.encoder.state_dict() if self.encoder is not None else None,
+            "rng": rng_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "best": self.best,
+            "skipped_steps": self.skipped_steps,
+            "total_steps": self.total_steps,
+        }
+
+    def load_state(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.encoder is not None and ckpt.get("encoder") is not None:
+            self.encoder.load_state_dict(ckpt["encoder"])
+        set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+        self.epoch = int(ckpt["epoch"])
+        self.best = float(ckpt["best"])
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(path, self.state())
+        self.last_good = str(path)
+
+
+def prepare_config(cfg: Config, bundle: DataBundle) -> Config:
+    """Record what the data resolved (class names, normalisation) in the config."""
+    d = cfg.to_dict()
+    d["data"]["class_names"] = list(bundle.class_names)
+    d["data"]["mean"] = list(bundle.mean)
+    d["data"]["std"] = list(bundle.std)
+    d["data"]["colors"] = [list(c) for c in bundle.colors]
+    return config_from_dict(d)
+
+
+def _log_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = True,
+          stop_after: int | None = None, evaluate_test: bool = True) -> dict[str, Any]:
+    """Train stage 1 (or stage 2 with ``train.task=seg``) as ``cfg`` describes.
+
+    Args:
+        cfg: the run config.
+        resume: a ``last.pt`` to continue from (its config is used for the model;
+            ``train.max_steps``/``epochs`` of ``cfg`` may extend the run).
+        progress: show a progress bar.
+        stop_after: stop after this global step (simulates an interrupted run).
+        evaluate_test: score ``best.pt`` on the test split at the end.
+
+    Returns:
+        Summary dict with the run folder, steps, best validation mIoU and test metrics.
+    """
+    if cfg.train.task == "seg":
+        from lpdseg.engine.segtrain import train_segmentation
+
+        return train_segmentation(cfg, resume=resume, progress=progress, stop_after=stop_after)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    bundle = resolve_data(cfg)
+    cfg = prepare_config(cfg, bundle)
+    run_dir = Path(cfg.train.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, bundle, device)
+    steps_per_epoch = bundle.steps_per_epoch(cfg.train.batch_size)
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    epochs = math.ceil(total / steps_per_epoch)
+    trainer.make_scheduler(total)
+    if resume:
+        trainer.load_state(load_checkpoint(resume, map_location=device))
+        log.info("resumed from %s at step %d (epoch %d)", resume, trainer.step, trainer.epoch)
+    save_config(cfg, run_dir / "config.yaml")
+    metrics_path = run_dir / "metrics.jsonl"
+    if not resume and metrics_path.exists():
+        metrics_path.unlink()
+    val_loader = make_eval_loader(cfg, bundle, "val") if bundle.has_split("val") else None
+    bar = tqdm(total=total, initial=trainer.step, desc=cfg.name, disable=not progress,
+               unit="step", dynamic_ncols=True)
+    t_last, n_last = time.perf_counter(), 0
+    stop = False
+    while trainer.step < total and not stop:
+        epoch = trainer.step // steps_per_epoch
+        trainer.epoch = epoch
+        offset = trainer.step - epoch * steps_per_epoch
+        loader = make_train_loader(cfg, bundle, epoch=epoch, start_batch=offset)
+        for batch in loader:
+            result = trainer.train_step(batch["image"], batch["label"])
+            n_last += batch["image"].shape[0]
+            rec = {"step": trainer.step, "epoch": epoch, "loss": result.loss, **result.terms,
+                   "lr": trainer.optimizer.param_groups[0]["lr"], "finite": result.finite}
+            _log_jsonl(metrics_path, rec)
+            elapsed = time.perf_counter() - t_last
+            bar.set_postfix(loss=f"{result.loss:.3f}", img_s=f"{n_last / max(elapsed, 1e-9):.1f}")
+            bar.update(1)
+            if cfg.train.ckpt_every and trainer.step % cfg.train.ckpt_every == 0:
+                trainer.save(run_dir / "last.pt")
+            if trainer.step >= total or (stop_after is not None and trainer.step >= stop_after):
+                stop = trainer.step < total
+                break
+        if stop:
+            break
+        end_of_epoch = trainer.step % steps_per_epoch == 0 or trainer.step >= total
+        if end_of_epoch:
+            ep = trainer.step // steps_per_epoch - (0 if trainer.step % steps_per_epoch else 1)
+            if val_loader is not None and ((ep + 1) % cfg.train.val_every == 0 or trainer.step >= total):
+                res = evaluate(trainer.model, val_loader, cfg.eval, list(bundle.class_names),
+                               tta=False, limit=cfg.train.val_limit, device=device,
+                               progress=False, desc="val")
+                miou = res["mIoU"]
+                _log_jsonl(metrics_path, {"step": trainer.step, "epoch": ep, "val_mIoU": miou,
+                                          "val_mDice": res["mDice"], "val_bIoU": res["bIoU"]})
+                log.info("epoch %d: val mIoU %.4f", ep, miou)
+                if miou > trainer.best or not (run_dir / "best.pt").exists():
+                    trainer.best = max(miou, trainer.best) if math.isfinite(miou) else trainer.best
+                    trainer.save(run_dir / "best.pt")
+            trainer.epoch = ep + 1
+            trainer.save(run_dir / "last.pt")
+    bar.close()
+    if stop_after is not None and trainer.step < total:
+        trainer.save(run_dir / "last.pt")
+        return {"run_dir": str(run_dir), "step": trainer.step, "stopped": True}
+    if not (run_dir / "best.pt").exists():
+        trainer.save(run_dir / "best.pt")
+    from lpdseg.viz import plot_training_curves
+
+    plot_training_curves(metrics_path, run_dir / "curves.png")
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": trainer.step,
+                               "best_val_mIoU": trainer.best,
+                               "skipped_steps": trainer.skipped_steps}
+    if evaluate_test and bundle.has_split("test"):
+        summary["test"] = evaluate_checkpoint(run_dir / "best.pt", split="test", progress=progress,
+                                              out_dir=run_dir)
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[WSSSModel, Config]:
+    """Rebuild a model from a checkpoint's own config and load its weights.
+
+    Raises:
+        CheckpointError: unreadable file or weights that do not fit the config.
+    """
+    from lpdseg.errors import CheckpointError
+
+    ckpt = load_checkpoint(path, map_location=device)
+    cfg = config_from_dict(ckpt["config"])
+    names = cfg.data.class_names
+    if not names:
+        raise CheckpointError(f"{path} has no class names in its config")
+    bank = None
+    if cfg.model.head == "pbip":
+        bank = ckpt["model"]["head.prototypes"]
+    model = build_model(cfg, len(names), bank=bank)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the model its config describes "
+                              f"({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg
+
+
+def evaluate_checkpoint(path: str | Path, *, split: str = "test", cfg_overrides: Config | None = None,
+                        modes: tuple[str, ...] = ("pseudo", "predict"), tta: bool = True,
+                        progress: bool = True, out_dir: str | Path | None = None,
+                        data_root: str | None = None) -> dict[str, Any]:
+    """Score a checkpoint on a split in each gating mode; write JSON + Markdown tables.
+
+    Args:
+        path: checkpoint.
+        split: ``val`` or ``test``.
+        cfg_overrides: a config whose ``data``/``eval`` sections replace the checkpoint's.
+        modes: gating modes to score.
+        tta: test-time augmentation.
+        out_dir: where ``<split>_metrics.json`` and ``<split>_metrics.md`` go.
+        data_root: evaluate on this folder instead of the training data.
+    """
+    from lpdseg.metrics import format_table
+
+    device = next(iter([resolve_device("auto")]))
+    model, cfg = load_model(path, device)
+    if cfg_overrides is not None:
+        d = cfg.to_dict()
+        d["eval"] = cfg_overrides.to_dict()["eval"]
+        cfg = config_from_dict(d)
+    if data_root is not None:
+        d = cfg.to_dict()
+        d["data"]["root"] = str(data_root)
+        cfg = config_from_dict(d)
+    bundle = resolve_data(cfg, need_train=False)
+    loader = make_eval_loader(cfg, bundle, split)
+    results: dict[str, Any] = {"checkpoint": str(path), "split": split}
+    tables = []
+    for mode in modes:
+        res = evaluate(model, loader, cfg.eval, list(cfg.data.class_names), mode=mode, tta=tta,
+                       device=device, progress=progress, desc=f"{split} ({mode})")
+        results[mode] = res
+        tables.append(f"### {split}, {mode} gating ({res['images']} images)\n\n{format_table(res)}")
+    results["table"] = "\n\n".join(tables)
+    if out_dir is not None:
+        out = Path(out_dir)
+        atomic_write_json(out / f"{split}_metrics.json", {k: v for k, v in results.items() if k != "table"})
+        from lpdseg.io import atomic_write_text
+
+        atomic_write_text(out / f"{split}_metrics.md", results["table"] + "\n")
+    return results

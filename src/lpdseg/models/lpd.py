@@ -1,0 +1,79 @@
+"""The weakly supervised model: backbone + head -> per-stage maps and logits."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from lpdseg.config import Config
+from lpdseg.models.backbones import build_backbone
+from lpdseg.models.prototypes import CamHead, HeadOutput, PrototypeHead
+
+log = logging.getLogger(__name__)
+
+
+class WSSSModel(nn.Module):
+    """Backbone features -> head maps (METHOD.md LPD steps 1-3).
+
+    Attributes:
+        backbone: multi-scale feature extractor (see ``models.backbones``).
+        head: :class:`PrototypeHead` (LPD/PBIP) or :class:`CamHead`.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def forward(self, images: Tensor, stages: tuple[int, ...] = (0, 1, 2, 3),
+                inference_merge: str = "mean") -> HeadOutput:
+        """Images (B x 3 x H x W, normalised) -> maps and logits of ``stages``."""
+        feats = self.backbone(images)
+        return self.head(feats, stages=stages, inference_merge=inference_merge)
+
+
+def build_model(config: Config, num_classes: int, embed_dim: int | None = None,
+                bank: Tensor | None = None) -> WSSSModel:
+    """Build the model a config describes.
+
+    Args:
+        config: the run config (``model`` section).
+        num_classes: C, number of tissue classes.
+        embed_dim: prototype space size D; falls back to ``config.model.embed_dim``,
+            then the backbone's last-stage width.
+        bank: fixed prototypes for ``head=pbip`` (C x k x D).
+    """
+    m = config.model
+    backbone = build_backbone(m.backbone, weights=m.weights, last_stride=m.last_stride)
+    if m.drop_path and hasattr(backbone, "set_drop_path"):
+        backbone.set_drop_path(m.drop_path)
+    channels = tuple(backbone.stage_channels)
+    if m.head == "cam":
+        head: nn.Module = CamHead(num_classes, channels)
+    else:
+        dim = embed_dim or m.embed_dim or channels[-1]
+        if m.head == "pbip":
+            if bank is None:
+                from lpdseg.bank import load_bank
+
+                bank = load_bank(m.bank).prototypes
+            dim = bank.shape[-1]
+        head = PrototypeHead(num_classes, m.prototypes_per_class if bank is None else bank.shape[1],
+                             dim, channels, m.proj_hidden, m.scale_init, m.merge, bank=bank)
+    return WSSSModel(backbone, head)
+
+
+def needed_stages(weights: list[float] | tuple[float, ...], always: tuple[int, ...] = (3,)) -> tuple[int, ...]:
+    """Stages with a non-zero weight, plus ``always`` (stage 4 feeds the other losses)."""
+    return tuple(sorted({i for i, w in enumerate(weights) if w} | set(always)))
+
+
+@torch.no_grad()
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

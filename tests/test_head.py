@@ -1,0 +1,68 @@
+"""Prototype head against a loop reference; CAM head shapes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lpdseg.models.prototypes import CamHead, PrototypeHead, merge_prototype_scores
+
+torch.set_num_threads(1)
+
+
+def test_prototype_maps_match_loop_reference():
+    torch.manual_seed(0)
+    c, k, d = 3, 2, 8
+    channels = (4, 5, 6, 7)
+    head = PrototypeHead(c, k, d, channels, proj_hidden=16, merge="softmax")
+    feats = [torch.randn(2, ch, 3, 4) for ch in channels]
+    out = head(feats)
+    for i, f in enumerate(feats):
+        p = head.projected(i)
+        a = out.proto_maps[i]
+        assert a.shape == (2, c, k, 3, 4)
+        for n in range(2):
+            for cls in range(c):
+                for j in range(k):
+                    for y in range(3):
+                        for x in range(4):
+                            ref = head.scale * F.cosine_similarity(f[n, :, y, x], p[cls, j], dim=0)
+                            assert torch.allclose(a[n, cls, j, y, x], ref, atol=1e-5)
+        assert torch.allclose(out.class_maps[i], a.mean(2))
+        scores = a.mean((3, 4))
+        w = torch.softmax(scores, -1)
+        assert torch.allclose(out.logits[i], (w * scores).sum(-1), atol=1e-6)
+
+
+def test_merge_modes():
+    s = torch.tensor([[1.0, 3.0]])
+    assert torch.allclose(merge_prototype_scores(s, "mean"), torch.tensor([2.0]))
+    w = torch.softmax(s, -1)
+    assert torch.allclose(merge_prototype_scores(s, "softmax"), (w * s).sum(-1))
+
+
+def test_only_requested_stages_computed_and_bank_is_fixed():
+    bank = torch.randn(2, 3, 8)
+    head = PrototypeHead(2, 3, 8, (4, 4, 4, 4), proj_hidden=8, bank=bank)
+    assert not head.learnable
+    assert "prototypes" not in dict(head.named_parameters())
+    out = head([torch.randn(1, 4, 2, 2)] * 4, stages=(2, 3))
+    assert out.proto_maps[0] is None and out.logits[1] is None
+    assert out.class_maps[3].shape == (1, 2, 2, 2)
+    assert torch.equal(head.prototypes, bank)
+
+
+def test_gradients_reach_prototypes_projections_and_scale():
+    head = PrototypeHead(2, 2, 8, (4, 4, 4, 4), proj_hidden=8)
+    out = head([torch.randn(2, 4, 3, 3, requires_grad=True) for _ in range(4)])
+    sum(lg.sum() for lg in out.logits).backward()
+    assert head.prototypes.grad.abs().sum() > 0
+    assert head.scale.grad is not None
+    assert all(p.grad is not None for p in head.projections.parameters())
+
+
+def test_cam_head():
+    head = CamHead(3, (4, 5, 6, 7))
+    out = head([torch.randn(2, ch, 3, 3) for ch in (4, 5, 6, 7)])
+    assert out.logits[3].shape == (2, 3)
+    assert torch.allclose(out.logits[3], out.class_maps[3].mean((2, 3)))
