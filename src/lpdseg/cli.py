@@ -147,6 +147,64 @@ def predict(
 
 
 @app.command()
+def pseudo(
+    checkpoint: Annotated[Path, typer.Argument(help="Stage-1 checkpoint (LPD, PBIP or CAM).")],
+    out: Annotated[Path, typer.Option(help="Output folder (masks/, manifest.csv, pseudo.json).")] = Path("pseudo"),
+    data: Annotated[Optional[Path], typer.Option(help="Dataset folder (default: the training one).")] = None,
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation.")] = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write pseudo masks of the training set for stage 2 (train.task=seg data.pseudo=OUT)."""
+    _setup_logging(quiet)
+    from lpdseg.engine.pseudo import write_pseudo_masks
+
+    summary = _run(write_pseudo_masks, checkpoint, out, data_root=str(data) if data else None,
+                   tta=tta, progress=not quiet)
+    typer.echo(f"wrote {summary['images']} pseudo masks to {out} "
+               f"(pixel fractions {summary['pixel_fraction']})")
+
+
+@app.command()
+def bank(
+    preset: PresetArg = "pbip_demo",
+    overrides: OverridesArg = None,
+    out: Annotated[Path, typer.Option(help="Bank file to write.")] = Path("bank.pt"),
+    clusters: Annotated[int, typer.Option(help="K-Means clusters per class (K).")] = 3,
+    n_keep: Annotated[int, typer.Option(help="Patches kept nearest each centre (N_K).")] = 100,
+    seed: Annotated[int, typer.Option(help="K-Means seed.")] = 0,
+    allow_fewer: Annotated[bool, typer.Option(help="Use what there is when a class has fewer than K x N_K patches.")] = False,
+    sheet: Annotated[bool, typer.Option(help="Also write a contact sheet PNG of the clusters.")] = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build PBIP's prototype bank (K-Means of frozen-encoder embeddings of single-label patches)."""
+    _setup_logging(quiet)
+    from lpdseg.bank import build_bank_from_config
+
+    path = _run(build_bank_from_config, preset, overrides or [], out, clusters=clusters,
+                n_keep=n_keep, seed=seed, allow_fewer=allow_fewer, sheet=sheet,
+                progress=not quiet)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def explain(
+    checkpoint: Annotated[Path, typer.Argument(help="LPD or PBIP checkpoint.")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("explanations"),
+    train_dir: Annotated[Optional[Path], typer.Option(help="Training dataset folder: adds the patches that activate each prototype most.")] = None,
+    per_prototype: Annotated[int, typer.Option(help="Top patches shown per prototype.")] = 4,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-class, per-prototype activation heatmaps (+ top training patches) per image."""
+    _setup_logging(quiet)
+    from lpdseg.explain import explain as run_explain
+
+    written = _run(run_explain, checkpoint, images, out, train_dir=train_dir,
+                   per_prototype=per_prototype, progress=not quiet)
+    typer.echo(f"wrote {len(written)} figures to {out}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for data, runs and overlays.")] = Path("demo_output"),
     quick: Annotated[bool, typer.Option(help="Tiny run (seconds) to check the pipeline.")] = False,

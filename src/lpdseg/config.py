@@ -42,6 +42,7 @@ class DataConfig:
     format: str = "bcss_wsss"  # bcss_wsss | luad_histoseg | wsss4luad | csv
     root: str | None = None  # dataset folder (for csv: folder the CSV paths are relative to)
     csv: str | None = None  # manifest for format=csv
+    pseudo: str | None = None  # stage 2: folder written by `lpdseg pseudo` (masks + manifest)
     class_names: list[str] | None = None  # None: the format's own names
     colors: list[list[int]] | None = None  # RGB per tissue class (+ background last); None: defaults
     mean: list[float] | None = None  # RGB normalisation; None: backbone pretraining, else format

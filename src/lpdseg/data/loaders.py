@@ -26,6 +26,7 @@ from lpdseg.data.datasets import (
     get_format,
     list_split,
     read_image,
+    read_mask,
 )
 from lpdseg.data.transforms import AugmentConfig, EvalTransform, TrainTransform
 from lpdseg.errors import ConfigError, DataError
@@ -106,7 +107,11 @@ def resolve_data(cfg: Config, need_train: bool = True) -> DataBundle:
     fmt = get_format(d.format) if d.format != "csv" else None
     train: list[Sample] = []
     bad: list[BadFile] = []
-    if need_train:
+    if need_train and cfg.train.task == "seg":
+        if not d.pseudo:
+            raise ConfigError("train.task=seg needs data.pseudo=<folder written by `lpdseg pseudo`>")
+        train = read_pseudo_manifest(d.pseudo)
+    elif need_train:
         train, bad = list_split(root, d.format, "train", skip_bad=d.skip_bad, csv_path=d.csv)
         if bad:
             log.warning("skipped %d bad training files (data.skip_bad=true): %s", len(bad),
@@ -167,6 +172,42 @@ class SeededWeakDataset(Dataset):
                 "name": sample.image.name}
 
 
+class SeededMaskDataset(SeededWeakDataset):
+    """Stage 2: images with (pseudo) masks, geometry applied to both, seeded like above."""
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        mask = read_mask(sample.mask, self.num_classes, expected_hw=image.shape[:2])
+        s = sample_seed(self.seed, self.epoch, index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            if self._takes_rng:
+                tensor, mask_t = self.transform(image, mask, rng=np.random.default_rng(s))
+            else:
+                tensor, mask_t = self.transform(image, mask)
+        return {"image": tensor, "mask": torch.as_tensor(mask_t).long(), "name": sample.image.name}
+
+
+def read_pseudo_manifest(folder: str | Path) -> list[Sample]:
+    """Samples of a pseudo-mask folder (``manifest.csv``: image,mask,labels)."""
+    import csv
+
+    folder = Path(folder)
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        raise DataError(f"{manifest} not found; write pseudo masks with `lpdseg pseudo CHECKPOINT "
+                        f"--out {folder}`")
+    samples = []
+    with manifest.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            label = np.array([int(v) for v in row["label"].split()], np.uint8)
+            samples.append(Sample(Path(row["image"]), label, folder / row["mask"]))
+    if not samples:
+        raise DataError(f"{manifest} lists no images")
+    return samples
+
+
 class ResumableSampler(Sampler[int]):
     """Permutation of epoch ``epoch`` (seeded), starting after ``start`` samples."""
 
@@ -200,7 +241,11 @@ def make_train_loader(cfg: Config, bundle: DataBundle, epoch: int, start_batch: 
     same permutation (a distributed sampler that stays resumable).
     """
     transform = TrainTransform(augment_config(cfg), bundle.mean, bundle.std)
-    dataset = SeededWeakDataset(bundle.train, transform, cfg.train.seed, epoch)
+    if cfg.train.task == "seg":
+        dataset: SeededWeakDataset = SeededMaskDataset(bundle.train, transform, cfg.train.seed, epoch)
+        dataset.num_classes = len(bundle.class_names)
+    else:
+        dataset = SeededWeakDataset(bundle.train, transform, cfg.train.seed, epoch)
     bs = cfg.train.batch_size
     sampler: Sampler[int] = ResumableSampler(len(dataset), cfg.train.seed, epoch,
                                              start_batch * bs * world_size)

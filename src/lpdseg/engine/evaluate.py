@@ -140,15 +140,40 @@ def predict_scores(model: WSSSModel, images: Tensor, cfg: EvalConfig, labels: Te
                    mode: str | None = None, tta: bool = True,
                    amp_dtype: torch.dtype | None = None) -> Tensor:
     """Images -> per-label scores (B x (C + 1) x H x W); argmax gives the mask."""
+    if not isinstance(model, WSSSModel):
+        return segnet_scores(model, images, cfg, tta)
     out = infer_maps(model, images, cfg, tta=tta, amp_dtype=amp_dtype)
     fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
     return label_scores(fused, class_gate(cfg, out.probs, labels, mode), cfg.bg_gamma)
 
 
+@torch.no_grad()
+def segnet_scores(model: torch.nn.Module, images: Tensor, cfg: EvalConfig, tta: bool = True) -> Tensor:
+    """Stage-2 network: TTA-averaged softmax (B x (C + 1) x H x W)."""
+    h, w = images.shape[-2:]
+    scales = cfg.tta_scales if tta else [1.0]
+    flips = [False, True] if (tta and cfg.tta_flip) else [False]
+    total, n = None, 0
+    for scale in scales:
+        x = images if scale == 1.0 else F.interpolate(
+            images, size=(max(32, round(h * scale)), max(32, round(w * scale))),
+            mode="bilinear", align_corners=False)
+        for flip in flips:
+            p = torch.softmax(model(_flip(x, flip)).float(), 1)
+            p = _flip(F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False), flip)
+            total, n = (p if total is None else total + p), n + 1
+    return total / n
+
+
 def predict_masks(model: WSSSModel, images: Tensor, cfg: EvalConfig, labels: Tensor | None = None,
                   mode: str | None = None, tta: bool = True,
-                  amp_dtype: torch.dtype | None = None) -> tuple[Tensor, MapOutput]:
-    """Images -> label masks (B x H x W) and the maps they came from."""
+                  amp_dtype: torch.dtype | None = None) -> tuple[Tensor, MapOutput | None]:
+    """Images -> label masks (B x H x W) and the maps they came from.
+
+    Stage-2 networks (no prototype head) give their argmax; gating does not apply.
+    """
+    if not isinstance(model, WSSSModel):
+        return segnet_scores(model, images, cfg, tta).argmax(1), None
     out = infer_maps(model, images, cfg, tta=tta, amp_dtype=amp_dtype)
     fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
     keep = class_gate(cfg, out.probs, labels, mode)

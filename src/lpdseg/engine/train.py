@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -37,6 +38,7 @@ from lpdseg.losses import classification_loss, diversity_loss, diversity_ramp, s
 from lpdseg.models.encoders import FrozenEncoder, build_encoder
 from lpdseg.models.lpd import WSSSModel, build_model, needed_stages
 from lpdseg.models.prototypes import PrototypeHead
+from lpdseg.models.segnet import build_segnet
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +108,9 @@ class Trainer:
         self.device = device
         self.amp = amp_dtype(cfg, device)
         c = len(bundle.class_names)
-        self.model = build_model(cfg, c).to(device)
-        head = self.model.head
+        self.seg = cfg.train.task == "seg"
+        self.model = (build_segnet(cfg, c) if self.seg else build_model(cfg, c)).to(device)
+        head = getattr(self.model, "head", None)
         self.is_proto = isinstance(head, PrototypeHead)
         self.encoder: FrozenEncoder | None = None
         use_sim = self.is_proto and cfg.loss.sim_mode != "off" and cfg.loss.sim_weight > 0
@@ -140,8 +143,14 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, total_steps, t.warmup_fraction, t.poly_power))
 
     def compute_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Forward + all loss terms (METHOD.md step 6)."""
+        """Forward + all loss terms (METHOD.md step 6); stage 2: pixel cross-entropy."""
         lc = self.cfg.loss
+        if self.seg:  # labels are pseudo masks (B x H x W, 255 = ignore)
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                enabled=self.amp is not None):
+                logits = self.model(images)
+            ce = F.cross_entropy(logits.float(), labels.long(), ignore_index=255)
+            return ce, {"seg": ce}
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
                             enabled=self.amp is not None):
             out = self.model(images, stages=self.stages)
@@ -169,9 +178,14 @@ class Trainer:
         return total, terms
 
     def train_step(self, images: Tensor, labels: Tensor) -> StepResult:
-        """One optimisation step; a non-finite loss skips the step (counted)."""
+        """One optimisation step; a non-finite loss skips the step (counted).
+
+        ``labels`` are image-level labels (B x C) in stage 1, masks (B x H x W) in stage 2.
+        """
         self.model.train()
-        images, labels = images.to(self.device), labels.to(self.device).float()
+        images, labels = images.to(self.device), labels.to(self.device)
+        if not self.seg:
+            labels = labels.float()
         loss, terms = self.compute_loss(images, labels)
         floats = {k: float(v.detach()) for k, v in terms.items()}
         if not torch.isfinite(loss):
@@ -266,10 +280,6 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     Returns:
         Summary dict with the run folder, steps, best validation mIoU and test metrics.
     """
-    if cfg.train.task == "seg":
-        from lpdseg.engine.segtrain import train_segmentation
-
-        return train_segmentation(cfg, resume=resume, progress=progress, stop_after=stop_after)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -301,7 +311,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         offset = trainer.step - epoch * steps_per_epoch
         loader = make_train_loader(cfg, bundle, epoch=epoch, start_batch=offset)
         for batch in loader:
-            result = trainer.train_step(batch["image"], batch["label"])
+            result = trainer.train_step(batch["image"], batch["mask" if trainer.seg else "label"])
             n_last += batch["image"].shape[0]
             rec = {"step": trainer.step, "epoch": epoch, "loss": result.loss, **result.terms,
                    "lr": trainer.optimizer.param_groups[0]["lr"], "finite": result.finite}
@@ -351,7 +361,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     return summary
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[WSSSModel, Config]:
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
     """Rebuild a model from a checkpoint's own config and load its weights.
 
     Raises:
@@ -364,10 +374,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[WS
     names = cfg.data.class_names
     if not names:
         raise CheckpointError(f"{path} has no class names in its config")
-    bank = None
-    if cfg.model.head == "pbip":
-        bank = ckpt["model"]["head.prototypes"]
-    model = build_model(cfg, len(names), bank=bank)
+    if cfg.train.task == "seg":
+        model: nn.Module = build_segnet(cfg, len(names))
+    else:
+        bank = ckpt["model"]["head.prototypes"] if cfg.model.head == "pbip" else None
+        model = build_model(cfg, len(names), bank=bank)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -407,6 +418,8 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", cfg_overrides:
     loader = make_eval_loader(cfg, bundle, split)
     results: dict[str, Any] = {"checkpoint": str(path), "split": split}
     tables = []
+    if cfg.train.task == "seg":
+        modes = ("seg",)  # a segmentation network needs no class gating
     for mode in modes:
         res = evaluate(model, loader, cfg.eval, list(cfg.data.class_names), mode=mode, tta=tta,
                        device=device, progress=progress, desc=f"{split} ({mode})")

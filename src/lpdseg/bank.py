@@ -1,0 +1,234 @@
+"""PBIP's prototype bank: K-Means clusters of frozen-encoder embeddings.
+
+METHOD.md, "PBIP baseline": take the training patches whose label has exactly
+one class, drop mostly-white ones, embed them with a frozen encoder, run
+K-Means per class on the L2-normalised embeddings, keep the ``n_keep`` patches
+nearest each centre, and average their embeddings into one prototype per
+cluster. The bank file records the prototypes, the member files of every
+cluster, the encoder and every setting, so training and explanations can show
+where each prototype came from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lpdseg.data.datasets import Sample, read_image
+from lpdseg.errors import CheckpointError, DataError
+from lpdseg.io import atomic_save_with
+
+log = logging.getLogger(__name__)
+
+BANK_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class WhiteRule:
+    """A patch is dropped when more than ``max_fraction`` of its pixels are white glass:
+    HSV saturation below ``saturation`` and value above ``value`` (both in [0, 1])."""
+
+    saturation: float = 0.08
+    value: float = 0.85
+    max_fraction: float = 0.5
+
+    def white_fraction(self, image: np.ndarray) -> float:
+        rgb = image.astype(np.float32) / 255.0
+        mx, mn = rgb.max(-1), rgb.min(-1)
+        sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+        return float(((sat < self.saturation) & (mx > self.value)).mean())
+
+    def is_white(self, image: np.ndarray) -> bool:
+        return self.white_fraction(image) > self.max_fraction
+
+
+@dataclass
+class PrototypeBank:
+    """Fixed prototypes for PBIP.
+
+    Attributes:
+        prototypes: C x K x D mean embeddings (L2-normalised).
+        members: per class, per cluster, the file names of the kept patches.
+        class_names: tissue classes.
+        encoder: name of the frozen encoder that embedded them.
+        settings: K, n_keep, seed, the white rule, counts per class.
+    """
+
+    prototypes: torch.Tensor
+    members: list[list[list[str]]]
+    class_names: list[str]
+    encoder: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def embed_samples(samples: Sequence[Sample], encoder, transform, batch_size: int = 16,
+                  progress: bool = True) -> torch.Tensor:
+    """L2-normalised global embeddings (N x D) of the given patches."""
+    out = []
+    for start in tqdm(range(0, len(samples), batch_size), desc="embed", disable=not progress,
+                      unit="batch"):
+        batch = torch.stack([transform(read_image(s.image)) for s in samples[start:start + batch_size]])
+        out.append(torch.nn.functional.normalize(encoder.embed(batch).float(), dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, encoder.embed_dim)
+
+
+def build_bank(samples: Sequence[Sample], class_names: Sequence[str], encoder, transform, *,
+               encoder_name: str, clusters: int = 3, n_keep: int = 100, seed: int = 0,
+               allow_fewer: bool = False, white_rule: WhiteRule = WhiteRule(),
+               batch_size: int = 16, progress: bool = True) -> PrototypeBank:
+    """Build the bank from weakly labelled training samples.
+
+    Args:
+        samples: training samples with image-level labels.
+        class_names: tissue classes (C).
+        encoder: frozen encoder with ``embed`` (see ``models.encoders``).
+        transform: image (uint8 HxWx3) -> normalised tensor for the encoder.
+        encoder_name: recorded in the bank.
+        clusters: K clusters per class.
+        n_keep: patches kept nearest each centre (N_K).
+        seed: K-Means seed (the bank is deterministic for a seed).
+        allow_fewer: use what there is when a class has fewer than K x N_K patches.
+        white_rule: which patches count as mostly white.
+
+    Raises:
+        DataError: a class has fewer eligible patches than ``clusters * n_keep``
+            (unless ``allow_fewer``), or fewer than ``clusters``.
+    """
+    from sklearn.cluster import KMeans
+
+    c = len(class_names)
+    per_class: list[list[Sample]] = [[] for _ in range(c)]
+    dropped_white = 0
+    for s in tqdm(samples, desc="select", disable=not progress, unit="img"):
+        if s.label is None or int(np.sum(s.label)) != 1:
+            continue
+        if white_rule.is_white(read_image(s.image)):
+            dropped_white += 1
+            continue
+        per_class[int(np.argmax(s.label))].append(s)
+    counts = [len(p) for p in per_class]
+    need = clusters * n_keep
+    short = [f"{class_names[i]}: {n}" for i, n in enumerate(counts) if n < need]
+    if short and not allow_fewer:
+        raise DataError(
+            f"prototype bank needs {need} single-label, non-white patches per class "
+            f"(clusters={clusters} x n_keep={n_keep}) but found {', '.join(short)}; "
+            "lower n_keep/clusters or pass --allow-fewer to use what there is")
+    protos, members = [], []
+    for ci, group in enumerate(per_class):
+        if len(group) < clusters:
+            raise DataError(f"class {class_names[ci]} has {len(group)} eligible patches, fewer "
+                            f"than clusters={clusters}; add single-label patches of this class")
+        emb = embed_samples(group, encoder, transform, batch_size, progress).numpy()
+        km = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(emb)
+        class_protos, class_members = [], []
+        for k in range(clusters):
+            dist = np.linalg.norm(emb - km.cluster_centers_[k], axis=1)
+            in_cluster = np.flatnonzero(km.labels_ == k)
+            keep = in_cluster[np.argsort(dist[in_cluster], kind="stable")][:n_keep]
+            if len(keep) == 0:  # empty cluster: nearest patches overall
+                keep = np.argsort(dist, kind="stable")[:n_keep]
+            mean = emb[keep].mean(0)
+            class_protos.append(mean / max(np.linalg.norm(mean), 1e-12))
+            class_members.append([group[i].image.name for i in keep])
+        protos.append(np.stack(class_protos))
+        members.append(class_members)
+    settings = {"clusters": clusters, "n_keep": n_keep, "seed": seed, "allow_fewer": allow_fewer,
+                "white_rule": asdict(white_rule), "eligible_per_class": counts,
+                "dropped_white": dropped_white}
+    return PrototypeBank(torch.from_numpy(np.stack(protos)).float(), members, list(class_names),
+                         encoder_name, settings)
+
+
+def save_bank(bank: PrototypeBank, path: str | Path) -> None:
+    """Write the bank atomically (plain tensors and values: loads with weights_only)."""
+    payload = {"bank_format": BANK_FORMAT, "prototypes": bank.prototypes, "members": bank.members,
+               "class_names": bank.class_names, "encoder": bank.encoder, "settings": bank.settings}
+    atomic_save_with(path, lambda handle: torch.save(payload, handle))
+
+
+def load_bank(path: str | Path) -> PrototypeBank:
+    """Read a bank written by :func:`save_bank`.
+
+    Raises:
+        CheckpointError: missing or malformed file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"prototype bank {path} does not exist; build it with `lpdseg bank`")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable prototype bank ({exc})") from None
+    if not isinstance(d, dict) or d.get("bank_format") != BANK_FORMAT:
+        raise CheckpointError(f"{path} is not a prototype bank of format {BANK_FORMAT}")
+    return PrototypeBank(d["prototypes"], d["members"], d["class_names"], d["encoder"], d["settings"])
+
+
+def contact_sheet(bank: PrototypeBank, image_dir: str | Path, path: str | Path,
+                  per_cluster: int = 8, thumb: int = 48) -> None:
+    """PNG: one row per (class, cluster) with the first member patches."""
+    from PIL import Image, ImageDraw
+
+    from lpdseg.viz import save_png
+
+    rows = []
+    image_dir = Path(image_dir)
+    for ci, name in enumerate(bank.class_names):
+        for k, files in enumerate(bank.members[ci]):
+            label = Image.new("RGB", (90, thumb), (255, 255, 255))
+            ImageDraw.Draw(label).text((4, thumb // 2 - 6), f"{name} #{k}", fill=(0, 0, 0))
+            tiles = [np.asarray(label)]
+            for f in files[:per_cluster]:
+                img = Image.fromarray(read_image(image_dir / f)).resize((thumb, thumb))
+                tiles.append(np.asarray(img))
+            while len(tiles) < per_cluster + 1:
+                tiles.append(np.full((thumb, thumb, 3), 255, np.uint8))
+            rows.append(np.concatenate(tiles, axis=1))
+    save_png(path, np.concatenate(rows, axis=0))
+
+
+def build_bank_from_config(preset: str, overrides: list[str], out: str | Path, *, clusters: int = 3,
+                           n_keep: int = 100, seed: int = 0, allow_fewer: bool = False,
+                           sheet: bool = True, progress: bool = True) -> Path:
+    """Build and save a bank for the data and encoder a config names (``lpdseg bank``).
+
+    The config's ``model.head`` may be ``pbip`` with a bank that does not exist yet:
+    the bank is what this writes.
+    """
+    from lpdseg.config import apply_overrides, config_from_dict, _read_yaml
+    from lpdseg.data.loaders import resolve_data
+    from lpdseg.data.transforms import EvalTransform
+    from lpdseg.errors import ConfigError
+    from lpdseg.models.encoders import build_encoder
+
+    values = apply_overrides(_read_yaml(preset), overrides)
+    values.setdefault("model", {})["head"] = "lpd"  # the bank does not exist yet
+    values["model"].pop("bank", None)
+    cfg = config_from_dict(values)
+    if cfg.loss.encoder == "backbone-ema":
+        raise ConfigError("a prototype bank needs a pretrained frozen encoder, not backbone-ema; "
+                          "set loss.encoder=efficientnet-lite0 or hf:<folder>")
+    bundle = resolve_data(cfg)
+    encoder = build_encoder(cfg.loss.encoder, backbone=None, model_mean=bundle.mean,
+                            model_std=bundle.std, allow_random=cfg.loss.allow_random_encoder)
+    bank = build_bank(bundle.train, bundle.class_names, encoder, EvalTransform(bundle.mean, bundle.std),
+                      encoder_name=cfg.loss.encoder, clusters=clusters, n_keep=n_keep, seed=seed,
+                      allow_fewer=allow_fewer, progress=progress)
+    out = Path(out)
+    save_bank(bank, out)
+    if sheet:
+        contact_sheet(bank, bundle.root / _train_folder(bundle.root), out.with_suffix(".png"))
+    return out
+
+
+def _train_folder(root: Path) -> str:
+    return "training" if (root / "training").is_dir() else "train"

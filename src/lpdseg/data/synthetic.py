@@ -1,0 +1,779 @@
+"""Procedural H&E-like tissue patches with exact pixel masks (the embedded default data).
+
+There is no public histology data that can ship with the package, so the demo,
+the tests and the benchmarks run on patches drawn here. The generator makes
+weakly supervised segmentation hard in the ways LPD is about:
+
+- **Intra-class heterogeneity.** Every class has two sub-types that look
+  quite different (``SUBTYPES``): tumour as glands around pale lumens or as
+  solid sheets of large vesicular nuclei; stroma as loose wavy fibres or
+  dense hyalinised collagen; lymphocytes as a dense carpet of small dark
+  nuclei or scattered in loose tissue; necrosis as pale granular debris with
+  ghost cells or purple nuclear dust. One prototype per class has to cover
+  both looks; several prototypes can fit each.
+- **Inter-class homogeneity.** Everything is rendered from two stain
+  concentration maps (haematoxylin, eosin) through the Beer-Lambert optical
+  density model with per-patch jittered stain vectors and intensities, so
+  every class uses the same purple/pink palette and each class has a pinkish
+  and a purplish sub-type: colour alone does not separate classes, texture
+  and nuclear size, shape, density and arrangement do.
+- Glass background at tissue edges and small holes (mask value
+  ``BACKGROUND_INDEX``), blur and sensor noise.
+
+Each patch holds 1-3 classes in irregular regions (argmax of smooth random
+fields); a region uses one sub-type, two regions of one class may differ.
+Label rule (``MIN_LABEL_FRACTION``): a class is in the image-level label iff
+it covers at least 2 % of the patch pixels (background pixels count in the
+total). Regions of a class below that fraction are handed to the
+neighbouring tissue regions before rendering, so mask and label always agree.
+
+Everything is vectorised numpy/OpenCV (nuclei are impulses blurred into
+blobs and soft-thresholded, fibres are anisotropically filtered noise warped
+by a smooth displacement field); a 224 px patch takes a few milliseconds on
+one core. Output is a pure function of the seed (``np.random.default_rng``).
+``write_dataset`` writes the BCSS-WSSS folder layout so the package's normal
+readers are exercised.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from lpdseg.errors import ConfigError, DataError
+from lpdseg.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES: tuple[str, ...] = ("TUM", "STR", "LYM", "NEC")
+BACKGROUND_INDEX: int = 4
+MIN_LABEL_FRACTION: float = 0.02
+SUBTYPES: dict[str, tuple[str, ...]] = {
+    "TUM": ("glands", "solid"),
+    "STR": ("wavy_fibres", "dense_collagen"),
+    "LYM": ("dense", "scattered"),
+    "NEC": ("pale_debris", "nuclear_dust"),
+}
+GENERATOR_VERSION: str = "1.0"
+LABEL_RULE: str = (
+    f"a class is in the image-level label iff its mask pixels cover >= {MIN_LABEL_FRACTION:g} "
+    "of all patch pixels (background included); regions of classes below that fraction are "
+    "reassigned to neighbouring tissue regions, so mask and label agree"
+)
+# Mask colours for pictures: TUM, STR, LYM, NEC, background.
+MASK_COLORS: tuple[tuple[int, int, int], ...] = (
+    (220, 40, 40),
+    (60, 170, 60),
+    (40, 90, 220),
+    (240, 200, 30),
+    (255, 255, 255),
+)
+
+_NUM_CLASSES = len(CLASS_NAMES)
+_NUM_SUBTYPES = min(len(v) for v in SUBTYPES.values())
+_MIN_SIZE = 32
+_SPLIT_IDS = {"training": 0, "val": 1, "test": 2}
+# Ruifrok & Johnston stain optical-density vectors (RGB), jittered per patch.
+_H_VEC = np.array([0.650, 0.704, 0.286], np.float32)
+_E_VEC = np.array([0.072, 0.990, 0.105], np.float32)
+
+Maps = tuple[np.ndarray, np.ndarray]  # (haematoxylin, eosin) concentration, H x W float32
+
+
+@dataclass
+class SyntheticPatch:
+    """One generated patch.
+
+    Attributes:
+        image: H x W x 3 uint8 RGB.
+        mask: H x W uint8; 0..3 tissue class (``CLASS_NAMES`` order), 4 background.
+        label: (4,) uint8 0/1; class present iff it covers >= ``MIN_LABEL_FRACTION``
+            of the patch (always consistent with ``mask``).
+        subtypes: (4,) int8; sub-type index (into ``SUBTYPES[name]``) of each present
+            class, the one covering most pixels if its regions differ; -1 if absent.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    label: np.ndarray
+    subtypes: np.ndarray
+
+
+# --------------------------------------------------------------------------- noise helpers
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Zero-mean, unit-std random field with features about ``scale`` pixels across."""
+    h, w = shape
+    gh, gw = max(2, round(h / scale) + 2), max(2, round(w / scale) + 2)
+    grid = rng.standard_normal((gh, gw), dtype=np.float32)
+    # Resize a slightly larger grid and crop, so borders are as random as the centre.
+    big = cv2.resize(
+        grid, (round(w * gw / (gw - 2)), round(h * gh / (gh - 2))), interpolation=cv2.INTER_CUBIC
+    )
+    oy, ox = (big.shape[0] - h) // 2, (big.shape[1] - w) // 2
+    field = big[oy : oy + h, ox : ox + w]
+    return (field - field.mean()) / (field.std() + 1e-6)
+
+
+def _fine_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Roughly unit-std noise blurred with a Gaussian of ``sigma`` px (grain, chromatin)."""
+    noise = rng.random(shape, dtype=np.float32) - 0.5
+    if sigma > 0:
+        noise = cv2.GaussianBlur(noise, (0, 0), sigma)
+    return noise / (noise.std() + 1e-6)
+
+
+def _impulses(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    density: float,
+    amp: tuple[float, float],
+    prob: np.ndarray | None = None,
+) -> np.ndarray:
+    """Random point impulses (``density`` per pixel), optionally thinned by a 0..1 map."""
+    h, w = shape
+    n = int(rng.poisson(density * h * w))
+    ys = rng.integers(0, h, n)
+    xs = rng.integers(0, w, n)
+    amps = rng.uniform(amp[0], amp[1], n).astype(np.float32)
+    if prob is not None:
+        keep = rng.random(n, dtype=np.float32) < prob[ys, xs]
+        ys, xs, amps = ys[keep], xs[keep], amps[keep]
+    out = np.zeros(shape, np.float32)
+    out[ys, xs] = amps
+    return out
+
+
+def _blobs(imp: np.ndarray, sigma_x: float, sigma_y: float | None = None) -> np.ndarray:
+    """Blur impulses so that an impulse of amplitude ``a`` peaks at ``a`` (radius grows with a).
+
+    Thresholding the result at 1 gives a disc of radius ``sigma * sqrt(2 ln a)``.
+    """
+    sy = sigma_x if sigma_y is None else sigma_y
+    return cv2.GaussianBlur(imp, (0, 0), sigma_x, sigmaY=sy) * (2.0 * math.pi * sigma_x * sy)
+
+
+def _soft(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linear ramp 0 at ``lo`` to 1 at ``hi``, clipped."""
+    return np.clip((x - lo) * (1.0 / (hi - lo)), 0.0, 1.0)
+
+
+def _warp(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    theta: float,
+    wave_amp: float,
+    wave_len: float,
+    jitter: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sampling maps (for cv2.remap) that rotate by ``theta`` and add wavy displacement.
+
+    A texture drawn axis-aligned (fibres along x) and remapped with these maps
+    has its fibres along ``theta``, waving with amplitude ``wave_amp`` px.
+    """
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c, s = math.cos(theta), math.sin(theta)
+    xr = c * (xx - w / 2) + s * (yy - h / 2)  # along the fibres
+    yr = -s * (xx - w / 2) + c * (yy - h / 2)  # across the fibres
+    phase = rng.uniform(0, 2 * math.pi)
+    wave = wave_amp * np.sin(xr * (2 * math.pi / wave_len) + phase)
+    wave += jitter * _smooth_noise(rng, shape, 40.0)
+    # Texture canvas is 2x the patch (any rotation of the patch fits inside it).
+    return xr + w, yr + wave + h
+
+
+def _remap(tex: np.ndarray, maps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return cv2.remap(tex, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+def _nuclei(blob: np.ndarray, rng: np.random.Generator, grain: float = 0.15) -> np.ndarray:
+    """Soft nucleus mask from a blob map (edge 1..1.35) with chromatin grain."""
+    nuc = _soft(blob, 1.0, 1.35)
+    if grain > 0:
+        nuc = nuc * (1.0 + grain * _fine_noise(rng, blob.shape, 0.7))
+    return nuc
+
+
+# --------------------------------------------------------------------------- textures
+# Each texture returns haematoxylin and eosin concentration maps (H x W float32).
+# Sizes are in pixels at a fixed magnification (lymphocyte nucleus ~5 px across).
+
+
+def _tum_glands(rng: np.random.Generator, shape: tuple[int, int]) -> Maps:
+    """Glands: epithelial rings with basal nuclei around pale lumens, thin stroma between."""
+    lumen_field = _smooth_noise(rng, shape, rng.uniform(14, 20))
+    lumen = lumen_field > rng.uniform(0.6, 0.9)
+    dist = cv2.distanceTransform((~lumen).astype(np.uint8), cv2.DIST_L2, 3)
+    width = rng.uniform(9, 13)
+    epi = _soft(width + 2 - dist, 0, 3) * (~lumen)
+    # Nuclei sit in a band near the basal side of the epithelium (away from the lumen).
+    band = np.exp(-(((dist - 0.62 * width) / (0.22 * width)) ** 2)).astype(np.float32)
+    imp = _impulses(rng, shape, rng.uniform(0.045, 0.06), (2.0, 4.5), band)
+    nuc = _nuclei(_blobs(imp, 2.1, 2.6), rng, 0.25)
+    stroma = 1.0 - epi - lumen
+    fibres = _fine_noise(rng, shape, 1.5)
+    secretion = 0.5 + 0.5 * _smooth_noise(rng, shape, 6.0)
+    h = 0.14 * epi + 0.04 * stroma + 1.05 * nuc
+    e = (
+        0.55 * epi
+        + stroma * (0.38 + 0.12 * fibres)
+        + lumen * (0.05 + 0.07 * secretion)
+        - 0.35 * nuc
+    )
+    return h, e
+
+
+def _tum_solid(rng: np.random.Generator, shape: tuple[int, int]) -> Maps:
+    """Solid sheets: crowded large pleomorphic vesicular nuclei, amphophilic cytoplasm."""
+    imp = _impulses(rng, shape, rng.uniform(0.010, 0.013), (1.6, 9.0))
+    blob = _blobs(imp, 3.3)
+    nuc = _nuclei(blob, rng, 0.3)
+    # Vesicular chromatin: pale centre, dark membrane, dark nucleolus.
+    core = _soft(blob, 1.7, 2.6)
+    nucleolus = _soft(blob, 5.0, 6.0)
+    mottle = _smooth_noise(rng, shape, 10.0)
+    h = 0.28 + 0.05 * mottle + 1.1 * nuc - 0.5 * core + 0.7 * nucleolus
+    e = 0.42 + 0.06 * mottle - 0.25 * nuc
+    return h, e
+
+
+def _str_wavy(rng: np.random.Generator, shape: tuple[int, int]) -> Maps:
+    """Loose stroma: thin pink wavy fibres with pale gaps and sparse spindle nuclei."""
+    big = (2 * shape[0], 2 * shape[1])
+    streaks = cv2.GaussianBlur(rng.random(big, dtype=np.float32) - 0.5, (0, 0), 9.0, sigmaY=1.1)
+    streaks /= streaks.std() + 1e-6
+    fibres = _soft(streaks, -0.3, 1.0)
+    imp = _impulses(rng, big, rng.uniform(0.0012, 0.0020), (1.5, 4.0))
+    spindle = _nuclei(_blobs(imp, 5.0, 1.1), rng, 0.1)
+    maps = _warp(rng, shape, rng.uniform(0, math.pi), rng.uniform(3, 7), rng.uniform(30, 60), 4.0)
+    fibres, spindle = _remap(fibres, maps), _remap(spindle, maps)
+    e = 0.10 + 0.62 * fibres - 0.3 * spindle
+    h = 0.02 + 0.03 * fibres + 1.1 * spindle
+    return h, e
+
+
+def _str_dense(rng: np.random.Generator, shape: tuple[int, int]) -> Maps:
+    """Dense collagen: broad, deeply eosinophilic hyalinised bundles with clefts, few nuclei."""
+    big = (2 * shape[0], 2 * shape[1])
+    bundles = cv2.GaussianBlur(rng.random(big, dtype=np.float32) - 0.5, (0, 0), 22.0, sigmaY=3.5)
+    bundles /= bundles.std() + 1e-6
+    # Thin clefts where the bundle field crosses zero.
+    clefts = _soft(0.22 - np.abs(bundles), 0.0, 0.22)
+    imp = _impulses(rng, big, rng.uniform(0.0003, 0.0006), (1.5, 3.0))
+    spindle = _nuclei(_blobs(imp, 5.5, 0.9), rng, 0.0)
+    maps = _warp(rng, shape, rng.uniform(0, math.pi), rng.uniform(0, 2), 90.0, 2.0)
+    bundles, clefts, spindle = _remap(bundles, maps), _remap(clefts, maps), _remap(spindle, maps)
+    e = (1.0 + 0.08 * bundles) * (1.0 - 0.75 * clefts) - 0.3 * spindle
+    h = 0.05 + 1.2 * spindle
+    return h, e
+
+
+def _lym_dense(rng: np.random.Generator, shape: tuple[int, int]) -> Maps:
+    """Dense lymphocytes: a carpet of small, round, uniformly dark nuclei."""
+    imp = _impulses(rng, shape, rng.uniform(0.022, 0.028), (2.3, 3.3))
+    nuc = _nuclei(_blobs(imp, 1.6), rng, 0.1)
+    nuc = np.minimum(nuc, 1.15)
+    h = 0.12 + 1.45 * nuc
+    e = 0.22 - 0.12 * nuc
+    return h, e
+
+
+def _lym_scattered(rng: np.random.Generator, shape: tuple[int, int]) -> Maps:
+    """Scattered lymphocytes: small dark round nuclei in loose, pale pink tissue."""
+    cluster = _soft(_smooth_noise(rng, shape, 25.0), -1.0, 1.0)
+    imp = _impulses(rng, shape, rng.uniform(0.004, 0.006), (2.3, 3.3), 0.3 + 0.7 * cluster)
+    nuc = _nuclei(_blobs(imp, 1.6), rng, 0.1)
+    loose = _fine_noise(rng, shape, 2.0)
+    h = 0.05 + 1.45 * nuc
+    e = 0.30 + 0.12 * loose - 0.15 * nuc
+    return h, e
+
+
+def _nec_pale(rng: np.random.Generator, shape: tuple[int, int]) -> Maps:
+    """Pale debris: granular, smudgy pink material with ghost cells and rare pyknotic specks."""
+    grain = _fine_noise(rng, shape, 0.8)
+    clumps = _smooth_noise(rng, shape, 12.0)
+    ghosts_imp = _impulses(rng, shape, rng.uniform(0.006, 0.009), (1.5, 4.0))
+    ghosts = _soft(_blobs(ghosts_imp, 3.0), 1.0, 1.5)
+    specks = _nuclei(_blobs(_impulses(rng, shape, 0.0008, (1.5, 3.0)), 1.2), rng, 0.0)
+    e = 0.42 + 0.10 * grain + 0.10 * clumps - 0.18 * ghosts
+    h = 0.06 + 0.03 * grain + 0.06 * ghosts + 0.8 * specks
+    return h, e
+
+
+def _nec_dust(rng: np.random.Generator, shape: tuple[int, int]) -> Maps:
+    """Nuclear dust (karyorrhexis): many tiny irregular dark fragments on purple-pink haze."""
+    cluster = _soft(_smooth_noise(rng, shape, 18.0), -1.2, 0.8)
+    imp = _impulses(rng, shape, rng.uniform(0.05, 0.07), (1.3, 3.0), cluster)
+    frag = _blobs(imp, 0.9) * (1.0 + 0.4 * _fine_noise(rng, shape, 0.6))
+    frag = _soft(frag, 1.0, 1.3)
+    haze = _smooth_noise(rng, shape, 8.0)
+    e = 0.40 + 0.08 * haze - 0.2 * frag
+    h = 0.22 + 0.08 * haze + 0.12 * cluster + 1.15 * frag
+    return h, e
+
+
+_TEXTURES: dict[tuple[int, int], Callable[[np.random.Generator, tuple[int, int]], Maps]] = {
+    (0, 0): _tum_glands,
+    (0, 1): _tum_solid,
+    (1, 0): _str_wavy,
+    (1, 1): _str_dense,
+    (2, 0): _lym_dense,
+    (2, 1): _lym_scattered,
+    (3, 0): _nec_pale,
+    (3, 1): _nec_dust,
+}
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _check_args(size: int, classes: Sequence[int] | None, subtype: int | None) -> list[int] | None:
+    if not isinstance(size, (int, np.integer)) or size < _MIN_SIZE:
+        raise ConfigError(
+            f"synthetic patch size {size!r} is too small; use an int >= {_MIN_SIZE} "
+            "(224 mirrors BCSS-WSSS)"
+        )
+    if subtype is not None and not 0 <= subtype < _NUM_SUBTYPES:
+        raise ConfigError(
+            f"subtype={subtype!r} is out of range; use None (random) or 0.."
+            f"{_NUM_SUBTYPES - 1} (sub-types: {SUBTYPES})"
+        )
+    if classes is None:
+        return None
+    cls = [int(c) for c in classes]
+    valid = ", ".join(f"{i}={n}" for i, n in enumerate(CLASS_NAMES))
+    if not cls or len(set(cls)) != len(cls) or any(not 0 <= c < _NUM_CLASSES for c in cls):
+        raise ConfigError(
+            f"classes={list(classes)!r} is invalid; give 1..{_NUM_CLASSES} distinct "
+            f"class indices ({valid}) or None for a random 1-3"
+        )
+    return cls
+
+
+def _layout(
+    rng: np.random.Generator, size: int, classes: list[int] | None, subtype: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Region fields (R x H x W), class and sub-type of each region."""
+    if classes is None:
+        k = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
+        classes = sorted(rng.choice(_NUM_CLASSES, size=k, replace=False).tolist())
+    region_cls = list(classes)
+    if rng.random() < 0.3:  # an extra region of a present class (maybe another sub-type)
+        region_cls.append(int(rng.choice(classes)))
+    n = len(region_cls)
+    if subtype is None:
+        region_sub = rng.integers(0, _NUM_SUBTYPES, n)
+    else:
+        region_sub = np.full(n, subtype)
+    shape = (size, size)
+    coarse = rng.uniform(size / 3.5, size / 1.8)
+    fields = np.stack(
+        [
+            _smooth_noise(rng, shape, coarse) + 0.25 * _smooth_noise(rng, shape, 12.0)
+            for _ in range(n)
+        ]
+    )
+    return fields, np.asarray(region_cls, np.int64), region_sub.astype(np.int64)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Glass (tissue edge, 5-60 % of the patch) in about half the patches plus small holes."""
+    shape = (size, size)
+    bg = np.zeros(shape, bool)
+    if rng.random() < 0.5:
+        field = _smooth_noise(rng, shape, rng.uniform(size / 2.5, size / 1.2))
+        field += 0.15 * _smooth_noise(rng, shape, 6.0)  # frayed edge
+        bg = field > np.quantile(field, 1.0 - rng.uniform(0.05, 0.6))
+    if rng.random() < 0.5:
+        imp = _impulses(rng, shape, rng.uniform(2, 6) / (224 * 224), (1.5, 20.0))
+        holes = _blobs(imp, rng.uniform(3, 5)) + 0.4 * _smooth_noise(rng, shape, 4.0)
+        bg |= holes > 1.0
+    return bg
+
+
+def _resolve(fields: np.ndarray, region_cls: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """Region index per pixel (-1 background) after dropping classes below the label rule."""
+    alive = np.ones(len(region_cls), bool)
+    total = bg.size
+    while True:
+        region = np.argmax(np.where(alive[:, None, None], fields, -np.inf), axis=0)
+        region[bg] = -1
+        counts = np.bincount(region[~bg], minlength=len(region_cls))
+        class_px = np.bincount(region_cls, weights=counts, minlength=_NUM_CLASSES)
+        small = (class_px > 0) & (class_px < MIN_LABEL_FRACTION * total)
+        if not small.any():
+            return region
+        alive &= ~small[region_cls]
+        if not alive.any():  # only reachable if glass covered ~all of the patch
+            return np.full(bg.shape, -1, np.int64)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _stain_to_rgb(
+    rng: np.random.Generator, h: np.ndarray, e: np.ndarray, bg: np.ndarray
+) -> np.ndarray:
+    """Beer-Lambert rendering with per-patch stain vectors, intensities, glass, blur, noise."""
+    hv = _H_VEC + rng.normal(0, 0.05, 3).astype(np.float32)
+    ev = _E_VEC + rng.normal(0, 0.05, 3).astype(np.float32)
+    hv = np.abs(hv) / np.linalg.norm(hv)
+    ev = np.abs(ev) / np.linalg.norm(ev)
+    hv *= rng.uniform(0.7, 1.3)
+    ev *= rng.uniform(0.7, 1.3)
+    glass = np.float32(rng.uniform(0.02, 0.09)) * (1 + rng.normal(0, 0.15, 3)).astype(np.float32)
+    h = np.clip(h, 0, None)
+    e = np.clip(e, 0, None)
+    if bg.any():
+        h = np.where(bg, 0.0, h)
+        e = np.where(bg, 0.01 * rng.random(), e)
+        # Tissue edges take up more eosin (drying artefact).
+        dist = cv2.distanceTransform((~bg).astype(np.uint8), cv2.DIST_L2, 3)
+        e = e + 0.25 * np.exp(-dist / 2.5) * (~bg)
+    od = h[..., None] * hv + e[..., None] * ev + glass
+    rgb = 255.0 * np.exp(-od)
+    sigma = rng.uniform(0.35, 1.0)
+    rgb = cv2.GaussianBlur(rgb.astype(np.float32), (0, 0), sigma)
+    rgb += rng.uniform(1.0, 4.0) * (rng.random(rgb.shape, dtype=np.float32) - 0.5) * 3.46
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def generate_patch(
+    seed: int,
+    size: int = 224,
+    *,
+    classes: Sequence[int] | None = None,
+    subtype: int | None = None,
+    background: bool = True,
+) -> SyntheticPatch:
+    """Draw one H&E-like patch with its exact mask, image-level label and sub-types.
+
+    Args:
+        seed: any int; the same seed (and arguments) gives byte-identical output.
+        size: patch side in pixels (structures have a fixed size in pixels, like a
+            fixed magnification).
+        classes: ``None`` for 1-3 random classes; a list of class indices (0 TUM,
+            1 STR, 2 LYM, 3 NEC) for exactly those, e.g. ``[c]`` for a single-class
+            patch (prototype banks). A listed class that ends up below
+            ``MIN_LABEL_FRACTION`` is reassigned and absent from the label.
+        subtype: force this sub-type index for every region; ``None`` draws one per region.
+        background: ``False`` for no glass and no holes (all pixels tissue).
+
+    Returns:
+        The patch; ``label`` follows ``MIN_LABEL_FRACTION`` exactly.
+
+    Raises:
+        ConfigError: on a size below 32, an unknown class index or sub-type.
+    """
+    cls = _check_args(size, classes, subtype)
+    rng = np.random.default_rng(seed)
+    fields, region_cls, region_sub = _layout(rng, size, cls, subtype)
+    bg = _background(rng, size) if background else np.zeros((size, size), bool)
+    region = _resolve(fields, region_cls, bg)
+    bg = region < 0
+
+    shape = (size, size)
+    h = np.zeros(shape, np.float32)
+    e = np.zeros(shape, np.float32)
+    rendered: dict[tuple[int, int], Maps] = {}
+    for r in range(len(region_cls)):
+        key = (int(region_cls[r]), int(region_sub[r]))
+        sel = region == r
+        if not sel.any():  # dropped by the label rule
+            continue
+        if key not in rendered:  # two regions with the same look share one texture
+            rendered[key] = _TEXTURES[key](rng, shape)
+        h[sel] = rendered[key][0][sel]
+        e[sel] = rendered[key][1][sel]
+    image = _stain_to_rgb(rng, h, e, bg)
+
+    mask = np.where(bg, BACKGROUND_INDEX, region_cls[np.maximum(region, 0)]).astype(np.uint8)
+    frac = np.bincount(mask.ravel(), minlength=BACKGROUND_INDEX + 1)[:_NUM_CLASSES] / mask.size
+    label = (frac >= MIN_LABEL_FRACTION).astype(np.uint8)
+    counts = np.bincount(region[~bg], minlength=len(region_cls))
+    subtypes = np.full(_NUM_CLASSES, -1, np.int8)
+    best = np.zeros(_NUM_CLASSES, np.int64)
+    for r in range(len(region_cls)):
+        c = int(region_cls[r])
+        if label[c] and counts[r] > best[c]:
+            best[c] = counts[r]
+            subtypes[c] = region_sub[r]
+    return SyntheticPatch(image=image, mask=mask, label=label, subtypes=subtypes)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def _patch_seed(seed: int, split: str, index: int, attempt: int = 0) -> int:
+    """Independent seed for patch ``index`` of ``split`` (splits never share a stream)."""
+    ss = np.random.SeedSequence([int(seed), _SPLIT_IDS[split], int(index), int(attempt)])
+    return int(
+        ss.generate_state(2, np.uint32).astype(np.uint64) @ np.array([1 << 32, 1], np.uint64)
+    )
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def _label_str(label: np.ndarray) -> str:
+    return "".join(str(int(v)) for v in label)
+
+
+def write_dataset(
+    root: str | Path,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    size: int = 224,
+    seed: int = 0,
+    single_class_fraction: float = 0.3,
+    progress: bool = True,
+) -> dict:
+    """Write a synthetic dataset in the BCSS-WSSS folder layout.
+
+    Layout::
+
+        root/training/<id>+synth<group>[TSLN].png   e.g. 000123+synth07[1010].png
+        root/val/img/<id>.png   root/val/mask/<id>.png   (mask: 'L' PNG, 0..3 class, 4 bg)
+        root/test/img/<id>.png  root/test/mask/<id>.png
+        root/synthetic.json          generator version, seed, size, counts, label rule, names
+        root/training_subtypes.csv   file, label, sub-type index per class (-1 absent)
+
+    Training patches always have at least one class (a patch without one is
+    redrawn from the next sub-seed); ``round(single_class_fraction * n_train)``
+    of them are drawn as single-class patches (classes in turn), the rest with
+    1-3 random classes. ``<group>`` is a pseudo-slide id (20 contiguous groups).
+    Patch ``i`` of split ``s`` uses ``SeedSequence([seed, s, i, attempt])``, so the
+    splits never share a patch and the same arguments write identical files.
+    Files are written atomically; a rerun with the same arguments rewrites the
+    same files.
+
+    Args:
+        root: output folder (created).
+        n_train: training patches (image-level label in the file name).
+        n_val: validation patches with masks.
+        n_test: test patches with masks.
+        size: patch side in pixels.
+        seed: dataset seed.
+        single_class_fraction: fraction of training patches with exactly one class.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        A summary: root, counts, seed, size, version, training label frequency per
+        class, number of single-class training patches, seconds taken.
+
+    Raises:
+        ConfigError: on negative counts, a bad size or fraction.
+        DataError: if ``root`` already holds patches of another synthetic dataset.
+    """
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ConfigError(f"{name}={n!r} must be an int >= 0")
+    if not 0.0 <= single_class_fraction <= 1.0:
+        raise ConfigError(f"single_class_fraction={single_class_fraction!r} must be in [0, 1]")
+    _check_args(size, None, None)
+    root = Path(root)
+    start = time.perf_counter()
+
+    n_single = round(single_class_fraction * n_train)
+    meta = {
+        "generator": "lpdseg.data.synthetic",
+        "generator_version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "size": int(size),
+        "counts": {"training": n_train, "val": n_val, "test": n_test},
+        "single_class_training": int(n_single),
+        "single_class_fraction": float(single_class_fraction),
+        "class_names": list(CLASS_NAMES),
+        "background_index": BACKGROUND_INDEX,
+        "subtypes": {k: list(v) for k, v in SUBTYPES.items()},
+        "min_label_fraction": MIN_LABEL_FRACTION,
+        "label_rule": LABEL_RULE,
+        "label_order": "TUM STR LYM NEC (BCSS-WSSS)",
+        "seed_rule": "patch i of split s (training=0, val=1, test=2) uses "
+        "SeedSequence([seed, s, i, attempt]); attempt > 0 only for redrawn "
+        "training patches without any class",
+    }
+    _refuse_foreign(root, meta)
+
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), 99])).permutation(n_train)
+    single_class = np.full(n_train, -1, np.int64)
+    single_class[order[:n_single]] = np.arange(n_single) % _NUM_CLASSES
+    group_len = max(1, math.ceil(n_train / 20))
+    (root / "training").mkdir(parents=True, exist_ok=True)
+    for split in ("val", "test"):
+        for sub in ("img", "mask"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+
+    bar = tqdm(
+        total=n_train + n_val + n_test, desc="synthetic H&E", unit="patch", disable=not progress
+    )
+    rows = []
+    freq = np.zeros(_NUM_CLASSES, np.int64)
+    for i in range(n_train):
+        attempt = 0
+        while True:
+            cls = None if single_class[i] < 0 else [int(single_class[i])]
+            patch = generate_patch(_patch_seed(seed, "training", i, attempt), size, classes=cls)
+            if patch.label.any():
+                break
+            attempt += 1
+        name = f"{i:06d}+synth{i // group_len:02d}[{_label_str(patch.label)}].png"
+        atomic_write_bytes(root / "training" / name, _png_bytes(patch.image))
+        rows.append([name, _label_str(patch.label), *(int(s) for s in patch.subtypes)])
+        freq += patch.label
+        bar.update()
+    for split, n in (("val", n_val), ("test", n_test)):
+        for i in range(n):
+            patch = generate_patch(_patch_seed(seed, split, i), size)
+            atomic_write_bytes(root / split / "img" / f"{i:06d}.png", _png_bytes(patch.image))
+            atomic_write_bytes(root / split / "mask" / f"{i:06d}.png", _png_bytes(patch.mask))
+            bar.update()
+    bar.close()
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "label", *(f"{c}_subtype" for c in CLASS_NAMES)])
+    writer.writerows(rows)
+    atomic_write_text(root / "training_subtypes.csv", buf.getvalue())
+
+    atomic_write_json(root / "synthetic.json", meta)
+    seconds = time.perf_counter() - start
+    log.info(
+        "wrote %d/%d/%d synthetic patches (%d px) to %s in %.1f s",
+        n_train,
+        n_val,
+        n_test,
+        size,
+        root,
+        seconds,
+    )
+    return {
+        "root": str(root),
+        "training": n_train,
+        "val": n_val,
+        "test": n_test,
+        "size": int(size),
+        "seed": int(seed),
+        "version": GENERATOR_VERSION,
+        "class_frequency": {c: int(f) for c, f in zip(CLASS_NAMES, freq, strict=True)},
+        "single_class_training": int(n_single),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _refuse_foreign(root: Path, meta: dict) -> None:
+    """Raise if ``root`` holds patches that this call would not (fully) overwrite.
+
+    Rewriting a folder made with identical settings is allowed (same files);
+    anything else would mix two datasets.
+    """
+    folders = [root / "training", root / "val" / "img", root / "test" / "img"]
+    has_png = any(f.is_dir() and any(f.glob("*.png")) for f in folders)
+    if not has_png:
+        return
+    json_path = root / "synthetic.json"
+    old = None
+    if json_path.is_file():
+        try:
+            old = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+    keys = ("generator_version", "seed", "size", "counts", "single_class_fraction")
+    if old is None or any(old.get(k) != meta[k] for k in keys):
+        found = (
+            "no readable synthetic.json"
+            if old is None
+            else (
+                "a synthetic.json with "
+                + ", ".join(f"{k}={old.get(k)!r}" for k in keys if old.get(k) != meta[k])
+            )
+        )
+        raise DataError(
+            f"{root} already holds PNG patches ({found}) that this synthetic dataset would not "
+            f"exactly overwrite; write to an empty folder or delete {root} first, so old and "
+            "new patches do not mix"
+        )
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def colorize_mask(mask: np.ndarray) -> np.ndarray:
+    """Mask (H x W, 0..4) -> RGB picture with ``MASK_COLORS``."""
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(MASK_COLORS)] = np.asarray(MASK_COLORS, np.uint8)
+    return palette[mask]
+
+
+def sample_sheet(path: str | Path, n: int = 8, seed: int = 0, size: int = 224) -> Path:
+    """Save a PNG sheet: ``n`` random patches over their coloured masks, then one
+    single-class patch per class and sub-type (two rows: sub-type 0 and 1).
+
+    Args:
+        path: output PNG.
+        n: random patches in the first two rows.
+        seed: sheet seed.
+        size: patch size.
+
+    Returns:
+        The path written.
+    """
+    pad, text_h = 4, 14
+    cell = size + pad
+    cols = max(n, 2 * _NUM_CLASSES)
+    rows_h = [size + text_h, size, size + text_h, size + text_h]
+    sheet = Image.new("RGB", (cols * cell + pad, sum(rows_h) + pad * 5 + 16), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for i in range(n):
+        p = generate_patch(int(np.random.SeedSequence([seed, 7, i]).generate_state(1)[0]), size)
+        x = pad + i * cell
+        text = " ".join(
+            f"{CLASS_NAMES[c]}:{SUBTYPES[CLASS_NAMES[c]][p.subtypes[c]]}"
+            for c in range(_NUM_CLASSES)
+            if p.label[c]
+        )
+        draw.text((x, y), text[: size // 6], fill=(0, 0, 0))
+        sheet.paste(Image.fromarray(p.image), (x, y + text_h))
+        sheet.paste(Image.fromarray(colorize_mask(p.mask)), (x, y + text_h + size + pad))
+    y += rows_h[0] + rows_h[1] + 2 * pad
+    for s in range(_NUM_SUBTYPES):
+        for c in range(_NUM_CLASSES):
+            for k in range(2):
+                p = generate_patch(
+                    int(np.random.SeedSequence([seed, 8, c, s, k]).generate_state(1)[0]),
+                    size,
+                    classes=[c],
+                    subtype=s,
+                    background=False,
+                )
+                x = pad + (2 * c + k) * cell
+                draw.text((x, y), f"{CLASS_NAMES[c]} {SUBTYPES[CLASS_NAMES[c]][s]}", fill=(0, 0, 0))
+                sheet.paste(Image.fromarray(p.image), (x, y + text_h))
+        y += rows_h[2 + s] + pad
+    legend = "  ".join(
+        f"{name}={col}" for name, col in zip((*CLASS_NAMES, "background"), MASK_COLORS, strict=True)
+    )
+    draw.text((pad, y), f"mask colours: {legend}", fill=(0, 0, 0))
+    path = Path(path)
+    atomic_write_bytes(path, _png_bytes(np.asarray(sheet)))
+    return path
