@@ -233,6 +233,8 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
         if base is float:
             return float(value)
         if base is str:
+            if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+                return "on" if value else "off"
             return str(value)
         if origin is list:
             if not isinstance(value, (list, tuple)):

@@ -68,7 +68,13 @@ class DataBundle:
     def has_split(self, split: str) -> bool:
         """Whether an evaluation split (``val``/``test``) exists on disk."""
         names = {"val": ("val", "valid"), "test": ("test",)}[split]
-        return any((self.root / n / "img").is_dir() for n in names)
+        if self.format == "csv":
+            return any((self.root / f"{n}.csv").is_file() for n in names)
+        if any((self.root / n / "img").is_dir() for n in names):
+            return True
+        # list_split's fallback: val images in root/img + root/mask (e.g. WSSS4LUAD's val release)
+        return split == "val" and not any((self.root / n).is_dir() for n in names) and (
+            (self.root / "img").is_dir() and (self.root / "mask").is_dir())
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, len(self.train) // batch_size)

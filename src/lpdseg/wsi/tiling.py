@@ -1,0 +1,548 @@
+"""Tiling, sliding-window inference with smooth blending, and slide stitching.
+
+The model side is a ``predict_fn``: a callable taking a batch of RGB tiles
+(``B x 3 x h x w`` float in [0, 1], i.e. uint8 / 255, *not* normalised - the
+caller normalises) and returning per-pixel scores ``B x L x h' x w'``
+(``L = C + 1`` labels, background last; ``h' x w'`` other than ``h x w`` is
+resized bilinearly). Everything around it lives here:
+
+* ``TileGrid`` / ``grid_for``: tile origins that cover an image exactly (the
+  last tile is flush with the border; an image smaller than a tile is padded);
+* ``select_tissue_tiles``: the tiles that overlap tissue;
+* ``sliding_window_predict``: full-resolution scores of an image (or of one
+  level of a slide) with overlapping tiles blended by a separable cosine
+  window - no seams;
+* ``stitch_slide``: the same for whole slides with bounded memory: each
+  tile's weighted scores are sum-pooled by ``output_downsample`` into a
+  low-resolution canvas right away, so the full-resolution score volume is
+  never held. Canvases of tile subsets (``rank`` / ``world_size``) add up
+  (``merge_partial``) to exactly the single-process canvas.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lpdseg.errors import DataError
+from lpdseg.wsi.reader import ImageReader
+
+log = logging.getLogger(__name__)
+
+PredictFn = Callable[[torch.Tensor], torch.Tensor]
+WeightKind = Literal["cosine", "uniform"]
+
+# Weight of the outermost tile pixels relative to the centre: small enough that
+# tile borders blend away, non-zero so that the blend is defined everywhere even
+# without overlap.
+WINDOW_FLOOR = 1e-3
+# Slide canvases are accumulated in fixed point (int64, this many units per 1.0):
+# integer addition is associative, so partial canvases from several processes
+# sum to exactly the single-process canvas, whatever the order.
+FIXED_POINT_SCALE = 2**20
+
+
+# ---------------------------------------------------------------- the grid
+@dataclass(frozen=True)
+class TileGrid:
+    """Square tiles covering an image at the working level.
+
+    Attributes:
+        shape_hw: ``(height, width)`` of the image, pixels at the working level.
+        tile: tile side in pixels at the working level.
+        stride: step between neighbouring tile origins in pixels (<= ``tile``,
+            so there are no gaps; the last tile of a row/column is moved back
+            to be flush with the border).
+    """
+
+    shape_hw: tuple[int, int]
+    tile: int
+    stride: int
+
+    def __post_init__(self) -> None:
+        h, w = self.shape_hw
+        if h < 1 or w < 1:
+            raise ValueError(f"image shape must be positive, got {self.shape_hw}")
+        if self.tile < 1:
+            raise ValueError(f"tile must be >= 1 pixel, got {self.tile}")
+        if not 1 <= self.stride <= self.tile:
+            raise ValueError(f"stride must be in [1, tile={self.tile}] so tiles leave no gaps, "
+                             f"got {self.stride}")
+
+    @classmethod
+    def from_overlap(cls, shape_hw: tuple[int, int], tile: int, overlap: float) -> TileGrid:
+        """Grid whose neighbouring tiles overlap by the fraction ``overlap`` of a tile.
+
+        Args:
+            shape_hw: ``(height, width)`` in pixels.
+            tile: tile side in pixels.
+            overlap: fraction of a tile shared by neighbours, in [0, 1).
+        """
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap is a fraction of the tile in [0, 1), got {overlap}")
+        stride = max(1, round(tile * (1.0 - overlap)))
+        return cls((int(shape_hw[0]), int(shape_hw[1])), int(tile), min(stride, int(tile)))
+
+    @property
+    def padded_hw(self) -> tuple[int, int]:
+        """Image shape after padding up to at least one tile per side."""
+        return max(self.shape_hw[0], self.tile), max(self.shape_hw[1], self.tile)
+
+    @property
+    def origins(self) -> list[tuple[int, int]]:
+        """Tile top-left corners ``(y, x)``, row-major."""
+        ys = _axis_positions(self.shape_hw[0], self.tile, self.stride)
+        xs = _axis_positions(self.shape_hw[1], self.tile, self.stride)
+        return [(y, x) for y in ys for x in xs]
+
+    def __len__(self) -> int:
+        return (len(_axis_positions(self.shape_hw[0], self.tile, self.stride))
+                * len(_axis_positions(self.shape_hw[1], self.tile, self.stride)))
+
+
+def _axis_positions(size: int, tile: int, stride: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    n = math.ceil((size - tile) / stride) + 1
+    return sorted({min(i * stride, size - tile) for i in range(n)})
+
+
+def grid_for(shape_hw: tuple[int, int], tile: int, overlap: float) -> list[tuple[int, int]]:
+    """Tile origins ``(y, x)`` covering an image of ``shape_hw`` exactly.
+
+    Args:
+        shape_hw: ``(height, width)`` in pixels.
+        tile: tile side in pixels.
+        overlap: fraction of a tile shared by neighbours, in [0, 1).
+
+    Returns:
+        Row-major origins; the last row/column is flush with the border, and an
+        image smaller than a tile gets the single origin ``(0, 0)`` (pad it).
+    """
+    return TileGrid.from_overlap(shape_hw, tile, overlap).origins
+
+
+def select_tissue_tiles(grid: TileGrid, tissue_mask: np.ndarray,
+                        scale: float | tuple[float, float],
+                        min_fraction: float = 0.05) -> list[tuple[int, int]]:
+    """Tiles of ``grid`` whose area is at least ``min_fraction`` tissue.
+
+    Args:
+        grid: the tile grid at the working level.
+        tissue_mask: ``h x w`` bool mask (e.g. from ``detect_tissue``).
+        scale: mask pixels per working-level pixel, one number or ``(sy, sx)``.
+        min_fraction: smallest tissue fraction of a tile's area; a tile with
+            no tissue at all is never selected.
+
+    Returns:
+        The selected origins ``(y, x)``, in grid order.
+    """
+    sy, sx = (scale, scale) if isinstance(scale, (int, float)) else scale
+    if sy <= 0 or sx <= 0:
+        raise ValueError(f"scale (mask px per working px) must be > 0, got {scale}")
+    mh, mw = tissue_mask.shape[:2]
+    origins = grid.origins
+    if not origins:
+        return []
+    integral = np.zeros((mh + 1, mw + 1), np.int64)
+    integral[1:, 1:] = tissue_mask.astype(np.int64).cumsum(0).cumsum(1)
+    o = np.asarray(origins, np.float64)
+    h_img, w_img = grid.shape_hw
+    y1 = np.minimum(o[:, 0] + grid.tile, h_img)
+    x1 = np.minimum(o[:, 1] + grid.tile, w_img)
+    # Mask box of every tile (at least one mask pixel).
+    my0 = np.clip(np.floor(o[:, 0] * sy), 0, mh - 1).astype(np.int64)
+    mx0 = np.clip(np.floor(o[:, 1] * sx), 0, mw - 1).astype(np.int64)
+    my1 = np.clip(np.ceil(y1 * sy), my0 + 1, mh).astype(np.int64)
+    mx1 = np.clip(np.ceil(x1 * sx), mx0 + 1, mw).astype(np.int64)
+    inside = (integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0]
+              + integral[my0, mx0])
+    frac = inside / ((my1 - my0) * (mx1 - mx0))
+    keep = (frac > 0) & (frac >= min_fraction)
+    return [origins[i] for i in np.flatnonzero(keep)]
+
+
+# ---------------------------------------------------------------- blending
+def blend_window(tile: int, weight: WeightKind = "cosine", floor: float = WINDOW_FLOOR,
+                 flat_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
+                 ) -> torch.Tensor:
+    """Separable 2-D blending window of one tile.
+
+    ``cosine`` is a Hann window, ``sin^2(pi (i + 0.5) / tile)`` per axis,
+    clipped below at ``floor``: overlapping tiles fade into each other, so the
+    blended result has no seams. On a side where the tile touches the image
+    border (``flat_edges``) the ramp is replaced by ones from the centre out:
+    no neighbour shares those pixels, and a ramp there would leave them to
+    the near-zero edges of overlapping tiles. ``uniform`` is all ones (plain
+    averaging).
+
+    Args:
+        tile: tile side in pixels.
+        weight: ``"cosine"`` or ``"uniform"``.
+        floor: smallest 1-D weight (cosine only), in (0, 1].
+        flat_edges: ``(top, bottom, left, right)``: sides on the image border.
+
+    Returns:
+        ``tile x tile`` float32 tensor with maximum 1.
+    """
+    if weight == "uniform":
+        return torch.ones(tile, tile)
+    if weight != "cosine":
+        raise ValueError(f"weight must be 'cosine' or 'uniform', got {weight!r}")
+    if not 0.0 < floor <= 1.0:
+        raise ValueError(f"floor must be in (0, 1], got {floor}")
+    i = torch.arange(tile, dtype=torch.float64)
+    ramp = torch.sin(math.pi * (i + 0.5) / tile).pow(2).clamp_min(floor)
+    half = tile // 2
+    top, bottom, left, right = flat_edges
+    wy, wx = ramp.clone(), ramp.clone()
+    if top:
+        wy[:half] = 1.0
+    if bottom:
+        wy[half:] = 1.0
+    if left:
+        wx[:half] = 1.0
+    if right:
+        wx[half:] = 1.0
+    return torch.outer(wy, wx).float()
+
+
+class _Windows:
+    """Blending windows of the tiles of one image, by which image borders they touch."""
+
+    def __init__(self, tile: int, weight: WeightKind, shape_hw: tuple[int, int]) -> None:
+        self.tile, self.weight, self.shape_hw = tile, weight, shape_hw
+        self._cache: dict[tuple[bool, bool, bool, bool], torch.Tensor] = {}
+
+    def __call__(self, y: int, x: int) -> torch.Tensor:
+        h, w = self.shape_hw
+        key = (y <= 0, y + self.tile >= h, x <= 0, x + self.tile >= w)
+        if key not in self._cache:
+            self._cache[key] = blend_window(self.tile, self.weight, flat_edges=key)
+        return self._cache[key]
+
+
+def _run_predict(predict_fn: PredictFn, batch: np.ndarray, num_labels: int) -> torch.Tensor:
+    """uint8 tiles ``B x t x t x 3`` -> float32 scores ``B x L x t x t`` on the CPU."""
+    n, t = batch.shape[0], batch.shape[1]
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+    with torch.no_grad():
+        out = predict_fn(x)
+    if not isinstance(out, torch.Tensor) or out.ndim != 4:
+        raise ValueError("predict_fn must return a tensor B x L x h x w, got "
+                         f"{type(out).__name__} {getattr(out, 'shape', '')}")
+    if out.shape[0] != n or out.shape[1] != num_labels:
+        raise ValueError(f"predict_fn returned shape {tuple(out.shape)} for {n} tiles; expected "
+                         f"{n} x {num_labels} (num_labels) x h x w")
+    out = out.detach().float()
+    if out.shape[-2:] != (t, t):
+        out = F.interpolate(out, size=(t, t), mode="bilinear", align_corners=False)
+    out = out.cpu()
+    if not torch.isfinite(out).all():
+        raise ValueError("predict_fn returned non-finite scores (NaN/inf)")
+    return out
+
+
+def _batches(items: Sequence[tuple[int, int]], size: int) -> Iterator[Sequence[tuple[int, int]]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def sliding_window_predict(image: np.ndarray | ImageReader, predict_fn: PredictFn,
+                           num_labels: int, tile: int = 224, overlap: float = 0.25,
+                           batch_size: int = 8, weight: WeightKind = "cosine",
+                           progress: bool = True, *, level: int = 0) -> torch.Tensor:
+    """Full-resolution label scores of an image by blended overlapping tiles.
+
+    Tiles are batched through ``predict_fn``; each output is multiplied by
+    the blending window, accumulated, and the sum divided by the accumulated
+    window, so every pixel is a smooth weighted average of the tiles covering
+    it. Images smaller than a tile are reflect-padded (slides: padded white).
+
+    Args:
+        image: ``H x W x 3`` uint8 RGB, or an ``ImageReader`` (then ``level``
+            is the level processed; the result is full size at that level, so
+            use ``stitch_slide`` for whole slides).
+        predict_fn: tiles ``B x 3 x t x t`` in [0, 1] -> scores ``B x L x h x w``.
+        num_labels: L, the number of labels (classes + background).
+        tile: tile side in pixels.
+        overlap: fraction of a tile shared by neighbours, in [0, 1).
+        batch_size: tiles per ``predict_fn`` call.
+        weight: ``"cosine"`` (smooth blending) or ``"uniform"`` (averaging).
+        progress: show a progress bar.
+        level: pyramid level when ``image`` is a reader.
+
+    Returns:
+        ``L x H x W`` float32 tensor of blended scores.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(image, ImageReader):
+        w_img, h_img = image.level_dimensions[level]
+        lds = image.level_downsamples[level]
+        reader = image
+
+        def fetch(y: int, x: int) -> np.ndarray:
+            return reader.read_region((round(x * lds), round(y * lds)), level, (tile, tile))
+    else:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be H x W x 3 uint8 RGB, got {image.shape} {image.dtype}")
+        h_img, w_img = image.shape[:2]
+        pad_h, pad_w = max(0, tile - h_img), max(0, tile - w_img)
+        padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect") \
+            if pad_h or pad_w else image
+
+        def fetch(y: int, x: int) -> np.ndarray:
+            return padded[y:y + tile, x:x + tile]
+
+    grid = TileGrid.from_overlap((h_img, w_img), tile, overlap)
+    hp, wp = grid.padded_hw
+    windows = _Windows(tile, weight, (h_img, w_img))
+    acc = torch.zeros(num_labels, hp, wp)
+    wsum = torch.zeros(hp, wp)
+    origins = grid.origins
+    with tqdm(total=len(origins), desc="tiles", unit="tile", disable=not progress) as bar:
+        for chunk in _batches(origins, batch_size):
+            batch = np.stack([fetch(y, x) for y, x in chunk])
+            out = _run_predict(predict_fn, batch, num_labels)
+            for (y, x), o in zip(chunk, out, strict=True):
+                window = windows(y, x)
+                acc[:, y:y + tile, x:x + tile] += o * window
+                wsum[y:y + tile, x:x + tile] += window
+            bar.update(len(chunk))
+    return (acc / wsum)[:, :h_img, :w_img]
+
+
+# ---------------------------------------------------------------- slides
+@dataclass
+class SlideCanvas:
+    """Blended label scores of a slide (or of a subset of its tiles) at output resolution.
+
+    Sums are kept in fixed point (int64, ``FIXED_POINT_SCALE`` units per 1.0)
+    so that canvases of disjoint tile subsets add up exactly (``merge_partial``).
+
+    Attributes:
+        score_sum: ``L x h x w`` int64, sum over tiles and pooled pixels of
+            window x score.
+        weight_sum: ``h x w`` int64, the matching sum of window weights.
+        level: pyramid level the tiles were read from.
+        level_downsample: level-0 pixels per pixel of ``level``.
+        output_downsample: level pixels per canvas pixel.
+        tiles: number of tiles accumulated.
+    """
+
+    score_sum: np.ndarray
+    weight_sum: np.ndarray
+    level: int
+    level_downsample: float
+    output_downsample: int
+    tiles: int = 0
+
+    @property
+    def num_labels(self) -> int:
+        """L, the number of labels (background last)."""
+        return int(self.score_sum.shape[0])
+
+    @property
+    def shape_hw(self) -> tuple[int, int]:
+        """``(h, w)`` of the canvas."""
+        return int(self.weight_sum.shape[0]), int(self.weight_sum.shape[1])
+
+    @property
+    def downsample_to_level0(self) -> float:
+        """Level-0 pixels per canvas pixel (``scale_to_level0`` of the exports)."""
+        return self.level_downsample * self.output_downsample
+
+    @property
+    def covered(self) -> np.ndarray:
+        """``h x w`` bool, True where at least one tile contributed."""
+        return self.weight_sum > 0
+
+    def class_map(self) -> np.ndarray:
+        """``h x w`` uint8 label map: argmax of the blended scores, background where no tile."""
+        labels = self.score_sum.argmax(0).astype(np.uint8)
+        labels[~self.covered] = self.num_labels - 1
+        return labels
+
+    def scores(self) -> np.ndarray:
+        """``L x h x w`` float32 blended scores (one-hot background where no tile)."""
+        w = np.maximum(self.weight_sum, 1).astype(np.float64)
+        out = (self.score_sum / w).astype(np.float32)
+        out[:, ~self.covered] = 0.0
+        out[-1, ~self.covered] = 1.0
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write the canvas (e.g. one rank's partial) to an ``.npz`` file atomically."""
+        from lpdseg.io import atomic_save_with
+
+        arrays = {"score_sum": self.score_sum, "weight_sum": self.weight_sum,
+                  "info": np.array([self.level, self.level_downsample, self.output_downsample,
+                                    self.tiles], np.float64)}
+        atomic_save_with(path, lambda handle: np.savez_compressed(handle, **arrays))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SlideCanvas:
+        """Read a canvas written by ``save``.
+
+        Raises:
+            DataError: the file is missing or not a canvas file.
+        """
+        try:
+            with np.load(path) as data:
+                info = data["info"]
+                return cls(data["score_sum"], data["weight_sum"], int(info[0]), float(info[1]),
+                           int(info[2]), int(info[3]))
+        except (OSError, KeyError, ValueError, IndexError) as exc:
+            raise DataError(f"{path} is not a slide canvas written by SlideCanvas.save "
+                            f"({exc}); re-run stitch_slide for this rank") from exc
+
+
+def merge_partial(accumulators: Sequence[SlideCanvas]) -> SlideCanvas:
+    """Sum canvases of disjoint tile subsets (e.g. one per rank) into one.
+
+    Args:
+        accumulators: canvases from ``stitch_slide`` with the same slide,
+            level, tile settings and ``output_downsample`` and different ranks.
+
+    Returns:
+        A canvas equal to the single-process one.
+
+    Raises:
+        ValueError: empty input or canvases that do not match.
+    """
+    if not accumulators:
+        raise ValueError("merge_partial needs at least one canvas")
+    first = accumulators[0]
+    for other in accumulators[1:]:
+        if (other.score_sum.shape != first.score_sum.shape or other.level != first.level
+                or other.output_downsample != first.output_downsample):
+            raise ValueError("canvases do not match: shapes "
+                             f"{first.score_sum.shape} / {other.score_sum.shape}, levels "
+                             f"{first.level} / {other.level}, output_downsample "
+                             f"{first.output_downsample} / {other.output_downsample}")
+    score = np.sum([a.score_sum for a in accumulators], axis=0, dtype=np.int64)
+    weight = np.sum([a.weight_sum for a in accumulators], axis=0, dtype=np.int64)
+    return SlideCanvas(score, weight, first.level, first.level_downsample,
+                       first.output_downsample, sum(a.tiles for a in accumulators))
+
+
+def _pool_tile(weighted: np.ndarray, window: np.ndarray, y: int, x: int, h_img: int, w_img: int,
+               ds: int) -> tuple[np.ndarray, int, int]:
+    """Sum-pool one tile's weighted scores (L x t x t) and window onto the ds-grid.
+
+    Returns:
+        ``(L + 1) x by x bx`` fixed-point int64 block (scores, then weight) and
+        its top-left canvas cell ``(cy, cx)``.
+    """
+    num_labels, t = weighted.shape[0], weighted.shape[1]
+    hh, ww = min(t, h_img - y), min(t, w_img - x)  # crop the part outside the level
+    oy, ox = y % ds, x % ds
+    by, bx = -(-(oy + hh) // ds), -(-(ox + ww) // ds)
+    buf = np.zeros((num_labels + 1, by * ds, bx * ds), np.float64)
+    buf[:num_labels, oy:oy + hh, ox:ox + ww] = weighted[:, :hh, :ww]
+    buf[num_labels, oy:oy + hh, ox:ox + ww] = window[:hh, :ww]
+    pooled = buf.reshape(num_labels + 1, by, ds, bx, ds).sum(axis=(2, 4))
+    return np.rint(pooled * FIXED_POINT_SCALE).astype(np.int64), y // ds, x // ds
+
+
+def stitch_slide(reader: ImageReader, level: int, predict_fn: PredictFn, num_labels: int,
+                 tile: int = 224, overlap: float = 0.25, batch_size: int = 8, *,
+                 tissue_mask: np.ndarray | None = None, tissue_min_fraction: float = 0.05,
+                 output_downsample: int = 8, weight: WeightKind = "cosine", rank: int = 0,
+                 world_size: int = 1, read_workers: int = 0,
+                 progress: bool = True) -> SlideCanvas:
+    """Segment one level of a slide tile by tile into a low-resolution canvas.
+
+    Memory is bounded by the canvas (``L x H/ds x W/ds`` int64) plus one
+    batch of tiles: each tile's window-weighted scores are sum-pooled by
+    ``output_downsample`` and added to the canvas as soon as it is predicted.
+    Each canvas pixel is thus the window-weighted mean score of the level
+    pixels it covers, over every tile covering them.
+
+    Args:
+        reader: an open slide (``open_image``).
+        level: pyramid level to run the model on (choose it with
+            ``reader.best_level_for(target_mpp=...)``).
+        predict_fn: tiles ``B x 3 x t x t`` in [0, 1] -> scores ``B x L x h x w``.
+        num_labels: L, the number of labels (classes + background, last).
+        tile: tile side in pixels at ``level``.
+        overlap: fraction of a tile shared by neighbours, in [0, 1).
+        batch_size: tiles per ``predict_fn`` call.
+        tissue_mask: bool mask covering the whole slide at any resolution
+            (e.g. ``detect_tissue(reader.thumbnail(2048))``); tiles without
+            tissue are skipped and their canvas pixels are background. None
+            processes every tile.
+        tissue_min_fraction: smallest tissue fraction of a processed tile.
+        output_downsample: pixels of ``level`` per canvas pixel (integer >= 1).
+        weight: blending window, ``"cosine"`` or ``"uniform"``.
+        rank: this process's index; it processes tiles ``i`` with
+            ``i % world_size == rank`` (e.g. from ``torchrun``'s RANK).
+        world_size: number of processes sharing the slide.
+        read_workers: threads reading tiles ahead (0 = read in this thread).
+        progress: show a progress bar.
+
+    Returns:
+        The ``SlideCanvas``: ``.class_map()`` (uint8, background = L - 1),
+        ``.scores()``, ``.downsample_to_level0``; with ``world_size > 1`` a
+        partial canvas to combine with ``merge_partial``.
+    """
+    if output_downsample < 1 or int(output_downsample) != output_downsample:
+        raise ValueError(f"output_downsample must be an integer >= 1, got {output_downsample}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ds = int(output_downsample)
+    w_img, h_img = reader.level_dimensions[level]
+    lds = reader.level_downsamples[level]
+    grid = TileGrid.from_overlap((h_img, w_img), tile, overlap)
+    if tissue_mask is None:
+        origins = grid.origins
+    else:
+        mh, mw = tissue_mask.shape[:2]
+        origins = select_tissue_tiles(grid, tissue_mask, (mh / h_img, mw / w_img),
+                                      tissue_min_fraction)
+    mine = origins[rank::world_size]
+    log.info("%s level %d (%dx%d): %d of %d tiles hold tissue, rank %d/%d processes %d",
+             reader.path, level, w_img, h_img, len(origins), len(grid), rank, world_size,
+             len(mine))
+
+    canvas_hw = (-(-h_img // ds), -(-w_img // ds))
+    score_sum = np.zeros((num_labels, *canvas_hw), np.int64)
+    weight_sum = np.zeros(canvas_hw, np.int64)
+    windows = _Windows(tile, weight, (h_img, w_img))
+
+    def fetch(origin: tuple[int, int]) -> np.ndarray:
+        y, x = origin
+        return reader.read_region((round(x * lds), round(y * lds)), level, (tile, tile))
+
+    pool = ThreadPoolExecutor(read_workers) if read_workers > 0 else None
+    try:
+        with tqdm(total=len(mine), desc=f"{reader.path.name} tiles", unit="tile",
+                  disable=not progress) as bar:
+            for chunk in _batches(mine, batch_size):
+                tiles = list(pool.map(fetch, chunk)) if pool else [fetch(o) for o in chunk]
+                out = _run_predict(predict_fn, np.stack(tiles), num_labels)
+                for (y, x), score in zip(chunk, out, strict=True):
+                    window = windows(y, x)
+                    weighted = (score * window).numpy()
+                    block, cy, cx = _pool_tile(weighted, window.numpy(), y, x, h_img, w_img, ds)
+                    by, bx = block.shape[1:]
+                    score_sum[:, cy:cy + by, cx:cx + bx] += block[:num_labels]
+                    weight_sum[cy:cy + by, cx:cx + bx] += block[num_labels]
+                bar.update(len(chunk))
+    finally:
+        if pool:
+            pool.shutdown()
+    return SlideCanvas(score_sum, weight_sum, level, float(lds), ds, len(mine))
