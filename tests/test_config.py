@@ -22,8 +22,16 @@ def test_presets_load():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config("bcss_wsss", ["train.epochs=2", "model.head=cam", "eval.tta_scales=[1.0]",
-                                    "data.skip_bad=true", "train.lr=1e-4"])
+    cfg = load_config(
+        "bcss_wsss",
+        [
+            "train.epochs=2",
+            "model.head=cam",
+            "eval.tta_scales=[1.0]",
+            "data.skip_bad=true",
+            "train.lr=1e-4",
+        ],
+    )
     assert cfg.train.epochs == 2 and cfg.model.head == "cam"
     assert cfg.eval.tta_scales == [1.0] and cfg.data.skip_bad is True
     assert cfg.train.lr == pytest.approx(1e-4)

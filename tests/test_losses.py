@@ -59,9 +59,9 @@ def ref_diversity(a, m, labels, temperature):
                 vals = torch.stack([a[n, cls, j, y, x] for y, x in pixels]) / temperature
                 qs.append(torch.softmax(vals, 0))
             for j in range(k):
-                for l in range(j + 1, k):
-                    kl1 = (qs[j] * (qs[j].log() - qs[l].log())).sum()
-                    kl2 = (qs[l] * (qs[l].log() - qs[j].log())).sum()
+                for m2 in range(j + 1, k):
+                    kl1 = (qs[j] * (qs[j].log() - qs[m2].log())).sum()
+                    kl2 = (qs[m2] * (qs[m2].log() - qs[j].log())).sum()
                     terms.append(torch.exp(-(kl1 + kl2)))
     return torch.stack(terms).mean()
 
@@ -91,7 +91,9 @@ def ref_similarity(a, logits, labels, protos, dense, delta, temperature, th_fg, 
                 fg_terms.append(-torch.log(num / den))
                 others = [torch.exp(g @ pn[o] / temperature) for o in range(c * k) if o != own]
                 mean_o = sum(others) / len(others)
-                bg_terms.append(-torch.log(mean_o / (mean_o + torch.exp(g @ pn[own] / temperature))))
+                bg_terms.append(
+                    -torch.log(mean_o / (mean_o + torch.exp(g @ pn[own] / temperature)))
+                )
     loss = th_fg * torch.stack(fg_terms).mean() + th_bg * torch.stack(bg_terms).mean()
     return loss + reg * a.mean()
 
@@ -210,7 +212,9 @@ def test_similarity_feature_mode_matches_reference():
     protos = torch.randn(c, k, d, generator=g, requires_grad=True)
     dense = torch.randn(b, d, h, w, generator=g)
     kw = dict(threshold=0.5, temperature=0.5, fg_weight=1.0, bg_weight=0.5, activation_reg=5e-4)
-    ours, stats = similarity_loss(a, logits, labels, protos, mode="feature", dense_features=dense, **kw)
+    ours, stats = similarity_loss(
+        a, logits, labels, protos, mode="feature", dense_features=dense, **kw
+    )
     ref = ref_similarity(a, logits, labels, protos, dense, 0.5, 0.5, 1.0, 0.5, 5e-4)
     assert stats["n_active"] > 0
     assert torch.allclose(ours, ref, atol=1e-5), (ours, ref)
@@ -240,8 +244,17 @@ def test_similarity_image_mode_equals_feature_mode_for_linear_encoder():
     dense = torch.einsum("dc,bchw->bdhw", proj, images)
     kw = dict(threshold=0.5, temperature=0.3)
     lf, _ = similarity_loss(a, logits, labels, protos, mode="feature", dense_features=dense, **kw)
-    li, _ = similarity_loss(a, logits, labels, protos, mode="image", images=images, embed_images=embed,
-                            image_chunk=3, **kw)
+    li, _ = similarity_loss(
+        a,
+        logits,
+        labels,
+        protos,
+        mode="image",
+        images=images,
+        embed_images=embed,
+        image_chunk=3,
+        **kw,
+    )
     assert torch.allclose(lf, li, atol=1e-5)
 
 

@@ -13,6 +13,7 @@ from lpdseg.models.mit import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MIT_CONFIGS,
+    DWConv,
     EfficientSelfAttention,
     build_mit,
     mit_b0,
@@ -254,3 +255,13 @@ def test_batch_items_are_independent(b0):
         single = b0(x[1:2])
     for f, s in zip(full, single, strict=True):
         assert torch.allclose(f[1:2], s, atol=1e-5)
+
+
+def test_cpu_depthwise_conv_path_matches_module():
+    torch.manual_seed(0)
+    dw = DWConv(8)
+    x = torch.randn(2, 4 * 5, 8)
+    ref = dw.dwconv(x.transpose(1, 2).reshape(2, 8, 4, 5)).flatten(2).transpose(1, 2)
+    assert torch.allclose(dw(x, 4, 5), ref, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dw(x.bfloat16(), 4, 5).dtype == torch.bfloat16

@@ -27,11 +27,23 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def tiny_cfg(root: Path, out: Path, *extra: str):
-    return load_config("demo", [
-        f"data.root={root}", "data.crop_size=32", "data.num_workers=0",
-        "model.prototypes_per_class=2", "model.proj_hidden=16",
-        "train.batch_size=4", "train.max_steps=8", "train.threads=2", f"train.out_dir={out}",
-        "eval.tta_scales=[1.0]", "eval.tta_flip=false", *extra])
+    return load_config(
+        "demo",
+        [
+            f"data.root={root}",
+            "data.crop_size=32",
+            "data.num_workers=0",
+            "model.prototypes_per_class=2",
+            "model.proj_hidden=16",
+            "train.batch_size=4",
+            "train.max_steps=8",
+            "train.threads=2",
+            f"train.out_dir={out}",
+            "eval.tta_scales=[1.0]",
+            "eval.tta_flip=false",
+            *extra,
+        ],
+    )
 
 
 def test_lr_schedule_warmup_then_poly():
@@ -45,11 +57,16 @@ def test_lr_schedule_warmup_then_poly():
 def test_resume_equals_uninterrupted_run(tiny_data, tmp_path):
     straight = train(tiny_cfg(tiny_data, tmp_path / "a"), progress=False, evaluate_test=False)
     assert straight["step"] == 8
-    part = train(tiny_cfg(tiny_data, tmp_path / "b"), progress=False, stop_after=3,
-                 evaluate_test=False)
+    part = train(
+        tiny_cfg(tiny_data, tmp_path / "b"), progress=False, stop_after=3, evaluate_test=False
+    )
     assert part["stopped"] and part["step"] == 3
-    resumed = train(tiny_cfg(tiny_data, tmp_path / "b"), progress=False,
-                    resume=tmp_path / "b" / "last.pt", evaluate_test=False)
+    resumed = train(
+        tiny_cfg(tiny_data, tmp_path / "b"),
+        progress=False,
+        resume=tmp_path / "b" / "last.pt",
+        evaluate_test=False,
+    )
     assert resumed["step"] == 8
     a = load_checkpoint(tmp_path / "a" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "last.pt")
@@ -64,8 +81,7 @@ def test_resume_equals_uninterrupted_run(tiny_data, tmp_path):
 
 def test_lpd_training_lowers_the_loss_and_writes_the_run(tiny_data, tmp_path):
     out = tmp_path / "run"
-    summary = train(tiny_cfg(tiny_data, out, "train.max_steps=30", "train.lr=1e-3"),
-                    progress=False)
+    summary = train(tiny_cfg(tiny_data, out, "train.max_steps=30", "train.lr=1e-3"), progress=False)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "cls" in r]
     first = sum(r["cls"] for r in steps[:5]) / 5
@@ -73,8 +89,15 @@ def test_lpd_training_lowers_the_loss_and_writes_the_run(tiny_data, tmp_path):
     assert last < first, (first, last)
     assert all("sim" in r and "div" in r for r in steps)
     assert any("val_mIoU" in r for r in recs)
-    for name in ("config.yaml", "last.pt", "best.pt", "curves.png", "summary.json",
-                 "test_metrics.json", "test_metrics.md"):
+    for name in (
+        "config.yaml",
+        "last.pt",
+        "best.pt",
+        "curves.png",
+        "summary.json",
+        "test_metrics.json",
+        "test_metrics.md",
+    ):
         assert (out / name).is_file(), name
     test = summary["test"]["predict"]
     assert 0.0 <= test["mIoU"] <= 1.0 and 0.0 <= test["bIoU"] <= 1.0
@@ -84,14 +107,20 @@ def test_lpd_training_lowers_the_loss_and_writes_the_run(tiny_data, tmp_path):
 
 
 def test_cam_baseline_trains(tiny_data, tmp_path):
-    summary = train(tiny_cfg(tiny_data, tmp_path / "cam", "model.head=cam", "train.max_steps=3"),
-                    progress=False)
+    summary = train(
+        tiny_cfg(tiny_data, tmp_path / "cam", "model.head=cam", "train.max_steps=3"), progress=False
+    )
     assert summary["step"] == 3 and "test" in summary
 
 
 def test_nonfinite_losses_stop_with_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
-    cfg = tiny_cfg(tiny_data, tmp_path / "nan", "train.max_nonfinite=3", "train.ckpt_every=2",
-                   "train.max_steps=20")
+    cfg = tiny_cfg(
+        tiny_data,
+        tmp_path / "nan",
+        "train.max_nonfinite=3",
+        "train.ckpt_every=2",
+        "train.max_steps=20",
+    )
     real = Trainer.compute_loss
 
     def flaky(self, images, labels):
@@ -101,7 +130,10 @@ def test_nonfinite_losses_stop_with_last_good_checkpoint(tiny_data, tmp_path, mo
         return loss, terms
 
     monkeypatch.setattr(Trainer, "compute_loss", flaky)
-    with pytest.raises(TrainingError, match=r"3 non-finite losses in a row.*last\.pt"):
+    with pytest.raises(
+        TrainingError,
+        match=r"3 non-finite losses in a row.*Last good checkpoint: .*(last|best)\.pt",
+    ):
         train(cfg, progress=False)
     ckpt = load_checkpoint(tmp_path / "nan" / "last.pt")
     assert ckpt["step"] == 4  # the last good one, still loadable
@@ -121,19 +153,41 @@ def test_bad_label_string_names_the_file(tiny_data, tmp_path):
 def test_cli_train_eval_predict(tiny_data, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"
-    res = runner.invoke(app, ["train", "demo", f"data.root={tiny_data}", "data.crop_size=32",
-                              "data.num_workers=0", "model.prototypes_per_class=2",
-                              "train.batch_size=4", "train.max_steps=2", f"train.out_dir={out}",
-                              "eval.tta_scales=[1.0]", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "demo",
+            f"data.root={tiny_data}",
+            "data.crop_size=32",
+            "data.num_workers=0",
+            "model.prototypes_per_class=2",
+            "train.batch_size=4",
+            "train.max_steps=2",
+            f"train.out_dir={out}",
+            "eval.tta_scales=[1.0]",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "mIoU" in res.output
-    res = runner.invoke(app, ["eval", str(out / "best.pt"), "--split", "val", "--no-tta",
-                              "--quiet"])
+    res = runner.invoke(
+        app, ["eval", str(out / "best.pt"), "--split", "val", "--no-tta", "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     assert "mIoU" in res.output and (out / "val_metrics.json").is_file()
     pred = tmp_path / "pred"
-    res = runner.invoke(app, ["predict", str(out / "best.pt"), str(tiny_data / "test" / "img"),
-                              "--out", str(pred), "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            str(out / "best.pt"),
+            str(tiny_data / "test" / "img"),
+            "--out",
+            str(pred),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert len(list(pred.glob("*_mask.png"))) == 4
     res = runner.invoke(app, ["train", "demo", "train.epoch=2"])

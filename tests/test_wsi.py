@@ -69,12 +69,21 @@ def pyramid_tiff(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.nda
     path = tmp_path_factory.mktemp("slide") / "synthetic.tif"
     with tifffile.TiffWriter(path) as tw:
         for i, ds in enumerate(DOWNSAMPLES):
-            level = img if ds == 1 else cv2.resize(img, (W0 // ds, H0 // ds),
-                                                   interpolation=cv2.INTER_AREA)
+            level = (
+                img
+                if ds == 1
+                else cv2.resize(img, (W0 // ds, H0 // ds), interpolation=cv2.INTER_AREA)
+            )
             res = 1e4 / (MPP * ds)  # pixels per centimetre
-            tw.write(level, tile=(128, 128), photometric="rgb", compression="zlib",
-                     resolution=(res, res), resolutionunit="CENTIMETER",
-                     subfiletype=0 if i == 0 else 1)
+            tw.write(
+                level,
+                tile=(128, 128),
+                photometric="rgb",
+                compression="zlib",
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if i == 0 else 1,
+            )
     return path, img, truth
 
 
@@ -149,8 +158,9 @@ def test_plain_png_reader_alpha_mpp_and_no_mpp_error(tmp_path):
 def test_plain_strip_tiff_with_resolution(tmp_path):
     img = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
     path = tmp_path / "strip.tif"
-    tifffile.imwrite(path, img, photometric="rgb", resolution=(1e4, 1e4),
-                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path, img, photometric="rgb", resolution=(1e4, 1e4), resolutionunit="CENTIMETER"
+    )
     with open_image(path) as r:
         assert r.dimensions == (70, 50)
         assert r.mpp == pytest.approx((1.0, 1.0))
@@ -193,12 +203,23 @@ def test_real_svs_reading_tissue_and_stitching():
             t = (x.mean(1, keepdim=True) < 0.8).float()
             return torch.cat([t, 1 - t], 1)
 
-        canvas = stitch_slide(r, 0, dark_is_tissue, 2, tile=512, overlap=0.125, batch_size=4,
-                              tissue_mask=mask, output_downsample=32, progress=False)
+        canvas = stitch_slide(
+            r,
+            0,
+            dark_is_tissue,
+            2,
+            tile=512,
+            overlap=0.125,
+            batch_size=4,
+            tissue_mask=mask,
+            output_downsample=32,
+            progress=False,
+        )
         cmap = canvas.class_map()
         assert cmap.shape == (math.ceil(2967 / 32), math.ceil(2220 / 32))
-        small = cv2.resize(mask.astype(np.uint8), cmap.shape[::-1],
-                           interpolation=cv2.INTER_NEAREST).astype(bool)
+        small = cv2.resize(
+            mask.astype(np.uint8), cmap.shape[::-1], interpolation=cv2.INTER_NEAREST
+        ).astype(bool)
         agree = ((cmap == 0) == small).mean()
         assert agree > 0.85
 
@@ -219,7 +240,7 @@ def test_detect_tissue_blobs_specks_and_holes():
     # A small hole inside tissue (should be filled) and specks on glass (removed).
     img[144:156, 364:376] = 240
     for y, x in [(30, 30), (380, 480), (50, 450), (370, 40)]:
-        img[y:y + 2, x:x + 2] = (120, 40, 120)
+        img[y : y + 2, x : x + 2] = (120, 40, 120)
 
     mask = detect_tissue(img)
     t = truth.astype(bool)
@@ -227,7 +248,7 @@ def test_detect_tissue_blobs_specks_and_holes():
     assert iou > 0.9
     assert mask[144:156, 364:376].all()  # small hole filled
     for y, x in [(30, 30), (380, 480), (50, 450), (370, 40)]:
-        assert not mask[y:y + 2, x:x + 2].any()  # specks removed
+        assert not mask[y : y + 2, x : x + 2].any()  # specks removed
     assert not mask[190:210, 140:160].any()  # the large lumen is kept open
     blank = np.clip(245 + rng.normal(0, 2, (100, 100, 3)), 0, 255).astype(np.uint8)
     assert detect_tissue(blank).mean() < 0.01  # white glass only: no tissue
@@ -244,7 +265,7 @@ def test_grid_covers_every_pixel_and_last_tile_is_flush(shape_hw):
     cover = np.zeros((hp, wp), int)
     for y, x in origins:
         assert 0 <= y and 0 <= x and y + tile <= hp and x + tile <= wp
-        cover[y:y + tile, x:x + tile] += 1
+        cover[y : y + tile, x : x + tile] += 1
     assert (cover[: shape_hw[0], : shape_hw[1]] >= 1).all()
     assert max(y for y, _ in origins) + tile == hp
     assert max(x for _, x in origins) + tile == wp
@@ -267,7 +288,8 @@ def test_select_tissue_tiles():
     assert chosen and all(x < 300 for _, x in chosen)
     assert {x for _, x in chosen} == {0, 200}  # x=200 tile is half tissue
     assert select_tissue_tiles(grid, mask, 0.1, min_fraction=0.6) == [
-        o for o in grid.origins if o[1] == 0]
+        o for o in grid.origins if o[1] == 0
+    ]
     assert select_tissue_tiles(grid, np.zeros_like(mask), 0.1, min_fraction=0.0) == []
 
 
@@ -309,8 +331,9 @@ def border_and_interior_jumps(scores: torch.Tensor, borders: set[int]) -> tuple[
 def test_sliding_window_reproduces_full_image_without_seams():
     img = encode_position(2000, 2000)
     full = smooth_fn(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)[0]
-    out = sliding_window_predict(img, smooth_fn, 3, tile=224, overlap=0.25, batch_size=16,
-                                 progress=False)
+    out = sliding_window_predict(
+        img, smooth_fn, 3, tile=224, overlap=0.25, batch_size=16, progress=False
+    )
     assert out.shape == (3, 2000, 2000) and out.dtype == torch.float32
     assert float((out - full).abs().max()) < 1e-5
     borders = {x + b for _, x in grid_for((2000, 2000), 224, 0.25) for b in (0, 224)}
@@ -331,8 +354,9 @@ def test_blending_hides_per_tile_bias_seams():
     borders = {x + b for _, x in grid_for((900, 900), 128, 0.25) for b in (0, 128)}
     seams = {}
     for weight in ("cosine", "uniform"):
-        out = sliding_window_predict(img, biased_fn, 2, tile=128, overlap=0.25, batch_size=32,
-                                     weight=weight, progress=False)
+        out = sliding_window_predict(
+            img, biased_fn, 2, tile=128, overlap=0.25, batch_size=32, weight=weight, progress=False
+        )
         seams[weight], _ = border_and_interior_jumps(out[:1], borders)
     assert seams["uniform"] > 0.1  # plain averaging shows the tile bias as steps
     assert seams["cosine"] < 0.25 * seams["uniform"]
@@ -372,12 +396,30 @@ def test_stitch_slide_expected_map_and_tissue_skipping(pyramid_tiff):
     ds = 4
     with open_image(path) as r:
         level_img = r.read_region((0, 0), 1, r.level_dimensions[1])
-        canvas = stitch_slide(r, 1, dark_is_class0, 2, tile=96, overlap=0.25, batch_size=8,
-                              output_downsample=ds, progress=False)
+        canvas = stitch_slide(
+            r,
+            1,
+            dark_is_class0,
+            2,
+            tile=96,
+            overlap=0.25,
+            batch_size=8,
+            output_downsample=ds,
+            progress=False,
+        )
         thumb = r.thumbnail(256)
-        masked = stitch_slide(r, 1, dark_is_class0, 2, tile=96, overlap=0.25, batch_size=8,
-                              tissue_mask=detect_tissue(thumb), output_downsample=ds,
-                              progress=False)
+        masked = stitch_slide(
+            r,
+            1,
+            dark_is_class0,
+            2,
+            tile=96,
+            overlap=0.25,
+            batch_size=8,
+            tissue_mask=detect_tissue(thumb),
+            output_downsample=ds,
+            progress=False,
+        )
     h1, w1 = level_img.shape[:2]
     assert canvas.shape_hw == (math.ceil(h1 / ds), math.ceil(w1 / ds))
     assert canvas.downsample_to_level0 == pytest.approx(16.0)
@@ -394,8 +436,9 @@ def test_stitch_slide_expected_map_and_tissue_skipping(pyramid_tiff):
     assert 0 < masked.tiles < canvas.tiles
     assert not masked.covered.all()
     assert (masked.class_map()[~masked.covered] == 1).all()
-    truth_small = cv2.resize(truth.astype(np.uint8), cmap.shape[::-1],
-                             interpolation=cv2.INTER_AREA) > 0.5
+    truth_small = (
+        cv2.resize(truth.astype(np.uint8), cmap.shape[::-1], interpolation=cv2.INTER_AREA) > 0.5
+    )
     assert (masked.class_map()[truth_small] == 0).mean() > 0.97
 
 
@@ -404,8 +447,12 @@ def test_rank_split_merges_to_single_process_result(pyramid_tiff, tmp_path):
     kw = {"tile": 64, "overlap": 0.3, "output_downsample": 3, "progress": False}
     with open_image(path) as r:
         single = stitch_slide(r, 1, dark_is_class0, 2, batch_size=8, **kw)
-        parts = [stitch_slide(r, 1, dark_is_class0, 2, batch_size=3 + rank, rank=rank,
-                              world_size=3, **kw) for rank in range(3)]
+        parts = [
+            stitch_slide(
+                r, 1, dark_is_class0, 2, batch_size=3 + rank, rank=rank, world_size=3, **kw
+            )
+            for rank in range(3)
+        ]
     assert sum(p.tiles for p in parts) == single.tiles
     for i, p in enumerate(parts):  # through files, as separate processes would
         p.save(tmp_path / f"rank{i}.npz")
@@ -414,6 +461,9 @@ def test_rank_split_merges_to_single_process_result(pyramid_tiff, tmp_path):
     np.testing.assert_array_equal(merged.weight_sum, single.weight_sum)
     np.testing.assert_array_equal(merged.class_map(), single.class_map())
     assert merged.tiles == single.tiles
+    with open_image(path) as r:  # reading ahead in threads changes nothing
+        threaded = stitch_slide(r, 1, dark_is_class0, 2, batch_size=5, read_workers=2, **kw)
+    np.testing.assert_array_equal(threaded.score_sum, single.score_sum)
     with pytest.raises(ValueError):
         stitch_slide(None, 1, dark_is_class0, 2, rank=3, world_size=3)  # type: ignore[arg-type]
 
@@ -472,13 +522,20 @@ def test_geojson_qupath_layout_and_round_trip(tmp_path):
             geom = shape(f["geometry"])
             assert f["geometry"]["type"] in ("Polygon", "MultiPolygon")
             assert geom.is_valid
-        back = read_geojson_to_mask(path, cmap.shape, CLASS_NAMES, scale_to_level0=8.0,
-                                    offset=(64, 32))
+            x0, y0, x1, y1 = geom.bounds  # inside the map's extent in level-0 pixels
+            assert x0 >= 64 and y0 >= 32
+            assert x1 <= 64 + 8.0 * cmap.shape[1] and y1 <= 32 + 8.0 * cmap.shape[0]
+        back = read_geojson_to_mask(
+            path, cmap.shape, CLASS_NAMES, scale_to_level0=8.0, offset=(64, 32)
+        )
         for c in range(4):
             n_c = max(int((cmap == c).sum()), 1)
             assert ((back == c) != (cmap == c)).sum() / n_c < 0.01, (name, c)
-    tumour = [f for f in json.loads((tmp_path / "clean.geojson").read_text())["features"]
-              if f["properties"]["classification"]["name"] == "tumor"]
+    tumour = [
+        f
+        for f in json.loads((tmp_path / "clean.geojson").read_text())["features"]
+        if f["properties"]["classification"]["name"] == "tumor"
+    ]
     assert len(tumour) == 1 and len(tumour[0]["geometry"]["coordinates"]) == 2  # shell + hole
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 
@@ -489,10 +546,20 @@ def test_read_geojson_errors_and_unknown_classes(tmp_path, caplog):
     with pytest.raises(DataError, match="bad.geojson"):
         read_geojson_to_mask(bad, (10, 10), CLASS_NAMES, 1.0)
     other = tmp_path / "other.geojson"
-    other.write_text(json.dumps([{
-        "type": "Feature", "geometry": {"type": "Polygon",
-                                        "coordinates": [[[0, 0], [5, 0], [5, 5], [0, 5], [0, 0]]]},
-        "properties": {"objectType": "annotation", "classification": {"name": "Other"}}}]))
+    other.write_text(
+        json.dumps(
+            [
+                {
+                    "type": "Feature",
+                    "geometry": {
+                        "type": "Polygon",
+                        "coordinates": [[[0, 0], [5, 0], [5, 5], [0, 5], [0, 0]]],
+                    },
+                    "properties": {"objectType": "annotation", "classification": {"name": "Other"}},
+                }
+            ]
+        )
+    )
     out = read_geojson_to_mask(other, (10, 10), CLASS_NAMES, 1.0)
     assert (out == 3).all() and "Other" in caplog.text
 
@@ -533,4 +600,4 @@ def test_overlay_and_legend():
     legend = add_legend(out, CLASS_NAMES + ["background"], COLORS + [(255, 255, 255)])
     assert legend.shape[0] > out.shape[0] and legend.shape[1] == out.shape[1]
     np.testing.assert_array_equal(legend[: out.shape[0]], out)
-    assert (legend[out.shape[0]:] < 255).any()  # something was drawn
+    assert (legend[out.shape[0] :] < 255).any()  # something was drawn

@@ -69,21 +69,36 @@ class PrototypeBank:
 
 
 @torch.no_grad()
-def embed_samples(samples: Sequence[Sample], encoder, transform, batch_size: int = 16,
-                  progress: bool = True) -> torch.Tensor:
+def embed_samples(
+    samples: Sequence[Sample], encoder, transform, batch_size: int = 16, progress: bool = True
+) -> torch.Tensor:
     """L2-normalised global embeddings (N x D) of the given patches."""
     out = []
-    for start in tqdm(range(0, len(samples), batch_size), desc="embed", disable=not progress,
-                      unit="batch"):
-        batch = torch.stack([transform(read_image(s.image)) for s in samples[start:start + batch_size]])
+    for start in tqdm(
+        range(0, len(samples), batch_size), desc="embed", disable=not progress, unit="batch"
+    ):
+        batch = torch.stack(
+            [transform(read_image(s.image)) for s in samples[start : start + batch_size]]
+        )
         out.append(torch.nn.functional.normalize(encoder.embed(batch).float(), dim=-1))
     return torch.cat(out) if out else torch.zeros(0, encoder.embed_dim)
 
 
-def build_bank(samples: Sequence[Sample], class_names: Sequence[str], encoder, transform, *,
-               encoder_name: str, clusters: int = 3, n_keep: int = 100, seed: int = 0,
-               allow_fewer: bool = False, white_rule: WhiteRule = WhiteRule(),
-               batch_size: int = 16, progress: bool = True) -> PrototypeBank:
+def build_bank(
+    samples: Sequence[Sample],
+    class_names: Sequence[str],
+    encoder,
+    transform,
+    *,
+    encoder_name: str,
+    clusters: int = 3,
+    n_keep: int = 100,
+    seed: int = 0,
+    allow_fewer: bool = False,
+    white_rule: WhiteRule = WhiteRule(),
+    batch_size: int = 16,
+    progress: bool = True,
+) -> PrototypeBank:
     """Build the bank from weakly labelled training samples.
 
     Args:
@@ -121,12 +136,15 @@ def build_bank(samples: Sequence[Sample], class_names: Sequence[str], encoder, t
         raise DataError(
             f"prototype bank needs {need} single-label, non-white patches per class "
             f"(clusters={clusters} x n_keep={n_keep}) but found {', '.join(short)}; "
-            "lower n_keep/clusters or pass --allow-fewer to use what there is")
+            "lower n_keep/clusters or pass --allow-fewer to use what there is"
+        )
     protos, members = [], []
     for ci, group in enumerate(per_class):
         if len(group) < clusters:
-            raise DataError(f"class {class_names[ci]} has {len(group)} eligible patches, fewer "
-                            f"than clusters={clusters}; add single-label patches of this class")
+            raise DataError(
+                f"class {class_names[ci]} has {len(group)} eligible patches, fewer "
+                f"than clusters={clusters}; add single-label patches of this class"
+            )
         emb = embed_samples(group, encoder, transform, batch_size, progress).numpy()
         km = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(emb)
         class_protos, class_members = [], []
@@ -141,17 +159,34 @@ def build_bank(samples: Sequence[Sample], class_names: Sequence[str], encoder, t
             class_members.append([group[i].image.name for i in keep])
         protos.append(np.stack(class_protos))
         members.append(class_members)
-    settings = {"clusters": clusters, "n_keep": n_keep, "seed": seed, "allow_fewer": allow_fewer,
-                "white_rule": asdict(white_rule), "eligible_per_class": counts,
-                "dropped_white": dropped_white}
-    return PrototypeBank(torch.from_numpy(np.stack(protos)).float(), members, list(class_names),
-                         encoder_name, settings)
+    settings = {
+        "clusters": clusters,
+        "n_keep": n_keep,
+        "seed": seed,
+        "allow_fewer": allow_fewer,
+        "white_rule": asdict(white_rule),
+        "eligible_per_class": counts,
+        "dropped_white": dropped_white,
+    }
+    return PrototypeBank(
+        torch.from_numpy(np.stack(protos)).float(),
+        members,
+        list(class_names),
+        encoder_name,
+        settings,
+    )
 
 
 def save_bank(bank: PrototypeBank, path: str | Path) -> None:
     """Write the bank atomically (plain tensors and values: loads with weights_only)."""
-    payload = {"bank_format": BANK_FORMAT, "prototypes": bank.prototypes, "members": bank.members,
-               "class_names": bank.class_names, "encoder": bank.encoder, "settings": bank.settings}
+    payload = {
+        "bank_format": BANK_FORMAT,
+        "prototypes": bank.prototypes,
+        "members": bank.members,
+        "class_names": bank.class_names,
+        "encoder": bank.encoder,
+        "settings": bank.settings,
+    }
     atomic_save_with(path, lambda handle: torch.save(payload, handle))
 
 
@@ -170,11 +205,18 @@ def load_bank(path: str | Path) -> PrototypeBank:
         raise CheckpointError(f"{path} is not a readable prototype bank ({exc})") from None
     if not isinstance(d, dict) or d.get("bank_format") != BANK_FORMAT:
         raise CheckpointError(f"{path} is not a prototype bank of format {BANK_FORMAT}")
-    return PrototypeBank(d["prototypes"], d["members"], d["class_names"], d["encoder"], d["settings"])
+    return PrototypeBank(
+        d["prototypes"], d["members"], d["class_names"], d["encoder"], d["settings"]
+    )
 
 
-def contact_sheet(bank: PrototypeBank, image_dir: str | Path, path: str | Path,
-                  per_cluster: int = 8, thumb: int = 48) -> None:
+def contact_sheet(
+    bank: PrototypeBank,
+    image_dir: str | Path,
+    path: str | Path,
+    per_cluster: int = 8,
+    thumb: int = 48,
+) -> None:
     """PNG: one row per (class, cluster) with the first member patches."""
     from PIL import Image, ImageDraw
 
@@ -196,15 +238,24 @@ def contact_sheet(bank: PrototypeBank, image_dir: str | Path, path: str | Path,
     save_png(path, np.concatenate(rows, axis=0))
 
 
-def build_bank_from_config(preset: str, overrides: list[str], out: str | Path, *, clusters: int = 3,
-                           n_keep: int = 100, seed: int = 0, allow_fewer: bool = False,
-                           sheet: bool = True, progress: bool = True) -> Path:
+def build_bank_from_config(
+    preset: str,
+    overrides: list[str],
+    out: str | Path,
+    *,
+    clusters: int = 3,
+    n_keep: int = 100,
+    seed: int = 0,
+    allow_fewer: bool = False,
+    sheet: bool = True,
+    progress: bool = True,
+) -> Path:
     """Build and save a bank for the data and encoder a config names (``lpdseg bank``).
 
     The config's ``model.head`` may be ``pbip`` with a bank that does not exist yet:
     the bank is what this writes.
     """
-    from lpdseg.config import apply_overrides, config_from_dict, _read_yaml
+    from lpdseg.config import _read_yaml, apply_overrides, config_from_dict
     from lpdseg.data.loaders import resolve_data
     from lpdseg.data.transforms import EvalTransform
     from lpdseg.errors import ConfigError
@@ -215,14 +266,30 @@ def build_bank_from_config(preset: str, overrides: list[str], out: str | Path, *
     values["model"].pop("bank", None)
     cfg = config_from_dict(values)
     if cfg.loss.encoder == "backbone-ema":
-        raise ConfigError("a prototype bank needs a pretrained frozen encoder, not backbone-ema; "
-                          "set loss.encoder=efficientnet-lite0 or hf:<folder>")
+        raise ConfigError(
+            "a prototype bank needs a pretrained frozen encoder, not backbone-ema; "
+            "set loss.encoder=efficientnet-lite0 or hf:<folder>"
+        )
     bundle = resolve_data(cfg)
-    encoder = build_encoder(cfg.loss.encoder, backbone=None, model_mean=bundle.mean,
-                            model_std=bundle.std, allow_random=cfg.loss.allow_random_encoder)
-    bank = build_bank(bundle.train, bundle.class_names, encoder, EvalTransform(bundle.mean, bundle.std),
-                      encoder_name=cfg.loss.encoder, clusters=clusters, n_keep=n_keep, seed=seed,
-                      allow_fewer=allow_fewer, progress=progress)
+    encoder = build_encoder(
+        cfg.loss.encoder,
+        backbone=None,
+        model_mean=bundle.mean,
+        model_std=bundle.std,
+        allow_random=cfg.loss.allow_random_encoder,
+    )
+    bank = build_bank(
+        bundle.train,
+        bundle.class_names,
+        encoder,
+        EvalTransform(bundle.mean, bundle.std),
+        encoder_name=cfg.loss.encoder,
+        clusters=clusters,
+        n_keep=n_keep,
+        seed=seed,
+        allow_fewer=allow_fewer,
+        progress=progress,
+    )
     out = Path(out)
     save_bank(bank, out)
     if sheet:

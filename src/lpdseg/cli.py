@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,15 +20,23 @@ app = typer.Typer(
     "dotted overrides, e.g. `lpdseg train demo train.epochs=2 model.head=cam`.",
 )
 
-PresetArg = Annotated[str, typer.Argument(help="Preset name (see `lpdseg presets`) or path to a YAML config.")]
-OverridesArg = Annotated[Optional[list[str]], typer.Argument(
-    help="Config overrides as section.key=value, e.g. train.epochs=2 data.root=data/x.")]
+PresetArg = Annotated[
+    str, typer.Argument(help="Preset name (see `lpdseg presets`) or path to a YAML config.")
+]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Config overrides as section.key=value, e.g. train.epochs=2 data.root=data/x."
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, warnings only.")]
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _run(fn, *args, **kwargs):
@@ -63,7 +71,9 @@ def config(preset: PresetArg = "demo", overrides: OverridesArg = None) -> None:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write (BCSS-WSSS layout).")],
-    n_train: Annotated[int, typer.Option(help="Training patches (image-level labels in the name).")] = 600,
+    n_train: Annotated[
+        int, typer.Option(help="Training patches (image-level labels in the name).")
+    ] = 600,
     n_val: Annotated[int, typer.Option(help="Validation patches with masks.")] = 60,
     n_test: Annotated[int, typer.Option(help="Test patches with masks.")] = 120,
     size: Annotated[int, typer.Option(help="Patch side in pixels.")] = 224,
@@ -74,8 +84,9 @@ def synth(
     _setup_logging(quiet)
     from lpdseg.data.synthetic import write_dataset
 
-    summary = _run(write_dataset, out, n_train, n_val, n_test, size=size, seed=seed,
-                   progress=not quiet)
+    summary = _run(
+        write_dataset, out, n_train, n_val, n_test, size=size, seed=seed, progress=not quiet
+    )
     typer.echo(f"wrote {out}: {summary}")
 
 
@@ -83,7 +94,9 @@ def synth(
 def train(
     preset: PresetArg = "demo",
     overrides: OverridesArg = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue from this last.pt (same config).")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue from this last.pt (same config).")
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model (stage 1: image-level labels; train.task=seg: stage 2 on pseudo masks).
@@ -105,11 +118,18 @@ def train(
 @app.command("eval")
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (best.pt / last.pt).")],
-    data: Annotated[Optional[Path], typer.Option(help="Dataset folder (default: the one it was trained on).")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset folder (default: the one it was trained on).")
+    ] = None,
     split: Annotated[str, typer.Option(help="Split to score: val or test.")] = "test",
-    mode: Annotated[str, typer.Option(help="Gating: pseudo (labels), predict (classifier) or both.")] = "both",
+    mode: Annotated[
+        str, typer.Option(help="Gating: pseudo (labels), predict (classifier) or both.")
+    ] = "both",
     tta: Annotated[bool, typer.Option(help="Test-time augmentation (scales x flip).")] = True,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for <split>_metrics.json/.md (default: next to the checkpoint).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for <split>_metrics.json/.md (default: next to the checkpoint)."),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Score a checkpoint: mIoU, mDice, FwIoU, pixel accuracy and boundary IoU."""
@@ -120,9 +140,16 @@ def evaluate_cmd(
         typer.secho("error: --split must be val or test", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     modes = ("pseudo", "predict") if mode == "both" else (mode,)
-    res = _run(evaluate_checkpoint, checkpoint, split=split, modes=modes, tta=tta,
-               progress=not quiet, out_dir=out or checkpoint.parent,
-               data_root=str(data) if data else None)
+    res = _run(
+        evaluate_checkpoint,
+        checkpoint,
+        split=split,
+        modes=modes,
+        tta=tta,
+        progress=not quiet,
+        out_dir=out or checkpoint.parent,
+        data_root=str(data) if data else None,
+    )
     typer.echo(res["table"])
 
 
@@ -132,25 +159,45 @@ def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("predictions"),
     tta: Annotated[bool, typer.Option(help="Test-time augmentation.")] = False,
-    threshold: Annotated[Optional[float], typer.Option(help="Class probability threshold (default: the checkpoint's eval.cls_threshold).")] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Class probability threshold (default: the checkpoint's eval.cls_threshold)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
-    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images (listed at the end) instead of stopping.")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable images (listed at the end) instead of stopping.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment images of any size: index mask PNG, overlay with legend, per-class areas."""
     _setup_logging(quiet)
     from lpdseg.engine.predict import predict_images
 
-    written = _run(predict_images, checkpoint, images, out, tta=tta, threshold=threshold,
-                   batch_size=batch_size, skip_bad=skip_bad, progress=not quiet)
+    written = _run(
+        predict_images,
+        checkpoint,
+        images,
+        out,
+        tta=tta,
+        threshold=threshold,
+        batch_size=batch_size,
+        skip_bad=skip_bad,
+        progress=not quiet,
+    )
     typer.echo(f"wrote predictions for {len(written)} images to {out}")
 
 
 @app.command()
 def pseudo(
     checkpoint: Annotated[Path, typer.Argument(help="Stage-1 checkpoint (LPD, PBIP or CAM).")],
-    out: Annotated[Path, typer.Option(help="Output folder (masks/, manifest.csv, pseudo.json).")] = Path("pseudo"),
-    data: Annotated[Optional[Path], typer.Option(help="Dataset folder (default: the training one).")] = None,
+    out: Annotated[
+        Path, typer.Option(help="Output folder (masks/, manifest.csv, pseudo.json).")
+    ] = Path("pseudo"),
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset folder (default: the training one).")
+    ] = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation.")] = True,
     quiet: QuietOpt = False,
 ) -> None:
@@ -158,10 +205,18 @@ def pseudo(
     _setup_logging(quiet)
     from lpdseg.engine.pseudo import write_pseudo_masks
 
-    summary = _run(write_pseudo_masks, checkpoint, out, data_root=str(data) if data else None,
-                   tta=tta, progress=not quiet)
-    typer.echo(f"wrote {summary['images']} pseudo masks to {out} "
-               f"(pixel fractions {summary['pixel_fraction']})")
+    summary = _run(
+        write_pseudo_masks,
+        checkpoint,
+        out,
+        data_root=str(data) if data else None,
+        tta=tta,
+        progress=not quiet,
+    )
+    typer.echo(
+        f"wrote {summary['images']} pseudo masks to {out} "
+        f"(pixel fractions {summary['pixel_fraction']})"
+    )
 
 
 @app.command()
@@ -172,17 +227,30 @@ def bank(
     clusters: Annotated[int, typer.Option(help="K-Means clusters per class (K).")] = 3,
     n_keep: Annotated[int, typer.Option(help="Patches kept nearest each centre (N_K).")] = 100,
     seed: Annotated[int, typer.Option(help="K-Means seed.")] = 0,
-    allow_fewer: Annotated[bool, typer.Option(help="Use what there is when a class has fewer than K x N_K patches.")] = False,
-    sheet: Annotated[bool, typer.Option(help="Also write a contact sheet PNG of the clusters.")] = True,
+    allow_fewer: Annotated[
+        bool, typer.Option(help="Use what there is when a class has fewer than K x N_K patches.")
+    ] = False,
+    sheet: Annotated[
+        bool, typer.Option(help="Also write a contact sheet PNG of the clusters.")
+    ] = True,
     quiet: QuietOpt = False,
 ) -> None:
     """Build PBIP's prototype bank (K-Means of frozen-encoder embeddings of single-label patches)."""
     _setup_logging(quiet)
     from lpdseg.bank import build_bank_from_config
 
-    path = _run(build_bank_from_config, preset, overrides or [], out, clusters=clusters,
-                n_keep=n_keep, seed=seed, allow_fewer=allow_fewer, sheet=sheet,
-                progress=not quiet)
+    path = _run(
+        build_bank_from_config,
+        preset,
+        overrides or [],
+        out,
+        clusters=clusters,
+        n_keep=n_keep,
+        seed=seed,
+        allow_fewer=allow_fewer,
+        sheet=sheet,
+        progress=not quiet,
+    )
     typer.echo(f"wrote {path}")
 
 
@@ -191,7 +259,12 @@ def explain(
     checkpoint: Annotated[Path, typer.Argument(help="LPD or PBIP checkpoint.")],
     images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("explanations"),
-    train_dir: Annotated[Optional[Path], typer.Option(help="Training dataset folder: adds the patches that activate each prototype most.")] = None,
+    train_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Training dataset folder: adds the patches that activate each prototype most."
+        ),
+    ] = None,
     per_prototype: Annotated[int, typer.Option(help="Top patches shown per prototype.")] = 4,
     quiet: QuietOpt = False,
 ) -> None:
@@ -199,14 +272,23 @@ def explain(
     _setup_logging(quiet)
     from lpdseg.explain import explain as run_explain
 
-    written = _run(run_explain, checkpoint, images, out, train_dir=train_dir,
-                   per_prototype=per_prototype, progress=not quiet)
+    written = _run(
+        run_explain,
+        checkpoint,
+        images,
+        out,
+        train_dir=train_dir,
+        per_prototype=per_prototype,
+        progress=not quiet,
+    )
     typer.echo(f"wrote {len(written)} figures to {out}")
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for data, runs and overlays.")] = Path("demo_output"),
+    out: Annotated[Path, typer.Option(help="Folder for data, runs and overlays.")] = Path(
+        "demo_output"
+    ),
     quick: Annotated[bool, typer.Option(help="Tiny run (seconds) to check the pipeline.")] = False,
     quiet: QuietOpt = False,
 ) -> None:

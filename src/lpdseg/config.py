@@ -44,7 +44,9 @@ class DataConfig:
     csv: str | None = None  # manifest for format=csv
     pseudo: str | None = None  # stage 2: folder written by `lpdseg pseudo` (masks + manifest)
     class_names: list[str] | None = None  # None: the format's own names
-    colors: list[list[int]] | None = None  # RGB per tissue class (+ background last); None: defaults
+    colors: list[list[int]] | None = (
+        None  # RGB per tissue class (+ background last); None: defaults
+    )
     mean: list[float] | None = None  # RGB normalisation; None: backbone pretraining, else format
     std: list[float] | None = None
     crop_size: int = 224  # training crop (px)
@@ -60,7 +62,9 @@ class DataConfig:
     synthetic_size: int = 224
 
     def __post_init__(self) -> None:
-        _check_choice("data", "format", self.format, ("bcss_wsss", "luad_histoseg", "wsss4luad", "csv"))
+        _check_choice(
+            "data", "format", self.format, ("bcss_wsss", "luad_histoseg", "wsss4luad", "csv")
+        )
         _check_positive("data", "crop_size", self.crop_size)
         _check_positive("data", "num_workers", self.num_workers, allow_zero=True)
         if not 0 <= self.color_jitter <= 1:
@@ -147,7 +151,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05  # linear warm-up, then poly decay
     poly_power: float = 1.0
     grad_clip: float = 1.0  # max grad norm; 0 disables
-    amp: str = "bf16"  # bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | off
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_every: int = 1  # validate every N epochs
@@ -159,7 +163,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("train", "task", self.task, ("wsss", "seg"))
-        _check_choice("train", "amp", self.amp, ("bf16", "fp16", "off"))
+        _check_choice("train", "amp", self.amp, ("auto", "bf16", "fp16", "off"))
         for key in ("epochs", "batch_size", "lr", "max_nonfinite"):
             _check_positive("train", key, getattr(self, key))
         if not 0 <= self.warmup_fraction < 1:

@@ -77,40 +77,58 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, progress: boo
     base = load_config("demo")
     data_root = out / "data"
     d = base.data
-    n_train, n_val, n_test = (40, 8, 8) if quick else (d.synthetic_train, d.synthetic_val,
-                                                      d.synthetic_test)
+    n_train, n_val, n_test = (
+        (40, 8, 8) if quick else (d.synthetic_train, d.synthetic_val, d.synthetic_test)
+    )
     if not (data_root / "synthetic.json").exists():
-        write_dataset(data_root, n_train, n_val, n_test, size=d.synthetic_size, seed=0,
-                      progress=progress)
+        write_dataset(
+            data_root, n_train, n_val, n_test, size=d.synthetic_size, seed=0, progress=progress
+        )
     common = [f"data.root={data_root}"]
     if quick:
         common += ["train.max_steps=4", "train.batch_size=4", "eval.tta_scales=[1.0]"]
     runs, summaries = {}, {}
     for name, extra in (("LPD", []), ("CAM", ["model.head=cam", "name=cam"])):
         cfg = load_config("demo", common + extra + [f"train.out_dir={out / 'runs' / name.lower()}"])
-        log.info("training %s (%s, %s steps)", name, cfg.model.backbone,
-                 cfg.train.max_steps or f"{cfg.train.epochs} epochs")
+        log.info(
+            "training %s (%s, %s steps)",
+            name,
+            cfg.model.backbone,
+            cfg.train.max_steps or f"{cfg.train.epochs} epochs",
+        )
         summaries[name] = train(cfg, progress=progress)
         runs[name] = Path(summaries[name]["run_dir"]) / "best.pt"
     overlays = _overlays(data_root, runs, out)
     elapsed = time.perf_counter() - start
-    lines = ["# lpdseg demo", "",
-             f"Synthetic H&E ({n_train} train / {n_val} val / {n_test} test patches, "
-             f"{d.synthetic_size} px), backbone {base.model.backbone} from scratch, "
-             f"{elapsed / 60:.1f} min in all. Command: `lpdseg demo --out {out}`.", "",
-             "| method | gating | mIoU | mDice | FwIoU | bIoU | pixel acc |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# lpdseg demo",
+        "",
+        f"Synthetic H&E ({n_train} train / {n_val} val / {n_test} test patches, "
+        f"{d.synthetic_size} px), backbone {base.model.backbone} from scratch, "
+        f"{elapsed / 60:.1f} min in all. Command: `lpdseg demo --out {out}`.",
+        "",
+        "| method | gating | mIoU | mDice | FwIoU | bIoU | pixel acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in summaries.items():
         for mode in ("pseudo", "predict"):
             r = s["test"][mode]
-            lines.append(f"| {name} | {mode} | {100 * r['mIoU']:.2f} | {100 * r['mDice']:.2f} | "
-                         f"{100 * r['FwIoU']:.2f} | {100 * r['bIoU']:.2f} | "
-                         f"{100 * r['pixel_acc']:.2f} |")
-    lines += ["", "`pseudo`: classes gated by the image-level labels (how the papers score "
-              "stage-1 pseudo masks); `predict`: gated by the model's own classifier.", "",
-              f"Overlays (image | truth | LPD | CAM): {overlays[0]}", "",
-              "## LPD per class (test, predict gating)", "",
-              format_table(summaries["LPD"]["test"]["predict"])]
+            lines.append(
+                f"| {name} | {mode} | {100 * r['mIoU']:.2f} | {100 * r['mDice']:.2f} | "
+                f"{100 * r['FwIoU']:.2f} | {100 * r['bIoU']:.2f} | "
+                f"{100 * r['pixel_acc']:.2f} |"
+            )
+    lines += [
+        "",
+        "`pseudo`: classes gated by the image-level labels (how the papers score "
+        "stage-1 pseudo masks); `predict`: gated by the model's own classifier.",
+        "",
+        f"Overlays (image | truth | LPD | CAM): {overlays[0]}",
+        "",
+        "## LPD per class (test, predict gating)",
+        "",
+        format_table(summaries["LPD"]["test"]["predict"]),
+    ]
     report = "\n".join(lines) + "\n"
     atomic_write_text(out / "report.md", report)
     return report

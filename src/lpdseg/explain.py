@@ -34,24 +34,39 @@ def _to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
 def prototype_maps(model, image: np.ndarray, mean, std) -> torch.Tensor:
     """Stage-4 prototype maps at image size (C x k x H x W), and class probabilities."""
     if not hasattr(model, "head") or not hasattr(model.head, "prototypes"):
-        raise CheckpointError("this checkpoint has no prototypes (CAM or stage-2 model); "
-                              "explain needs an LPD or PBIP checkpoint")
+        raise CheckpointError(
+            "this checkpoint has no prototypes (CAM or stage-2 model); "
+            "explain needs an LPD or PBIP checkpoint"
+        )
     x = _to_tensor(image, mean, std)
     out = model(x, stages=(3,))
-    a = F.interpolate(out.proto_maps[3][0].float(), size=image.shape[:2], mode="bilinear",
-                      align_corners=False)
+    a = F.interpolate(
+        out.proto_maps[3][0].float(), size=image.shape[:2], mode="bilinear", align_corners=False
+    )
     return a, torch.sigmoid(out.logits[3][0].float())
 
 
 @torch.no_grad()
-def top_patches(model, samples: Sequence, mean, std, per_prototype: int = 4,
-                batch_size: int = 16, progress: bool = True) -> list[list[list[int]]]:
+def top_patches(
+    model,
+    samples: Sequence,
+    mean,
+    std,
+    per_prototype: int = 4,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[list[list[int]]]:
     """Indices of the training patches with the highest GAP score per prototype."""
     scores = []
-    for start in tqdm(range(0, len(samples), batch_size), desc="score patches",
-                      disable=not progress, unit="batch"):
-        x = torch.cat([_to_tensor(read_image(s.image), mean, std)
-                       for s in samples[start:start + batch_size]])
+    for start in tqdm(
+        range(0, len(samples), batch_size), desc="score patches", disable=not progress, unit="batch"
+    ):
+        x = torch.cat(
+            [
+                _to_tensor(read_image(s.image), mean, std)
+                for s in samples[start : start + batch_size]
+            ]
+        )
         a = model(x, stages=(3,)).proto_maps[3].float()
         scores.append(a.amax((3, 4)))  # peak activation: where the prototype fires at all
     s = torch.cat(scores)  # N x C x k
@@ -59,8 +74,13 @@ def top_patches(model, samples: Sequence, mean, std, per_prototype: int = 4,
     return top.permute(1, 2, 0).tolist()
 
 
-def explain_figure(image: np.ndarray, maps: torch.Tensor, probs: torch.Tensor,
-                   class_names: Sequence[str], patches: list[list[list[np.ndarray]]] | None = None) -> bytes:
+def explain_figure(
+    image: np.ndarray,
+    maps: torch.Tensor,
+    probs: torch.Tensor,
+    class_names: Sequence[str],
+    patches: list[list[list[np.ndarray]]] | None = None,
+) -> bytes:
     """PNG bytes: image + one row per class with its k prototype heatmaps (+ top patches)."""
     import matplotlib
 
@@ -69,8 +89,9 @@ def explain_figure(image: np.ndarray, maps: torch.Tensor, probs: torch.Tensor,
 
     c, k = maps.shape[:2]
     extra = 1 if patches else 0
-    fig, axes = plt.subplots(c * (1 + extra), k + 1, figsize=(2.0 * (k + 1), 2.1 * c * (1 + extra)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        c * (1 + extra), k + 1, figsize=(2.0 * (k + 1), 2.1 * c * (1 + extra)), squeeze=False
+    )
     for ax in axes.ravel():
         ax.axis("off")
     for ci in range(c):
@@ -93,8 +114,15 @@ def explain_figure(image: np.ndarray, maps: torch.Tensor, probs: torch.Tensor,
     return buf.getvalue()
 
 
-def explain(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, *,
-            train_dir: str | Path | None = None, per_prototype: int = 4, progress: bool = True) -> list[Path]:
+def explain(
+    checkpoint: str | Path,
+    images: Sequence[str | Path],
+    out: str | Path,
+    *,
+    train_dir: str | Path | None = None,
+    per_prototype: int = 4,
+    progress: bool = True,
+) -> list[Path]:
     """Write one explanation figure per image, and a summary figure over the folder.
 
     Args:
@@ -116,11 +144,14 @@ def explain(checkpoint: str | Path, images: Sequence[str | Path], out: str | Pat
         from lpdseg.data.datasets import list_split
 
         samples, _ = list_split(train_dir, cfg.data.format, "train", skip_bad=True)
-        top = top_patches(model, samples, cfg.data.mean, cfg.data.std, per_prototype,
-                          progress=progress)
+        top = top_patches(
+            model, samples, cfg.data.mean, cfg.data.std, per_prototype, progress=progress
+        )
         thumb = 64
-        patches = [[[np.asarray(_thumb(read_image(samples[i].image), thumb)) for i in idx]
-                    for idx in cls] for cls in top]
+        patches = [
+            [[np.asarray(_thumb(read_image(samples[i].image), thumb)) for i in idx] for idx in cls]
+            for cls in top
+        ]
     written = []
     mean_maps = None
     for path in tqdm(expand_inputs(images), desc="explain", disable=not progress, unit="img"):

@@ -44,8 +44,10 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         hint = " (disk full: free space and retry)" if exc.errno == errno.ENOSPC else ""
-        raise WriteError(f"could not write {path}: {exc.strerror or exc}{hint}; the previous "
-                         "file (if any) is unchanged") from exc
+        raise WriteError(
+            f"could not write {path}: {exc.strerror or exc}{hint}; the previous "
+            "file (if any) is unchanged"
+        ) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

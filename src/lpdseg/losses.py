@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def classification_loss(logits: Sequence[Tensor | None], labels: Tensor,
-                        stage_weights: Sequence[float]) -> Tensor:
+def classification_loss(
+    logits: Sequence[Tensor | None], labels: Tensor, stage_weights: Sequence[float]
+) -> Tensor:
     """``L_cls = sum_i w_i * BCEWithLogits(y_hat_i, y)`` over stages with w_i > 0.
 
     Args:
@@ -35,12 +36,14 @@ def classification_loss(logits: Sequence[Tensor | None], labels: Tensor,
     for stage_logits, weight in zip(logits, stage_weights):
         if weight:
             total = total + weight * F.binary_cross_entropy_with_logits(
-                stage_logits.float(), labels.float())
+                stage_logits.float(), labels.float()
+            )
     return total
 
 
-def diversity_loss(proto_maps: Tensor, class_maps: Tensor, labels: Tensor,
-                   temperature: float = 1.0) -> Tensor:
+def diversity_loss(
+    proto_maps: Tensor, class_maps: Tensor, labels: Tensor, temperature: float = 1.0
+) -> Tensor:
     """Jeffrey's-divergence diversity regulariser (LPD), bounded in (0, 1].
 
     For image n and present class c, ``R_nc`` are the pixels whose pseudo label
@@ -118,8 +121,9 @@ def foreground_background_weights(proto_maps: Tensor, threshold: float) -> tuple
     return b * a_hat, (1 - b) * (1 - a_hat)
 
 
-def info_nce_fg_bg(fg: Tensor, bg: Tensor, own: Tensor, prototypes: Tensor,
-                   temperature: float) -> tuple[Tensor, Tensor]:
+def info_nce_fg_bg(
+    fg: Tensor, bg: Tensor, own: Tensor, prototypes: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     """Per-item foreground and background InfoNCE terms.
 
     Args:
@@ -157,8 +161,9 @@ def weighted_pool(dense: Tensor, weights: Tensor) -> Tensor:
         B x N x D normalised embeddings.
     """
     if weights.shape[-2:] != dense.shape[-2:]:
-        weights = F.interpolate(weights, size=dense.shape[-2:], mode="bilinear",
-                                align_corners=False)
+        weights = F.interpolate(
+            weights, size=dense.shape[-2:], mode="bilinear", align_corners=False
+        )
     pooled = torch.einsum("bnhw,bdhw->bnd", weights, dense.float())
     pooled = pooled / weights.sum((2, 3))[..., None].clamp_min(1e-6)
     return F.normalize(pooled, dim=-1)
@@ -219,13 +224,21 @@ def similarity_loss(
             raise ValueError("image mode needs images and embed_images")
         fg_parts, bg_parts = [], []
         for start in range(0, idx.shape[0], image_chunk):
-            part = idx[start:start + image_chunk]
+            part = idx[start : start + image_chunk]
             imgs = images[part[:, 0]]
             size = imgs.shape[-2:]
-            mfg = F.interpolate(w_fg[part[:, 0], part[:, 1], part[:, 2]][:, None], size=size,
-                                mode="bilinear", align_corners=False)
-            mbg = F.interpolate(w_bg[part[:, 0], part[:, 1], part[:, 2]][:, None], size=size,
-                                mode="bilinear", align_corners=False)
+            mfg = F.interpolate(
+                w_fg[part[:, 0], part[:, 1], part[:, 2]][:, None],
+                size=size,
+                mode="bilinear",
+                align_corners=False,
+            )
+            mbg = F.interpolate(
+                w_bg[part[:, 0], part[:, 1], part[:, 2]][:, None],
+                size=size,
+                mode="bilinear",
+                align_corners=False,
+            )
             fg_parts.append(F.normalize(embed_images(mfg * imgs).float(), dim=-1))
             bg_parts.append(F.normalize(embed_images(mbg * imgs).float(), dim=-1))
         fg, bg = torch.cat(fg_parts), torch.cat(bg_parts)
@@ -233,8 +246,11 @@ def similarity_loss(
         raise ValueError(f"unknown similarity mode {mode!r}; use 'feature' or 'image'")
     l_fg, l_bg = info_nce_fg_bg(fg, bg, own, prototypes.reshape(c * k, -1), temperature)
     loss = fg_weight * l_fg.mean() + bg_weight * l_bg.mean() + reg
-    stats = {"n_active": int(idx.shape[0]), "fg": float(l_fg.mean().detach()),
-             "bg": float(l_bg.mean().detach())}
+    stats = {
+        "n_active": int(idx.shape[0]),
+        "fg": float(l_fg.mean().detach()),
+        "bg": float(l_bg.mean().detach()),
+    }
     return loss, stats
 
 

@@ -31,8 +31,9 @@ def colorize(mask: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:
     return palette[mask.astype(np.uint8)]
 
 
-def blend(image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]],
-          alpha: float = 0.45) -> np.ndarray:
+def blend(
+    image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.45
+) -> np.ndarray:
     """Colour overlay of a mask on an RGB image; background pixels stay as they are."""
     color = colorize(mask, colors).astype(np.float32)
     out = image.astype(np.float32)
@@ -41,8 +42,9 @@ def blend(image: np.ndarray, mask: np.ndarray, colors: Sequence[Sequence[int]],
     return out.clip(0, 255).astype(np.uint8)
 
 
-def legend_strip(names: Sequence[str], colors: Sequence[Sequence[int]], width: int,
-                 height: int = 18) -> np.ndarray:
+def legend_strip(
+    names: Sequence[str], colors: Sequence[Sequence[int]], width: int, height: int = 18
+) -> np.ndarray:
     """A strip with one coloured box + name per class."""
     strip = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
@@ -54,8 +56,13 @@ def legend_strip(names: Sequence[str], colors: Sequence[Sequence[int]], width: i
     return np.asarray(strip)
 
 
-def triptych(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray,
-             names: Sequence[str], colors: Sequence[Sequence[int]]) -> np.ndarray:
+def triptych(
+    image: np.ndarray,
+    truth: np.ndarray | None,
+    pred: np.ndarray,
+    names: Sequence[str],
+    colors: Sequence[Sequence[int]],
+) -> np.ndarray:
     """image | ground truth | prediction side by side, with a legend underneath."""
     panels = [image]
     if truth is not None:

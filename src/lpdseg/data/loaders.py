@@ -35,8 +35,16 @@ log = logging.getLogger(__name__)
 
 # Default colours: tissue classes in order, background last (white).
 DEFAULT_COLORS = [
-    (220, 20, 60), (46, 139, 87), (65, 105, 225), (255, 165, 0), (148, 0, 211),
-    (0, 206, 209), (255, 105, 180), (128, 128, 0), (139, 69, 19), (112, 128, 144),
+    (220, 20, 60),
+    (46, 139, 87),
+    (65, 105, 225),
+    (255, 165, 0),
+    (148, 0, 211),
+    (0, 206, 209),
+    (255, 105, 180),
+    (128, 128, 0),
+    (139, 69, 19),
+    (112, 128, 144),
 ]
 BACKGROUND_COLOR = (255, 255, 255)
 
@@ -73,8 +81,11 @@ class DataBundle:
         if any((self.root / n / "img").is_dir() for n in names):
             return True
         # list_split's fallback: val images in root/img + root/mask (e.g. WSSS4LUAD's val release)
-        return split == "val" and not any((self.root / n).is_dir() for n in names) and (
-            (self.root / "img").is_dir() and (self.root / "mask").is_dir())
+        return (
+            split == "val"
+            and not any((self.root / n).is_dir() for n in names)
+            and ((self.root / "img").is_dir() and (self.root / "mask").is_dir())
+        )
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, len(self.train) // batch_size)
@@ -87,8 +98,9 @@ def _normalisation(cfg: Config, fmt_mean, fmt_std) -> tuple[tuple, tuple]:
         # pretrained weights expect the statistics they were trained with
         from lpdseg.models.backbones import build_backbone
 
-        pre = build_backbone(cfg.model.backbone, weights=cfg.model.weights,
-                             last_stride=cfg.model.last_stride).pretrained_cfg
+        pre = build_backbone(
+            cfg.model.backbone, weights=cfg.model.weights, last_stride=cfg.model.last_stride
+        ).pretrained_cfg
         if pre.mean is not None:
             log.info("normalising with the backbone's pretraining statistics (%s)", pre.source)
             return tuple(pre.mean), tuple(pre.std)
@@ -104,24 +116,33 @@ def resolve_data(cfg: Config, need_train: bool = True) -> DataBundle:
     """
     d = cfg.data
     if not d.root:
-        raise ConfigError("data.root is not set; point it at a dataset folder "
-                          "(e.g. data.root=data/synthetic, written by `lpdseg synth`)")
+        raise ConfigError(
+            "data.root is not set; point it at a dataset folder "
+            "(e.g. data.root=data/synthetic, written by `lpdseg synth`)"
+        )
     root = Path(d.root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; create it with `lpdseg synth {root}` "
-                        "or set data.root to your dataset")
+        raise DataError(
+            f"data folder {root} does not exist; create it with `lpdseg synth {root}` "
+            "or set data.root to your dataset"
+        )
     fmt = get_format(d.format) if d.format != "csv" else None
     train: list[Sample] = []
     bad: list[BadFile] = []
     if need_train and cfg.train.task == "seg":
         if not d.pseudo:
-            raise ConfigError("train.task=seg needs data.pseudo=<folder written by `lpdseg pseudo`>")
+            raise ConfigError(
+                "train.task=seg needs data.pseudo=<folder written by `lpdseg pseudo`>"
+            )
         train = read_pseudo_manifest(d.pseudo)
     elif need_train:
         train, bad = list_split(root, d.format, "train", skip_bad=d.skip_bad, csv_path=d.csv)
         if bad:
-            log.warning("skipped %d bad training files (data.skip_bad=true): %s", len(bad),
-                        "; ".join(f"{b.path}: {b.reason}" for b in bad[:20]))
+            log.warning(
+                "skipped %d bad training files (data.skip_bad=true): %s",
+                len(bad),
+                "; ".join(f"{b.path}: {b.reason}" for b in bad[:20]),
+            )
         if not train:
             raise DataError(f"no usable training images under {root}")
     if d.class_names:
@@ -131,13 +152,21 @@ def resolve_data(cfg: Config, need_train: bool = True) -> DataBundle:
     else:
         raise ConfigError("format=csv needs data.class_names (the label columns)")
     if train and train[0].label is not None and len(train[0].label) != len(names):
-        raise DataError(f"{train[0].image}: label has {len(train[0].label)} classes but the config "
-                        f"names {len(names)} ({', '.join(names)}); fix data.class_names")
+        raise DataError(
+            f"{train[0].image}: label has {len(train[0].label)} classes but the config "
+            f"names {len(names)} ({', '.join(names)}); fix data.class_names"
+        )
     fmt_mean = fmt.mean if fmt else (0.5, 0.5, 0.5)
     fmt_std = fmt.std if fmt else (0.25, 0.25, 0.25)
     mean, std = _normalisation(cfg, fmt_mean, fmt_std)
-    colors = [tuple(c) for c in d.colors] if d.colors else (
-        [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(names))] + [BACKGROUND_COLOR])
+    colors = (
+        [tuple(c) for c in d.colors]
+        if d.colors
+        else (
+            [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(names))]
+            + [BACKGROUND_COLOR]
+        )
+    )
     if len(colors) != len(names) + 1:
         raise ConfigError(f"data.colors needs {len(names) + 1} RGB triples (classes + background)")
     return DataBundle(root, d.format, names, mean, std, colors, train, bad, d.csv)
@@ -151,7 +180,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class SeededWeakDataset(Dataset):
     """Training samples with augmentation seeded by ``(seed, epoch, index)``."""
 
-    def __init__(self, samples: list[Sample], transform: TrainTransform, seed: int, epoch: int) -> None:
+    def __init__(
+        self, samples: list[Sample], transform: TrainTransform, seed: int, epoch: int
+    ) -> None:
         self.samples = samples
         self.transform = transform
         self.seed = seed
@@ -174,8 +205,11 @@ class SeededWeakDataset(Dataset):
                 tensor = self.transform(image)
         if isinstance(tensor, tuple):
             tensor = tensor[0]
-        return {"image": tensor, "label": torch.as_tensor(sample.label, dtype=torch.float32),
-                "name": sample.image.name}
+        return {
+            "image": tensor,
+            "label": torch.as_tensor(sample.label, dtype=torch.float32),
+            "name": sample.image.name,
+        }
 
 
 class SeededMaskDataset(SeededWeakDataset):
@@ -202,8 +236,10 @@ def read_pseudo_manifest(folder: str | Path) -> list[Sample]:
     folder = Path(folder)
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
-        raise DataError(f"{manifest} not found; write pseudo masks with `lpdseg pseudo CHECKPOINT "
-                        f"--out {folder}`")
+        raise DataError(
+            f"{manifest} not found; write pseudo masks with `lpdseg pseudo CHECKPOINT "
+            f"--out {folder}`"
+        )
     samples = []
     with manifest.open(newline="") as handle:
         for row in csv.DictReader(handle):
@@ -227,7 +263,7 @@ class ResumableSampler(Sampler[int]):
         return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start:])
+        return iter(self.order()[self.start :])
 
     def __len__(self) -> int:
         return max(0, self.n - self.start)
@@ -235,12 +271,19 @@ class ResumableSampler(Sampler[int]):
 
 def augment_config(cfg: Config) -> AugmentConfig:
     d = cfg.data
-    return AugmentConfig(crop_size=d.crop_size, color_jitter=d.color_jitter,
-                         scale=(d.scale_min, d.scale_max))
+    return AugmentConfig(
+        crop_size=d.crop_size, color_jitter=d.color_jitter, scale=(d.scale_min, d.scale_max)
+    )
 
 
-def make_train_loader(cfg: Config, bundle: DataBundle, epoch: int, start_batch: int = 0,
-                      rank: int = 0, world_size: int = 1) -> DataLoader:
+def make_train_loader(
+    cfg: Config,
+    bundle: DataBundle,
+    epoch: int,
+    start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
     """Loader of epoch ``epoch`` starting at batch ``start_batch``.
 
     With ``world_size > 1`` each rank takes every ``world_size``-th sample of the
@@ -248,19 +291,32 @@ def make_train_loader(cfg: Config, bundle: DataBundle, epoch: int, start_batch: 
     """
     transform = TrainTransform(augment_config(cfg), bundle.mean, bundle.std)
     if cfg.train.task == "seg":
-        dataset: SeededWeakDataset = SeededMaskDataset(bundle.train, transform, cfg.train.seed, epoch)
+        dataset: SeededWeakDataset = SeededMaskDataset(
+            bundle.train, transform, cfg.train.seed, epoch
+        )
         dataset.num_classes = len(bundle.class_names)
     else:
         dataset = SeededWeakDataset(bundle.train, transform, cfg.train.seed, epoch)
     bs = cfg.train.batch_size
-    sampler: Sampler[int] = ResumableSampler(len(dataset), cfg.train.seed, epoch,
-                                             start_batch * bs * world_size)
+    sampler: Sampler[int] = ResumableSampler(
+        len(dataset), cfg.train.seed, epoch, start_batch * bs * world_size
+    )
     if world_size > 1:
         sampler = _RankSlice(sampler, rank, world_size)
     drop_last = len(bundle.train) >= bs * world_size
-    return DataLoader(dataset, batch_size=bs, sampler=sampler, drop_last=drop_last,
-                      num_workers=cfg.data.num_workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available())
+    # the loader's own generator: creating an iterator must not draw from the global RNG
+    # (that would shift dropout/drop-path randomness after a resume)
+    generator = torch.Generator().manual_seed(sample_seed(cfg.train.seed, epoch, 0))
+    return DataLoader(
+        dataset,
+        batch_size=bs,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+        generator=generator,
+    )
 
 
 class _RankSlice(Sampler[int]):
@@ -268,7 +324,7 @@ class _RankSlice(Sampler[int]):
         self.base, self.rank, self.world_size = base, rank, world_size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(self.base)[self.rank::self.world_size])
+        return iter(list(self.base)[self.rank :: self.world_size])
 
     def __len__(self) -> int:
         return len(range(self.rank, len(self.base), self.world_size))
@@ -284,13 +340,28 @@ def collate_eval(items: list[dict]) -> dict:
     return out
 
 
-def make_eval_loader(cfg: Config, bundle: DataBundle, split: str, batch_size: int | None = None) -> DataLoader:
+def make_eval_loader(
+    cfg: Config, bundle: DataBundle, split: str, batch_size: int | None = None
+) -> DataLoader:
     """Loader over a split with pixel masks (images at full size)."""
-    samples, bad = list_split(bundle.root, bundle.format, split, skip_bad=cfg.data.skip_bad,
-                              csv_path=bundle.csv)
+    samples, bad = list_split(
+        bundle.root, bundle.format, split, skip_bad=cfg.data.skip_bad, csv_path=bundle.csv
+    )
     if bad:
-        log.warning("skipped %d bad %s files: %s", len(bad), split,
-                    "; ".join(f"{b.path}: {b.reason}" for b in bad[:20]))
-    dataset = MaskedDataset(samples, len(bundle.class_names), EvalTransform(bundle.mean, bundle.std))
-    return DataLoader(dataset, batch_size=batch_size or cfg.train.batch_size, shuffle=False,
-                      num_workers=min(cfg.data.num_workers, 2), collate_fn=collate_eval)
+        log.warning(
+            "skipped %d bad %s files: %s",
+            len(bad),
+            split,
+            "; ".join(f"{b.path}: {b.reason}" for b in bad[:20]),
+        )
+    dataset = MaskedDataset(
+        samples, len(bundle.class_names), EvalTransform(bundle.mean, bundle.std)
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or cfg.train.batch_size,
+        shuffle=False,
+        num_workers=min(cfg.data.num_workers, 2),
+        collate_fn=collate_eval,
+        generator=torch.Generator().manual_seed(0),
+    )  # keep the global RNG untouched

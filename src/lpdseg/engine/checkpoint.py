@@ -28,8 +28,10 @@ FORMAT_VERSION = 1
 
 def rng_state() -> dict[str, Any]:
     """RNG states of the main process (torch CPU/CUDA, Python)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(),
-                             "python": list(_flatten_py_state(random.getstate()))}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(_flatten_py_state(random.getstate())),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -67,21 +69,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; give the path to a .pt file "
-                              "written by `lpdseg train` (e.g. runs/<name>/best.pt)")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; give the path to a .pt file "
+            "written by `lpdseg train` (e.g. runs/<name>/best.pt)"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} contains objects that are not plain tensors/values and "
-                              f"was refused for safety (weights_only=True): {exc}") from None
+        raise CheckpointError(
+            f"{path} contains objects that are not plain tensors/values and "
+            f"was refused for safety (weights_only=True): {exc}"
+        ) from None
     except Exception as exc:  # truncated / not a torch file
-        raise CheckpointError(f"{path} is not a readable lpdseg checkpoint ({exc}); it may be "
-                              "truncated or from another program") from None
+        raise CheckpointError(
+            f"{path} is not a readable lpdseg checkpoint ({exc}); it may be "
+            "truncated or from another program"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not an lpdseg checkpoint (no model/config inside)")
     version = ckpt.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {version}, this lpdseg "
-                              f"({lpdseg.__version__}) reads format {FORMAT_VERSION}; retrain or "
-                              "use the lpdseg version that wrote it")
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, this lpdseg "
+            f"({lpdseg.__version__}) reads format {FORMAT_VERSION}; retrain or "
+            "use the lpdseg version that wrote it"
+        )
     return ckpt

@@ -46,8 +46,13 @@ def _flip(x: Tensor, flip: bool) -> Tensor:
 
 
 @torch.no_grad()
-def infer_maps(model: WSSSModel, images: Tensor, cfg: EvalConfig,
-               tta: bool = True, amp_dtype: torch.dtype | None = None) -> MapOutput:
+def infer_maps(
+    model: WSSSModel,
+    images: Tensor,
+    cfg: EvalConfig,
+    tta: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> MapOutput:
     """Run the model with TTA and return raw per-stage maps at input size.
 
     Args:
@@ -70,14 +75,16 @@ def infer_maps(model: WSSSModel, images: Tensor, cfg: EvalConfig,
             size = (max(32, round(h * scale)), max(32, round(w * scale)))
             x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         for flip in flips:
-            with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
+            with torch.autocast(
+                images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
                 out = model(_flip(x, flip), stages=stages, inference_merge=cfg.inference_merge)
             for i in stages:
                 if not cfg.fuse_weights[i]:
                     continue
-                m = F.interpolate(out.class_maps[i].float(), size=(h, w), mode="bilinear",
-                                  align_corners=False)
+                m = F.interpolate(
+                    out.class_maps[i].float(), size=(h, w), mode="bilinear", align_corners=False
+                )
                 m = _flip(m, flip)
                 sums[i] = m if sums[i] is None else sums[i] + m
             p = torch.sigmoid(out.logits[3].float())
@@ -126,7 +133,9 @@ def maps_to_mask(fused: Tensor, keep: Tensor, gamma: float) -> Tensor:
     return label_scores(fused, keep, gamma).argmax(1)
 
 
-def class_gate(cfg: EvalConfig, probs: Tensor, labels: Tensor | None, mode: str | None = None) -> Tensor:
+def class_gate(
+    cfg: EvalConfig, probs: Tensor, labels: Tensor | None, mode: str | None = None
+) -> Tensor:
     """Which classes may appear: the labels (``pseudo``) or confident ones (``predict``)."""
     mode = mode or cfg.gating
     if mode == "pseudo":
@@ -136,9 +145,15 @@ def class_gate(cfg: EvalConfig, probs: Tensor, labels: Tensor | None, mode: str 
     return probs > cfg.cls_threshold
 
 
-def predict_scores(model: WSSSModel, images: Tensor, cfg: EvalConfig, labels: Tensor | None = None,
-                   mode: str | None = None, tta: bool = True,
-                   amp_dtype: torch.dtype | None = None) -> Tensor:
+def predict_scores(
+    model: WSSSModel,
+    images: Tensor,
+    cfg: EvalConfig,
+    labels: Tensor | None = None,
+    mode: str | None = None,
+    tta: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> Tensor:
     """Images -> per-label scores (B x (C + 1) x H x W); argmax gives the mask."""
     if not isinstance(model, WSSSModel):
         return segnet_scores(model, images, cfg, tta)
@@ -148,16 +163,25 @@ def predict_scores(model: WSSSModel, images: Tensor, cfg: EvalConfig, labels: Te
 
 
 @torch.no_grad()
-def segnet_scores(model: torch.nn.Module, images: Tensor, cfg: EvalConfig, tta: bool = True) -> Tensor:
+def segnet_scores(
+    model: torch.nn.Module, images: Tensor, cfg: EvalConfig, tta: bool = True
+) -> Tensor:
     """Stage-2 network: TTA-averaged softmax (B x (C + 1) x H x W)."""
     h, w = images.shape[-2:]
     scales = cfg.tta_scales if tta else [1.0]
     flips = [False, True] if (tta and cfg.tta_flip) else [False]
     total, n = None, 0
     for scale in scales:
-        x = images if scale == 1.0 else F.interpolate(
-            images, size=(max(32, round(h * scale)), max(32, round(w * scale))),
-            mode="bilinear", align_corners=False)
+        x = (
+            images
+            if scale == 1.0
+            else F.interpolate(
+                images,
+                size=(max(32, round(h * scale)), max(32, round(w * scale))),
+                mode="bilinear",
+                align_corners=False,
+            )
+        )
         for flip in flips:
             p = torch.softmax(model(_flip(x, flip)).float(), 1)
             p = _flip(F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False), flip)
@@ -165,9 +189,15 @@ def segnet_scores(model: torch.nn.Module, images: Tensor, cfg: EvalConfig, tta: 
     return total / n
 
 
-def predict_masks(model: WSSSModel, images: Tensor, cfg: EvalConfig, labels: Tensor | None = None,
-                  mode: str | None = None, tta: bool = True,
-                  amp_dtype: torch.dtype | None = None) -> tuple[Tensor, MapOutput | None]:
+def predict_masks(
+    model: WSSSModel,
+    images: Tensor,
+    cfg: EvalConfig,
+    labels: Tensor | None = None,
+    mode: str | None = None,
+    tta: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, MapOutput | None]:
     """Images -> label masks (B x H x W) and the maps they came from.
 
     Stage-2 networks (no prototype head) give their argmax; gating does not apply.
@@ -181,10 +211,19 @@ def predict_masks(model: WSSSModel, images: Tensor, cfg: EvalConfig, labels: Ten
 
 
 @torch.no_grad()
-def evaluate(model: WSSSModel, loader: Iterable[dict], cfg: EvalConfig, class_names: list[str],
-             *, mode: str | None = None, tta: bool = True, limit: int | None = None,
-             device: torch.device | None = None, progress: bool = True,
-             desc: str = "eval") -> dict:
+def evaluate(
+    model: WSSSModel,
+    loader: Iterable[dict],
+    cfg: EvalConfig,
+    class_names: list[str],
+    *,
+    mode: str | None = None,
+    tta: bool = True,
+    limit: int | None = None,
+    device: torch.device | None = None,
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict:
     """Score a split: one confusion matrix over all pixels + boundary IoU.
 
     Args:

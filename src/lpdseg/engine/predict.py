@@ -54,8 +54,9 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def make_tile_predictor(model: WSSSModel, cfg: Config, *, tta: bool, threshold: float | None,
-                        device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_tile_predictor(
+    model: WSSSModel, cfg: Config, *, tta: bool, threshold: float | None, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function: RGB tiles in [0, 1] (B x 3 x h x w) -> label scores (B x (C+1) x h x w)."""
     mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
@@ -71,8 +72,14 @@ def make_tile_predictor(model: WSSSModel, cfg: Config, *, tta: bool, threshold: 
     return predict_fn
 
 
-def predict_array(image: np.ndarray, predict_fn: Callable, cfg: Config, num_labels: int,
-                  batch_size: int = 8, progress: bool = False) -> np.ndarray:
+def predict_array(
+    image: np.ndarray,
+    predict_fn: Callable,
+    cfg: Config,
+    num_labels: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> np.ndarray:
     """One RGB uint8 image -> label mask (H x W uint8), whole or by sliding window."""
     h, w = image.shape[:2]
     if max(h, w) <= cfg.eval.max_side:
@@ -80,9 +87,15 @@ def predict_array(image: np.ndarray, predict_fn: Callable, cfg: Config, num_labe
         return predict_fn(t)[0].argmax(0).numpy().astype(np.uint8)
     from lpdseg.wsi.tiling import sliding_window_predict
 
-    scores = sliding_window_predict(image, predict_fn, num_labels, tile=cfg.eval.tile,
-                                    overlap=cfg.eval.overlap, batch_size=batch_size,
-                                    progress=progress)
+    scores = sliding_window_predict(
+        image,
+        predict_fn,
+        num_labels,
+        tile=cfg.eval.tile,
+        overlap=cfg.eval.overlap,
+        batch_size=batch_size,
+        progress=progress,
+    )
     return scores.argmax(0).numpy().astype(np.uint8)
 
 
@@ -91,22 +104,33 @@ def area_rows(mask: np.ndarray, class_names: Sequence[str]) -> list[dict]:
     c = len(class_names)
     counts = np.bincount(mask.ravel(), minlength=c + 1)[: c + 1]
     tissue = int(counts[:c].sum())
-    rows = [{"class": name, "pixels": int(counts[i]),
-             "fraction_of_tissue": (float(counts[i]) / tissue) if tissue else 0.0}
-            for i, name in enumerate(class_names)]
+    rows = [
+        {
+            "class": name,
+            "pixels": int(counts[i]),
+            "fraction_of_tissue": (float(counts[i]) / tissue) if tissue else 0.0,
+        }
+        for i, name in enumerate(class_names)
+    ]
     rows.append({"class": "background", "pixels": int(counts[c]), "fraction_of_tissue": None})
     return rows
 
 
-def write_outputs(out: Path, stem: str, image: np.ndarray, mask: np.ndarray, cfg: Config) -> list[Path]:
+def write_outputs(
+    out: Path, stem: str, image: np.ndarray, mask: np.ndarray, cfg: Config
+) -> list[Path]:
     """Index mask, overlay with legend, area CSV + JSON for one image."""
     from lpdseg.io import atomic_write_json, atomic_write_text
     from lpdseg.viz import blend, legend_strip, save_png
 
     names = list(cfg.data.class_names)
     colors = [tuple(c) for c in cfg.data.colors]
-    paths = [out / f"{stem}_mask.png", out / f"{stem}_overlay.png", out / f"{stem}_areas.csv",
-             out / f"{stem}_areas.json"]
+    paths = [
+        out / f"{stem}_mask.png",
+        out / f"{stem}_overlay.png",
+        out / f"{stem}_areas.csv",
+        out / f"{stem}_areas.json",
+    ]
     save_png(paths[0], mask)
     overlay = blend(image, mask, colors)
     legend = legend_strip(names + ["background"], colors, overlay.shape[1])
@@ -122,9 +146,17 @@ def write_outputs(out: Path, stem: str, image: np.ndarray, mask: np.ndarray, cfg
     return paths
 
 
-def predict_images(checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
-                   tta: bool = False, threshold: float | None = None, batch_size: int = 8,
-                   skip_bad: bool = False, progress: bool = True) -> list[Path]:
+def predict_images(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    tta: bool = False,
+    threshold: float | None = None,
+    batch_size: int = 8,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> list[Path]:
     """Segment images with a checkpoint and write masks, overlays and area tables.
 
     Args:

@@ -28,8 +28,15 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def write_pseudo_masks(checkpoint: str | Path, out: str | Path, *, data_root: str | None = None,
-                       tta: bool = True, batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+def write_pseudo_masks(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    data_root: str | None = None,
+    tta: bool = True,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write pseudo masks for every training patch of the checkpoint's dataset.
 
     Args:
@@ -60,9 +67,10 @@ def write_pseudo_masks(checkpoint: str | Path, out: str | Path, *, data_root: st
     counts = np.zeros(c + 1, np.int64)
     rows = [["image", "mask", "label"]]
     samples = bundle.train
-    for start in tqdm(range(0, len(samples), batch_size), desc="pseudo", disable=not progress,
-                      unit="batch"):
-        group = samples[start:start + batch_size]
+    for start in tqdm(
+        range(0, len(samples), batch_size), desc="pseudo", disable=not progress, unit="batch"
+    ):
+        group = samples[start : start + batch_size]
         images = [read_image(s.image) for s in group]
         same = len({im.shape for im in images}) == 1
         chunks = [images] if same else [[im] for im in images]
@@ -71,7 +79,7 @@ def write_pseudo_masks(checkpoint: str | Path, out: str | Path, *, data_root: st
         offset = 0
         for chunk in chunks:
             x = torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2).float().to(device) / 255
-            lab = labels_all[offset:offset + len(chunk)].to(device)
+            lab = labels_all[offset : offset + len(chunk)].to(device)
             offset += len(chunk)
             pred, _ = predict_masks(model, (x - mean) / std, cfg.eval, lab, mode="pseudo", tta=tta)
             preds.extend(pred.cpu().numpy().astype(np.uint8))
@@ -84,8 +92,12 @@ def write_pseudo_masks(checkpoint: str | Path, out: str | Path, *, data_root: st
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     atomic_write_text(out / "manifest.csv", buf.getvalue())
-    summary = {"checkpoint": str(checkpoint), "images": len(samples), "tta": tta,
-               "class_names": list(bundle.class_names),
-               "pixel_fraction": (counts / max(1, counts.sum())).round(4).tolist()}
+    summary = {
+        "checkpoint": str(checkpoint),
+        "images": len(samples),
+        "tta": tta,
+        "class_names": list(bundle.class_names),
+        "pixel_fraction": (counts / max(1, counts.sum())).round(4).tolist(),
+    }
     atomic_write_json(out / "pseudo.json", summary)
     return summary

@@ -48,13 +48,16 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+        raise ConfigError(
+            f"train.device={name} but no CUDA device is available; use train.device=cpu"
+        )
     return torch.device(name)
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``train.amp`` on this device (fp16 only on CUDA)."""
-    if cfg.train.amp == "off":
+    if cfg.train.amp == "off" or (cfg.train.amp == "auto" and device.type != "cuda"):
+        # auto: fp32 on CPU, where bf16 matmuls measured slower (benchmarks/), bf16 on GPU
         return None
     if cfg.train.amp == "fp16":
         return torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -85,8 +88,14 @@ def param_groups(model: WSSSModel, cfg: Config) -> list[dict[str, Any]]:
     out = []
     for (part, no_decay), params in sorted(groups.items()):
         lr = cfg.train.lr * (cfg.train.head_lr_mult if part == "head" else 1.0)
-        out.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.train.weight_decay,
-                    "name": f"{part}{'_no_decay' if no_decay else ''}"})
+        out.append(
+            {
+                "params": params,
+                "lr": lr,
+                "weight_decay": 0.0 if no_decay else cfg.train.weight_decay,
+                "name": f"{part}{'_no_decay' if no_decay else ''}",
+            }
+        )
     return out
 
 
@@ -116,14 +125,19 @@ class Trainer:
         use_sim = self.is_proto and cfg.loss.sim_mode != "off" and cfg.loss.sim_weight > 0
         if use_sim:
             self.encoder = build_encoder(
-                cfg.loss.encoder, backbone=self.model.backbone, model_mean=bundle.mean,
-                model_std=bundle.std, ema_decay=cfg.loss.encoder_ema_decay,
-                allow_random=cfg.loss.allow_random_encoder).to(device)
+                cfg.loss.encoder,
+                backbone=self.model.backbone,
+                model_mean=bundle.mean,
+                model_std=bundle.std,
+                ema_decay=cfg.loss.encoder_ema_decay,
+                allow_random=cfg.loss.allow_random_encoder,
+            ).to(device)
             if self.encoder.embed_dim != head.embed_dim:
                 raise ConfigError(
                     f"prototype space has {head.embed_dim} dims but encoder {cfg.loss.encoder!r} "
                     f"embeds in {self.encoder.embed_dim}; set model.embed_dim={self.encoder.embed_dim} "
-                    "(or leave it null)")
+                    "(or leave it null)"
+                )
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.stages = needed_stages(cfg.loss.stage_weights)
@@ -140,34 +154,51 @@ class Trainer:
         self.total_steps = total_steps
         t = self.cfg.train
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total_steps, t.warmup_fraction, t.poly_power))
+            self.optimizer, lambda s: lr_factor(s, total_steps, t.warmup_fraction, t.poly_power)
+        )
 
     def compute_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Forward + all loss terms (METHOD.md step 6); stage 2: pixel cross-entropy."""
         lc = self.cfg.loss
         if self.seg:  # labels are pseudo masks (B x H x W, 255 = ignore)
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                                enabled=self.amp is not None):
+            with torch.autocast(
+                self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+            ):
                 logits = self.model(images)
             ce = F.cross_entropy(logits.float(), labels.long(), ignore_index=255)
             return ce, {"seg": ce}
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                            enabled=self.amp is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+        ):
             out = self.model(images, stages=self.stages)
             dense = None
             if self.encoder is not None and lc.sim_mode == "feature":
                 dense = self.encoder.dense(images)
-        terms: dict[str, Tensor] = {"cls": classification_loss(out.logits, labels, lc.stage_weights)}
+        terms: dict[str, Tensor] = {
+            "cls": classification_loss(out.logits, labels, lc.stage_weights)
+        }
         total = terms["cls"]
         if self.encoder is not None:
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                                enabled=self.amp is not None and lc.sim_mode == "image"):
+            with torch.autocast(
+                self.device.type,
+                dtype=self.amp or torch.float32,
+                enabled=self.amp is not None and lc.sim_mode == "image",
+            ):
                 sim, stats = similarity_loss(
-                    out.proto_maps[3], out.logits[3], labels, self.model.head.prototypes,
-                    mode=lc.sim_mode, dense_features=dense, images=images,
-                    embed_images=self.encoder.embed, threshold=lc.sim_threshold,
-                    temperature=lc.sim_temperature, fg_weight=lc.sim_fg_weight,
-                    bg_weight=lc.sim_bg_weight, activation_reg=lc.sim_activation_reg)
+                    out.proto_maps[3],
+                    out.logits[3],
+                    labels,
+                    self.model.head.prototypes,
+                    mode=lc.sim_mode,
+                    dense_features=dense,
+                    images=images,
+                    embed_images=self.encoder.embed,
+                    threshold=lc.sim_threshold,
+                    temperature=lc.sim_temperature,
+                    fg_weight=lc.sim_fg_weight,
+                    bg_weight=lc.sim_bg_weight,
+                    activation_reg=lc.sim_activation_reg,
+                )
             terms["sim"] = sim
             total = total + lc.sim_weight * sim
         if self.is_proto and self.model.head.learnable and lc.div_weight > 0:
@@ -192,16 +223,22 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
             self.skipped_steps += 1
-            log.warning("step %d: non-finite loss %s (%s); step skipped (%d in a row)",
-                        self.step, float(loss), floats, self.nonfinite_in_row)
+            log.warning(
+                "step %d: non-finite loss %s (%s); step skipped (%d in a row)",
+                self.step,
+                float(loss.detach()),
+                floats,
+                self.nonfinite_in_row,
+            )
             if self.nonfinite_in_row >= self.cfg.train.max_nonfinite:
                 raise TrainingError(
                     f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; "
                     f"stopping. Last good checkpoint: {self.last_good or 'none written yet'}. "
-                    "Lower train.lr, check the data, or set train.amp=off.")
+                    "Lower train.lr, check the data, or set train.amp=off."
+                )
             self.step += 1
             self.scheduler.step()
-            return StepResult(float(loss), floats, finite=False)
+            return StepResult(float(loss.detach()), floats, finite=False)
         self.nonfinite_in_row = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -265,8 +302,14 @@ def _log_jsonl(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = True,
-          stop_after: int | None = None, evaluate_test: bool = True) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    evaluate_test: bool = True,
+) -> dict[str, Any]:
     """Train stage 1 (or stage 2 with ``train.task=seg``) as ``cfg`` describes.
 
     Args:
@@ -291,7 +334,6 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     trainer = Trainer(cfg, bundle, device)
     steps_per_epoch = bundle.steps_per_epoch(cfg.train.batch_size)
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    epochs = math.ceil(total / steps_per_epoch)
     trainer.make_scheduler(total)
     if resume:
         trainer.load_state(load_checkpoint(resume, map_location=device))
@@ -301,8 +343,14 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     if not resume and metrics_path.exists():
         metrics_path.unlink()
     val_loader = make_eval_loader(cfg, bundle, "val") if bundle.has_split("val") else None
-    bar = tqdm(total=total, initial=trainer.step, desc=cfg.name, disable=not progress,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=trainer.step,
+        desc=cfg.name,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+    )
     t_last, n_last = time.perf_counter(), 0
     stop = False
     while trainer.step < total and not stop:
@@ -313,13 +361,20 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         for batch in loader:
             result = trainer.train_step(batch["image"], batch["mask" if trainer.seg else "label"])
             n_last += batch["image"].shape[0]
-            rec = {"step": trainer.step, "epoch": epoch, "loss": result.loss, **result.terms,
-                   "lr": trainer.optimizer.param_groups[0]["lr"], "finite": result.finite}
+            rec = {
+                "step": trainer.step,
+                "epoch": epoch,
+                "loss": result.loss,
+                **result.terms,
+                "lr": trainer.optimizer.param_groups[0]["lr"],
+                "finite": result.finite,
+            }
             _log_jsonl(metrics_path, rec)
             elapsed = time.perf_counter() - t_last
             bar.set_postfix(loss=f"{result.loss:.3f}", img_s=f"{n_last / max(elapsed, 1e-9):.1f}")
             bar.update(1)
-            if cfg.train.ckpt_every and trainer.step % cfg.train.ckpt_every == 0:
+            # no checkpoint inside a non-finite streak: last.pt stays the last good state
+            if cfg.train.ckpt_every and trainer.step % cfg.train.ckpt_every == 0 and result.finite:
                 trainer.save(run_dir / "last.pt")
             if trainer.step >= total or (stop_after is not None and trainer.step >= stop_after):
                 stop = trainer.step < total
@@ -329,19 +384,38 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
         end_of_epoch = trainer.step % steps_per_epoch == 0 or trainer.step >= total
         if end_of_epoch:
             ep = trainer.step // steps_per_epoch - (0 if trainer.step % steps_per_epoch else 1)
-            if val_loader is not None and ((ep + 1) % cfg.train.val_every == 0 or trainer.step >= total):
-                res = evaluate(trainer.model, val_loader, cfg.eval, list(bundle.class_names),
-                               tta=False, limit=cfg.train.val_limit, device=device,
-                               progress=False, desc="val")
+            if val_loader is not None and (
+                (ep + 1) % cfg.train.val_every == 0 or trainer.step >= total
+            ):
+                res = evaluate(
+                    trainer.model,
+                    val_loader,
+                    cfg.eval,
+                    list(bundle.class_names),
+                    tta=False,
+                    limit=cfg.train.val_limit,
+                    device=device,
+                    progress=False,
+                    desc="val",
+                )
                 miou = res["mIoU"]
-                _log_jsonl(metrics_path, {"step": trainer.step, "epoch": ep, "val_mIoU": miou,
-                                          "val_mDice": res["mDice"], "val_bIoU": res["bIoU"]})
+                _log_jsonl(
+                    metrics_path,
+                    {
+                        "step": trainer.step,
+                        "epoch": ep,
+                        "val_mIoU": miou,
+                        "val_mDice": res["mDice"],
+                        "val_bIoU": res["bIoU"],
+                    },
+                )
                 log.info("epoch %d: val mIoU %.4f", ep, miou)
                 if miou > trainer.best or not (run_dir / "best.pt").exists():
                     trainer.best = max(miou, trainer.best) if math.isfinite(miou) else trainer.best
                     trainer.save(run_dir / "best.pt")
             trainer.epoch = ep + 1
-            trainer.save(run_dir / "last.pt")
+            if trainer.nonfinite_in_row == 0:
+                trainer.save(run_dir / "last.pt")
     bar.close()
     if stop_after is not None and trainer.step < total:
         trainer.save(run_dir / "last.pt")
@@ -351,12 +425,16 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     from lpdseg.viz import plot_training_curves
 
     plot_training_curves(metrics_path, run_dir / "curves.png")
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": trainer.step,
-                               "best_val_mIoU": trainer.best,
-                               "skipped_steps": trainer.skipped_steps}
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "step": trainer.step,
+        "best_val_mIoU": trainer.best,
+        "skipped_steps": trainer.skipped_steps,
+    }
     if evaluate_test and bundle.has_split("test"):
-        summary["test"] = evaluate_checkpoint(run_dir / "best.pt", split="test", progress=progress,
-                                              out_dir=run_dir)
+        summary["test"] = evaluate_checkpoint(
+            run_dir / "best.pt", split="test", progress=progress, out_dir=run_dir
+        )
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -382,15 +460,24 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the model its config describes "
-                              f"({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: weights do not match the model its config describes "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
+        ) from None
     return model.to(device).eval(), cfg
 
 
-def evaluate_checkpoint(path: str | Path, *, split: str = "test", cfg_overrides: Config | None = None,
-                        modes: tuple[str, ...] = ("pseudo", "predict"), tta: bool = True,
-                        progress: bool = True, out_dir: str | Path | None = None,
-                        data_root: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    split: str = "test",
+    cfg_overrides: Config | None = None,
+    modes: tuple[str, ...] = ("pseudo", "predict"),
+    tta: bool = True,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+    data_root: str | None = None,
+) -> dict[str, Any]:
     """Score a checkpoint on a split in each gating mode; write JSON + Markdown tables.
 
     Args:
@@ -421,14 +508,25 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", cfg_overrides:
     if cfg.train.task == "seg":
         modes = ("seg",)  # a segmentation network needs no class gating
     for mode in modes:
-        res = evaluate(model, loader, cfg.eval, list(cfg.data.class_names), mode=mode, tta=tta,
-                       device=device, progress=progress, desc=f"{split} ({mode})")
+        res = evaluate(
+            model,
+            loader,
+            cfg.eval,
+            list(cfg.data.class_names),
+            mode=mode,
+            tta=tta,
+            device=device,
+            progress=progress,
+            desc=f"{split} ({mode})",
+        )
         results[mode] = res
         tables.append(f"### {split}, {mode} gating ({res['images']} images)\n\n{format_table(res)}")
     results["table"] = "\n\n".join(tables)
     if out_dir is not None:
         out = Path(out_dir)
-        atomic_write_json(out / f"{split}_metrics.json", {k: v for k, v in results.items() if k != "table"})
+        atomic_write_json(
+            out / f"{split}_metrics.json", {k: v for k, v in results.items() if k != "table"}
+        )
         from lpdseg.io import atomic_write_text
 
         atomic_write_text(out / f"{split}_metrics.md", results["table"] + "\n")

@@ -64,9 +64,7 @@ def build_backbone(name: str, weights: str | Path | None = None, last_stride: in
         ConfigError: if the name is unknown.
     """
     if name not in BACKBONES:
-        raise ConfigError(
-            f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}"
-        )
+        raise ConfigError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}")
     module_name, factory_name = BACKBONES[name]
     factory = getattr(importlib.import_module(module_name), factory_name)
     return factory(weights=weights, last_stride=last_stride)

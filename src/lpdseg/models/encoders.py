@@ -40,7 +40,9 @@ class FrozenEncoder(nn.Module):
         super().__init__()
         mm = torch.tensor(model_mean, dtype=torch.float32).view(1, 3, 1, 1)
         ms = torch.tensor(model_std, dtype=torch.float32).view(1, 3, 1, 1)
-        em = mm if enc_mean is None else torch.tensor(enc_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        em = (
+            mm if enc_mean is None else torch.tensor(enc_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        )
         es = ms if enc_std is None else torch.tensor(enc_std, dtype=torch.float32).view(1, 3, 1, 1)
         # x_enc = (x * ms + mm - em) / es = x * a + b
         self.register_buffer("_a", ms / es, persistent=False)
@@ -110,24 +112,36 @@ class BackboneEncoder(FrozenEncoder):
         return self.net(images)[-1]
 
 
-def build_encoder(name: str, *, backbone: nn.Module, model_mean, model_std,
-                  ema_decay: float = 0.99, allow_random: bool = False) -> FrozenEncoder:
+def build_encoder(
+    name: str,
+    *,
+    backbone: nn.Module,
+    model_mean,
+    model_std,
+    ema_decay: float = 0.99,
+    allow_random: bool = False,
+) -> FrozenEncoder:
     """Build a frozen encoder by registry name.
 
     Raises:
         ConfigError: unknown name, or random weights without ``allow_random``.
     """
     if name == "backbone-ema":
-        log.info("similarity encoder: EMA copy of the backbone (decay %.4f), not a pretrained "
-                 "encoder; configure loss.encoder for a pretrained one", ema_decay)
+        log.info(
+            "similarity encoder: EMA copy of the backbone (decay %.4f), not a pretrained "
+            "encoder; configure loss.encoder for a pretrained one",
+            ema_decay,
+        )
         enc: FrozenEncoder = BackboneEMA(backbone, ema_decay, model_mean, model_std)
     elif name == "efficientnet-lite0":
         from lpdseg.models.backbones import build_backbone
 
         net = build_backbone("efficientnet_lite0", weights="imagenet", last_stride=1)
         enc = BackboneEncoder(name, net, model_mean, model_std)
-        log.info("similarity encoder: EfficientNet-Lite0 ImageNet weights (%s)",
-                 net.pretrained_cfg.source)
+        log.info(
+            "similarity encoder: EfficientNet-Lite0 ImageNet weights (%s)",
+            net.pretrained_cfg.source,
+        )
     elif name.startswith("hf:"):
         from lpdseg.models.hf_encoder import HFEncoder
 
@@ -137,5 +151,6 @@ def build_encoder(name: str, *, backbone: nn.Module, model_mean, model_std,
     if enc.random_weights and not allow_random:
         raise ConfigError(
             f"encoder {name!r} has random weights, which makes the similarity loss meaningless; "
-            "load real weights, or set loss.allow_random_encoder=true if you mean it")
+            "load real weights, or set loss.allow_random_encoder=true if you mean it"
+        )
     return enc

@@ -31,15 +31,17 @@ class WSSSModel(nn.Module):
     def num_classes(self) -> int:
         return self.head.num_classes
 
-    def forward(self, images: Tensor, stages: tuple[int, ...] = (0, 1, 2, 3),
-                inference_merge: str = "mean") -> HeadOutput:
+    def forward(
+        self, images: Tensor, stages: tuple[int, ...] = (0, 1, 2, 3), inference_merge: str = "mean"
+    ) -> HeadOutput:
         """Images (B x 3 x H x W, normalised) -> maps and logits of ``stages``."""
         feats = self.backbone(images)
         return self.head(feats, stages=stages, inference_merge=inference_merge)
 
 
-def build_model(config: Config, num_classes: int, embed_dim: int | None = None,
-                bank: Tensor | None = None) -> WSSSModel:
+def build_model(
+    config: Config, num_classes: int, embed_dim: int | None = None, bank: Tensor | None = None
+) -> WSSSModel:
     """Build the model a config describes.
 
     Args:
@@ -51,7 +53,7 @@ def build_model(config: Config, num_classes: int, embed_dim: int | None = None,
     """
     m = config.model
     backbone = build_backbone(m.backbone, weights=m.weights, last_stride=m.last_stride)
-    if m.drop_path and hasattr(backbone, "set_drop_path"):
+    if hasattr(backbone, "set_drop_path"):
         backbone.set_drop_path(m.drop_path)
     channels = tuple(backbone.stage_channels)
     if m.head == "cam":
@@ -64,12 +66,22 @@ def build_model(config: Config, num_classes: int, embed_dim: int | None = None,
 
                 bank = load_bank(m.bank).prototypes
             dim = bank.shape[-1]
-        head = PrototypeHead(num_classes, m.prototypes_per_class if bank is None else bank.shape[1],
-                             dim, channels, m.proj_hidden, m.scale_init, m.merge, bank=bank)
+        head = PrototypeHead(
+            num_classes,
+            m.prototypes_per_class if bank is None else bank.shape[1],
+            dim,
+            channels,
+            m.proj_hidden,
+            m.scale_init,
+            m.merge,
+            bank=bank,
+        )
     return WSSSModel(backbone, head)
 
 
-def needed_stages(weights: list[float] | tuple[float, ...], always: tuple[int, ...] = (3,)) -> tuple[int, ...]:
+def needed_stages(
+    weights: list[float] | tuple[float, ...], always: tuple[int, ...] = (3,)
+) -> tuple[int, ...]:
     """Stages with a non-zero weight, plus ``always`` (stage 4 feeds the other losses)."""
     return tuple(sorted({i for i, w in enumerate(weights) if w} | set(always)))
 

@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -149,8 +150,18 @@ class DWConv(nn.Module):
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         b, n, c = x.shape
-        x = self.dwconv(x.transpose(1, 2).reshape(b, c, h, w))  # B x C x h x w
-        return x.flatten(2).transpose(1, 2)  # B x N x C
+        x = x.transpose(1, 2).reshape(b, c, h, w)  # B x C x h x w
+        if x.is_cpu:
+            # On CPUs without native bf16 (e.g. AMD EPYC) PyTorch runs a bf16/fp16 depthwise
+            # conv as one slow conv per channel, 4x the whole B0 step under CPU autocast.
+            # The conv is cheap, so run it in fp32 (a no-op for fp32 inputs).
+            conv = self.dwconv
+            with torch.autocast("cpu", enabled=False):
+                y = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=1, groups=c)
+            y = y.to(x.dtype)
+        else:
+            y = self.dwconv(x)
+        return y.flatten(2).transpose(1, 2)  # B x N x C
 
 
 class MixFFN(nn.Module):

@@ -89,8 +89,9 @@ class PrototypeHead(nn.Module):
                 raise ValueError(f"bank has shape {tuple(bank.shape)}, head expects {shape}")
             self.register_buffer("prototypes", bank.detach().clone().float())
         self.projections = nn.ModuleList(
-            nn.Sequential(nn.Linear(embed_dim, proj_hidden), nn.ReLU(inplace=True),
-                          nn.Linear(proj_hidden, c))
+            nn.Sequential(
+                nn.Linear(embed_dim, proj_hidden), nn.ReLU(inplace=True), nn.Linear(proj_hidden, c)
+            )
             for c in stage_channels
         )
         self.scale = nn.Parameter(torch.tensor(float(scale_init)))
@@ -109,8 +110,12 @@ class PrototypeHead(nn.Module):
         feat = F.normalize(feat, dim=1)  # B x C_i x H x W
         return self.scale * torch.einsum("bdhw,ckd->bckhw", feat, protos.to(feat.dtype))
 
-    def forward(self, feats: list[Tensor], stages: tuple[int, ...] = (0, 1, 2, 3),
-                inference_merge: str = "mean") -> HeadOutput:
+    def forward(
+        self,
+        feats: list[Tensor],
+        stages: tuple[int, ...] = (0, 1, 2, 3),
+        inference_merge: str = "mean",
+    ) -> HeadOutput:
         """Maps and logits for the requested stages (others are ``None``).
 
         Args:
@@ -144,8 +149,12 @@ class CamHead(nn.Module):
         self.num_classes = num_classes
         self.classifiers = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in stage_channels)
 
-    def forward(self, feats: list[Tensor], stages: tuple[int, ...] = (0, 1, 2, 3),
-                inference_merge: str = "mean") -> HeadOutput:
+    def forward(
+        self,
+        feats: list[Tensor],
+        stages: tuple[int, ...] = (0, 1, 2, 3),
+        inference_merge: str = "mean",
+    ) -> HeadOutput:
         n = len(feats)
         class_maps: list[Tensor | None] = [None] * n
         logits: list[Tensor | None] = [None] * n

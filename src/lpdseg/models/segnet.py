@@ -20,20 +20,29 @@ from lpdseg.models.backbones import build_backbone
 class MLPDecoder(nn.Module):
     """All-MLP decoder over four feature maps."""
 
-    def __init__(self, stage_channels: tuple[int, ...], num_labels: int, decoder_dim: int = 256,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        stage_channels: tuple[int, ...],
+        num_labels: int,
+        decoder_dim: int = 256,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.proj = nn.ModuleList(nn.Conv2d(c, decoder_dim, 1) for c in stage_channels)
         self.fuse = nn.Sequential(
             nn.Conv2d(decoder_dim * len(stage_channels), decoder_dim, 1, bias=False),
-            nn.BatchNorm2d(decoder_dim), nn.ReLU(inplace=True))
+            nn.BatchNorm2d(decoder_dim),
+            nn.ReLU(inplace=True),
+        )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(decoder_dim, num_labels, 1)
 
     def forward(self, feats: list[Tensor]) -> Tensor:
         size = feats[0].shape[-2:]
-        ups = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
-               for p, f in zip(self.proj, feats)]  # 4 x (B x D x H/4 x W/4)
+        ups = [
+            F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
+            for p, f in zip(self.proj, feats)
+        ]  # 4 x (B x D x H/4 x W/4)
         return self.classifier(self.dropout(self.fuse(torch.cat(ups, dim=1))))
 
 

@@ -142,8 +142,8 @@ def _flatten(obj: Any, path: Path) -> dict[str, Tensor]:
         obj = inner
     if not isinstance(obj, Mapping):
         raise CheckpointError(
-            f"{path}: holds a {type(obj).__name__}, not a state dict; save "
-            "model.state_dict() rather than the model object"
+            f"{path}: holds a {type(obj).__name__}, not a state dict (a mapping of names to "
+            "tensors); re-save it with torch.save(model.state_dict(), path)"
         )
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:

@@ -114,11 +114,13 @@ def _region_geometries(binary: np.ndarray, min_area_px: float) -> list[Polygon |
     ``cv2.findContours`` with RETR_CCOMP gives outer outlines and their holes
     (islands inside a hole are regions of their own).
     """
-    contours, hierarchy = cv2.findContours(binary.astype(np.uint8), cv2.RETR_CCOMP,
-                                           cv2.CHAIN_APPROX_SIMPLE)
+    contours, hierarchy = cv2.findContours(
+        binary.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE
+    )
     if hierarchy is None:
         return []
     links = hierarchy[0]  # rows: next, previous, first child, parent
+    extent = shapely.box(0, 0, binary.shape[1], binary.shape[0])
     regions: list[Polygon | MultiPolygon] = []
     for i, contour in enumerate(contours):
         if links[i][3] != -1:
@@ -135,6 +137,8 @@ def _region_geometries(binary: np.ndarray, min_area_px: float) -> list[Polygon |
             region = region.difference(shapely.union_all(holes))
         if not region.is_valid:
             region = shapely.make_valid(region)
+        if not extent.contains(region):  # square caps of 1-pixel diagonals poke out
+            region = region.intersection(extent)
         parts = _polygons_of(region)
         if not parts:
             continue
@@ -149,9 +153,13 @@ def _to_level0(geom: BaseGeometry, scale: float, offset: tuple[float, float]) ->
     return shapely.transform(geom, lambda xy: xy * scale + off)
 
 
-def mask_to_polygons(class_map: np.ndarray, class_id: int, scale_to_level0: float,
-                     offset: tuple[float, float] = (0.0, 0.0),
-                     min_area_px: float = 1.0) -> list[Polygon]:
+def mask_to_polygons(
+    class_map: np.ndarray,
+    class_id: int,
+    scale_to_level0: float,
+    offset: tuple[float, float] = (0.0, 0.0),
+    min_area_px: float = 1.0,
+) -> list[Polygon]:
     """Outlines of the regions of one class as valid polygons in level-0 pixels.
 
     Args:
@@ -188,14 +196,21 @@ def _rounded(coords: Any, ndigits: int) -> Any:
 
 def _check_colors(class_names: Sequence[str], colors: Sequence[Color]) -> None:
     if len(colors) < len(class_names):
-        raise ValueError(f"{len(class_names)} class names but {len(colors)} colours; give one "
-                         "(r, g, b) colour per class")
+        raise ValueError(
+            f"{len(class_names)} class names but {len(colors)} colours; give one "
+            "(r, g, b) colour per class"
+        )
 
 
-def geojson_features(class_map: np.ndarray, class_names: Sequence[str],
-                     colors: Sequence[Color], scale_to_level0: float,
-                     offset: tuple[float, float] = (0.0, 0.0),
-                     min_area_px: float = 1.0, ndigits: int = 2) -> list[dict]:
+def geojson_features(
+    class_map: np.ndarray,
+    class_names: Sequence[str],
+    colors: Sequence[Color],
+    scale_to_level0: float,
+    offset: tuple[float, float] = (0.0, 0.0),
+    min_area_px: float = 1.0,
+    ndigits: int = 2,
+) -> list[dict]:
     """QuPath annotation features of every region of every class (background excluded).
 
     Args:
@@ -217,22 +232,32 @@ def geojson_features(class_map: np.ndarray, class_names: Sequence[str],
         regions = _region_geometries(class_map == c, min_area_px)
         for k, region in enumerate(regions):
             geom = mapping(_to_level0(region, float(scale_to_level0), offset))
-            features.append({
-                "type": "Feature",
-                "id": str(uuid.uuid5(_ID_NAMESPACE, f"{name}/{k}/{region.bounds}")),
-                "geometry": {"type": geom["type"],
-                             "coordinates": _rounded(geom["coordinates"], ndigits)},
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {"name": name, "color": color},
-                },
-            })
+            features.append(
+                {
+                    "type": "Feature",
+                    "id": str(uuid.uuid5(_ID_NAMESPACE, f"{name}/{k}/{region.bounds}")),
+                    "geometry": {
+                        "type": geom["type"],
+                        "coordinates": _rounded(geom["coordinates"], ndigits),
+                    },
+                    "properties": {
+                        "objectType": "annotation",
+                        "classification": {"name": name, "color": color},
+                    },
+                }
+            )
     return features
 
 
-def write_geojson(path: str | Path, class_map: np.ndarray, class_names: Sequence[str],
-                  colors: Sequence[Color], scale_to_level0: float,
-                  offset: tuple[float, float] = (0.0, 0.0), min_area_px: float = 1.0) -> int:
+def write_geojson(
+    path: str | Path,
+    class_map: np.ndarray,
+    class_names: Sequence[str],
+    colors: Sequence[Color],
+    scale_to_level0: float,
+    offset: tuple[float, float] = (0.0, 0.0),
+    min_area_px: float = 1.0,
+) -> int:
     """Write the regions of a label map as a QuPath-importable GeoJSON FeatureCollection.
 
     Args:
@@ -247,8 +272,9 @@ def write_geojson(path: str | Path, class_map: np.ndarray, class_names: Sequence
     Returns:
         The number of features written.
     """
-    features = geojson_features(class_map, class_names, colors, scale_to_level0, offset,
-                                min_area_px)
+    features = geojson_features(
+        class_map, class_names, colors, scale_to_level0, offset, min_area_px
+    )
     atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
     log.info("wrote %d regions to %s", len(features), path)
     return len(features)
@@ -267,9 +293,13 @@ def _feature_class(feature: dict) -> str | None:
     return None
 
 
-def read_geojson_to_mask(path: str | Path, shape_hw: tuple[int, int],
-                         class_names: Sequence[str], scale_to_level0: float,
-                         offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def read_geojson_to_mask(
+    path: str | Path,
+    shape_hw: tuple[int, int],
+    class_names: Sequence[str],
+    scale_to_level0: float,
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
     """Rasterise a (QuPath) GeoJSON file back into a label map.
 
     A pixel gets a class when its centre lies inside one of that class's
@@ -293,8 +323,10 @@ def read_geojson_to_mask(path: str | Path, shape_hw: tuple[int, int],
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} cannot be read as GeoJSON ({exc}); export it from QuPath "
-                        "with File > Export objects as GeoJSON") from exc
+        raise DataError(
+            f"{path} cannot be read as GeoJSON ({exc}); export it from QuPath "
+            "with File > Export objects as GeoJSON"
+        ) from exc
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features", [])
     elif isinstance(data, dict) and data.get("type") == "Feature":
@@ -302,8 +334,9 @@ def read_geojson_to_mask(path: str | Path, shape_hw: tuple[int, int],
     elif isinstance(data, list):
         features = data
     else:
-        raise DataError(f"{path} is JSON but not a GeoJSON Feature, FeatureCollection or list "
-                        "of features")
+        raise DataError(
+            f"{path} is JSON but not a GeoJSON Feature, FeatureCollection or list of features"
+        )
     index = {name: i for i, name in enumerate(class_names)}
     out = np.full(shape_hw, len(class_names), np.uint8)
     skipped: dict[str, int] = {}
@@ -316,20 +349,29 @@ def read_geojson_to_mask(path: str | Path, shape_hw: tuple[int, int],
             continue
         try:
             geom = shape(feature["geometry"])
-        except (KeyError, TypeError, ValueError, AttributeError, shapely.errors.ShapelyError) as exc:
-            raise DataError(f"{path}: a feature of class {name!r} has an invalid geometry "
-                            f"({exc})") from exc
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            shapely.errors.ShapelyError,
+        ) as exc:
+            raise DataError(
+                f"{path}: a feature of class {name!r} has an invalid geometry ({exc})"
+            ) from exc
         local = shapely.transform(geom, lambda xy: (xy - off) / scale_to_level0)
         local = shapely.make_valid(local) if not local.is_valid else local
         for poly in _polygons_of(local.buffer(-_RASTER_INSET, join_style="mitre")):
             # Shift by -0.5 so pixel centres sit on integer coordinates (fillPoly's grid).
-            rings = [np.asarray(poly.exterior.coords)] + [np.asarray(r.coords)
-                                                          for r in poly.interiors]
+            rings = [np.asarray(poly.exterior.coords)] + [
+                np.asarray(r.coords) for r in poly.interiors
+            ]
             pts = [np.round((r[:, :2] - 0.5) * one).astype(np.int32) for r in rings]
             cv2.fillPoly(out, pts, int(index[name]), lineType=cv2.LINE_8, shift=_RASTER_SHIFT)
     if skipped:
-        log.warning("%s: skipped features of classes not in %s: %s", path, list(class_names),
-                    skipped)
+        log.warning(
+            "%s: skipped features of classes not in %s: %s", path, list(class_names), skipped
+        )
     return out
 
 
@@ -350,8 +392,12 @@ def pixel_area_um2(mpp: float | tuple[float, float] | None, downsample: float) -
     return float(mx) * float(my) * float(downsample) ** 2
 
 
-def area_table(class_map: np.ndarray, class_names: Sequence[str],
-               pixel_area_um2: float | None = None, tissue_only: bool = True) -> list[dict]:
+def area_table(
+    class_map: np.ndarray,
+    class_names: Sequence[str],
+    pixel_area_um2: float | None = None,
+    tissue_only: bool = True,
+) -> list[dict]:
     """Pixels, fraction of tissue and area of every class.
 
     Args:
@@ -368,18 +414,32 @@ def area_table(class_map: np.ndarray, class_names: Sequence[str],
     c = len(class_names)
     counts = np.bincount(class_map.ravel().astype(np.int64), minlength=c + 1)
     tissue = int(counts[:c].sum())
-    if counts.size > c + 1 and counts[c + 1:].any():
+    if counts.size > c + 1 and counts[c + 1 :].any():
         log.warning("class map holds labels above background (%d); counted as neither", c)
 
     def area(n: int) -> float | None:
         return None if pixel_area_um2 is None else n * pixel_area_um2
 
-    rows = [{"class": name, "class_id": i, "pixels": int(counts[i]),
-             "fraction_of_tissue": (int(counts[i]) / tissue) if tissue else 0.0,
-             "area_um2": area(int(counts[i]))} for i, name in enumerate(class_names)]
+    rows = [
+        {
+            "class": name,
+            "class_id": i,
+            "pixels": int(counts[i]),
+            "fraction_of_tissue": (int(counts[i]) / tissue) if tissue else 0.0,
+            "area_um2": area(int(counts[i])),
+        }
+        for i, name in enumerate(class_names)
+    ]
     if not tissue_only:
-        rows.append({"class": "background", "class_id": c, "pixels": int(counts[c]),
-                     "fraction_of_tissue": None, "area_um2": area(int(counts[c]))})
+        rows.append(
+            {
+                "class": "background",
+                "class_id": c,
+                "pixels": int(counts[c]),
+                "fraction_of_tissue": None,
+                "area_um2": area(int(counts[c])),
+            }
+        )
     return rows
 
 
@@ -401,8 +461,9 @@ def write_area_json(path: str | Path, rows: Sequence[dict]) -> None:
 
 
 # ---------------------------------------------------------------- pictures
-def overlay(image_rgb: np.ndarray, class_map: np.ndarray, colors: Sequence[Color],
-            alpha: float = 0.4) -> np.ndarray:
+def overlay(
+    image_rgb: np.ndarray, class_map: np.ndarray, colors: Sequence[Color], alpha: float = 0.4
+) -> np.ndarray:
     """Blend class colours over an image.
 
     Args:
@@ -434,8 +495,12 @@ def overlay(image_rgb: np.ndarray, class_map: np.ndarray, colors: Sequence[Color
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def add_legend(img: np.ndarray, class_names: Sequence[str], colors: Sequence[Color],
-               font_scale: float | None = None) -> np.ndarray:
+def add_legend(
+    img: np.ndarray,
+    class_names: Sequence[str],
+    colors: Sequence[Color],
+    font_scale: float | None = None,
+) -> np.ndarray:
     """Append a legend strip (colour swatch + name per class) below an image.
 
     Args:
@@ -469,8 +534,16 @@ def add_legend(img: np.ndarray, class_names: Sequence[str], colors: Sequence[Col
         color = tuple(int(v) for v in col[:3])
         cv2.rectangle(strip, (ex, ey + 3), (ex + sw, ey + 3 + sw), color, -1)
         cv2.rectangle(strip, (ex, ey + 3), (ex + sw, ey + 3 + sw), (0, 0, 0), 1)
-        cv2.putText(strip, name, (ex + sw + 6, ey + 3 + text_h + 1), font, scale, (0, 0, 0),
-                    thick, cv2.LINE_AA)
+        cv2.putText(
+            strip,
+            name,
+            (ex + sw + 6, ey + 3 + text_h + 1),
+            font,
+            scale,
+            (0, 0, 0),
+            thick,
+            cv2.LINE_AA,
+        )
     return np.concatenate([img, strip], axis=0)
 
 

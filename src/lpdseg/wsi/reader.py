@@ -32,8 +32,19 @@ from lpdseg.errors import DataError
 log = logging.getLogger(__name__)
 
 #: Suffixes of the slide formats OpenSlide reads (shown in error messages).
-SLIDE_FORMATS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
-                 ".svslide", ".bif", ".dcm")
+SLIDE_FORMATS = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+)
 #: Suffixes of the plain (single-level) images the plain backend reads.
 IMAGE_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -61,6 +72,8 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     Returns:
         ``H x W x 3`` uint8 RGB.
     """
+    if (rgba[..., 3] == 255).all():  # opaque (the usual case): no arithmetic needed
+        return np.ascontiguousarray(rgba[..., :3])
     rgb = rgba[..., :3].astype(np.uint16)
     alpha = rgba[..., 3:4].astype(np.uint16)
     # rgb * a + 255 * (255 - a), divided by 255 with rounding (exact for a in {0, 255}).
@@ -112,12 +125,14 @@ class ImageReader(ABC):
 
     # ------------------------------------------------------------ pixels
     @abstractmethod
-    def _read_level(self, location: tuple[int, int], level: int,
-                    size: tuple[int, int]) -> np.ndarray:
+    def _read_level(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         """Backend read: like ``read_region`` after argument checks."""
 
-    def read_region(self, location_level0: tuple[int, int], level: int,
-                    size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self, location_level0: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         """Read a rectangle of one level.
 
         Args:
@@ -171,13 +186,15 @@ class ImageReader(ABC):
                 rw = max(1, round((x1 - x0) / lds))
                 rh = max(1, round((y1 - y0) / lds))
                 region = self.read_region((round(x0), round(y0)), level, (rw, rh))
-                out[ty:ty + bh, tx:tx + bw] = cv2.resize(region, (bw, bh),
-                                                         interpolation=cv2.INTER_AREA)
+                out[ty : ty + bh, tx : tx + bw] = cv2.resize(
+                    region, (bw, bh), interpolation=cv2.INTER_AREA
+                )
         return out
 
     # ------------------------------------------------------------ resolution
-    def best_level_for(self, target_mpp: float | None = None,
-                       downsample: float | None = None) -> tuple[int, float]:
+    def best_level_for(
+        self, target_mpp: float | None = None, downsample: float | None = None
+    ) -> tuple[int, float]:
         """Choose the pyramid level to read for a requested resolution.
 
         The request is ``target_mpp`` (micrometres per pixel) when the image
@@ -192,8 +209,9 @@ class ImageReader(ABC):
 
         Returns:
             ``(level, extra_scale)``: read ``level`` and resize it by
-            ``extra_scale`` (<= 1; 1.0 when the level matches) to get the
-            requested resolution.
+            ``extra_scale`` to get the requested resolution (1.0 when the
+            level matches; < 1 otherwise, > 1 only for requests finer than
+            level 0).
 
         Raises:
             DataError: only ``target_mpp`` was given and the image has no mpp.
@@ -209,14 +227,19 @@ class ImageReader(ABC):
                 raise ValueError(f"downsample must be > 0, got {downsample}")
             wanted = float(downsample)
         elif target_mpp is not None:
-            raise DataError(f"{self.path} has no pixel size (mpp) in its metadata, so "
-                            f"target_mpp={target_mpp} cannot be honoured; pass a downsample "
-                            "instead (level-0 pixels per output pixel)")
+            raise DataError(
+                f"{self.path} has no pixel size (mpp) in its metadata, so "
+                f"target_mpp={target_mpp} cannot be honoured; pass a downsample "
+                "instead (level-0 pixels per output pixel)"
+            )
         else:
             raise ValueError("pass target_mpp (micrometres per pixel) or downsample")
         if wanted < 1.0:
-            log.warning("%s: requested downsample %.3f is finer than level 0; using level 0 "
-                        "upsampled", self.path, wanted)
+            log.warning(
+                "%s: requested downsample %.3f is finer than level 0; using level 0 upsampled",
+                self.path,
+                wanted,
+            )
         level = 0
         for i, ds in enumerate(self.level_downsamples):
             if ds <= wanted * (1.0 + _LEVEL_TOLERANCE):
@@ -232,13 +255,19 @@ class ImageReader(ABC):
     def __enter__(self) -> ImageReader:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({str(self.path)!r}, dimensions={self.dimensions}, "
-                f"levels={self.level_count}, mpp={self.mpp})")
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, dimensions={self.dimensions}, "
+            f"levels={self.level_count}, mpp={self.mpp})"
+        )
 
     def _check_level(self, level: int) -> None:
         if not 0 <= level < self.level_count:
@@ -255,9 +284,11 @@ class OpenSlideReader(ImageReader):
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, OSError) as exc:
-            raise DataError(f"{self.path} looks like a slide but OpenSlide cannot open it "
-                            f"({exc}); the file may be truncated or corrupt - re-export or "
-                            f"re-copy it. Supported: {_supported()}") from exc
+            raise DataError(
+                f"{self.path} looks like a slide but OpenSlide cannot open it "
+                f"({exc}); the file may be truncated or corrupt - re-export or "
+                f"re-copy it. Supported: {_supported()}"
+            ) from exc
         self._error_type = openslide.OpenSlideError
         self._mpp = _openslide_mpp(self._slide.properties)
 
@@ -278,13 +309,16 @@ class OpenSlideReader(ImageReader):
         """The raw OpenSlide properties (vendor metadata)."""
         return dict(self._slide.properties)
 
-    def _read_level(self, location: tuple[int, int], level: int,
-                    size: tuple[int, int]) -> np.ndarray:
+    def _read_level(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         try:
             region = self._slide.read_region(location, level, size)
         except self._error_type as exc:
-            raise DataError(f"{self.path}: OpenSlide failed reading level {level} at "
-                            f"{location} ({exc}); the file is probably corrupt") from exc
+            raise DataError(
+                f"{self.path}: OpenSlide failed reading level {level} at "
+                f"{location} ({exc}); the file is probably corrupt"
+            ) from exc
         # openslide-python returns non-premultiplied RGBA; transparent = not scanned.
         return composite_on_white(np.asarray(region))
 
@@ -316,8 +350,9 @@ class PlainImageReader(ImageReader):
     def mpp(self) -> tuple[float, float] | None:
         return self._mpp
 
-    def _read_level(self, location: tuple[int, int], level: int,
-                    size: tuple[int, int]) -> np.ndarray:
+    def _read_level(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         x, y = location
         w, h = size
         img_h, img_w = self._pixels.shape[:2]
@@ -325,7 +360,7 @@ class PlainImageReader(ImageReader):
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, img_w), min(y + h, img_h)
         if x1 > x0 and y1 > y0:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._pixels[y0:y1, x0:x1]
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._pixels[y0:y1, x0:x1]
         return out
 
     def close(self) -> None:
@@ -360,10 +395,12 @@ def open_image(path: str | Path) -> ImageReader:
         log.debug("%s: OpenSlide format %s", p, vendor)
         return OpenSlideReader(p)
     if p.suffix.lower() not in IMAGE_FORMATS:
-        raise DataError(f"{p} is not a readable slide or image (OpenSlide does not recognise "
-                        f"it and {p.suffix or 'no suffix'} is not an image type); expected "
-                        f"{_supported()}. If it should be a slide, the file is probably "
-                        "corrupt or incomplete - copy it again")
+        raise DataError(
+            f"{p} is not a readable slide or image (OpenSlide does not recognise "
+            f"it and {p.suffix or 'no suffix'} is not an image type); expected "
+            f"{_supported()}. If it should be a slide, the file is probably "
+            "corrupt or incomplete - copy it again"
+        )
     return PlainImageReader(p)
 
 
@@ -386,8 +423,13 @@ def _mpp_from_resolution(xres: float, yres: float, unit: str) -> tuple[float, fl
         return None
     mpp = (per / xres, per / yres)
     if max(mpp) > _MAX_PLAUSIBLE_MPP:
-        log.debug("ignoring resolution %.3g x %.3g per %s (%.1f um/px): not a microscope "
-                  "calibration", xres, yres, unit, max(mpp))
+        log.debug(
+            "ignoring resolution %.3g x %.3g per %s (%.1f um/px): not a microscope calibration",
+            xres,
+            yres,
+            unit,
+            max(mpp),
+        )
         return None
     return mpp
 
@@ -399,13 +441,17 @@ def _to_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
     elif arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     elif arr.dtype != np.uint8:
-        raise DataError(f"{path} has {arr.dtype} pixels; only 8- or 16-bit images are "
-                        "supported - convert it to 8-bit RGB")
+        raise DataError(
+            f"{path} has {arr.dtype} pixels; only 8- or 16-bit images are "
+            "supported - convert it to 8-bit RGB"
+        )
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
-        raise DataError(f"{path} has pixel array shape {arr.shape}; expected a gray, RGB or "
-                        "RGBA image (H x W [x C])")
+        raise DataError(
+            f"{path} has pixel array shape {arr.shape}; expected a gray, RGB or "
+            "RGBA image (H x W [x C])"
+        )
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     elif arr.shape[2] == 2:  # gray + alpha
@@ -422,18 +468,21 @@ def _load_pil(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
         with Image.open(path) as img:
             img.load()  # decode now so a truncated file fails here, not mid-run
             dpi = img.info.get("dpi")
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and
-                                                     "transparency" in img.info):
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 pixels = composite_on_white(np.asarray(img.convert("RGBA")))
             else:
                 pixels = np.asarray(img.convert("RGB"))
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path} is too large to read as a plain image ({exc}); convert it to "
-                        "a pyramidal tiled TIFF (e.g. vips tiffsave --tile --pyramid) so it "
-                        "is read level by level") from exc
+        raise DataError(
+            f"{path} is too large to read as a plain image ({exc}); convert it to "
+            "a pyramidal tiled TIFF (e.g. vips tiffsave --tile --pyramid) so it "
+            "is read level by level"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path} cannot be decoded as an image ({exc}); the file is corrupt, "
-                        f"truncated or not an image. Supported: {_supported()}") from exc
+        raise DataError(
+            f"{path} cannot be decoded as an image ({exc}); the file is corrupt, "
+            f"truncated or not an image. Supported: {_supported()}"
+        ) from exc
     mpp = None
     if dpi and len(dpi) == 2:
         mpp = _mpp_from_resolution(float(dpi[0]), float(dpi[1]), "inch")
@@ -456,10 +505,18 @@ def _load_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
                 unit_val = int(unit_tag.value) if unit_tag is not None else 2
                 unit = {2: "inch", 3: "centimeter"}.get(unit_val, "none")
                 mpp = _mpp_from_resolution(xr[0] / xr[1], yr[0] / yr[1], unit)
-    except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError,
-            ZeroDivisionError) as exc:
-        raise DataError(f"{path} cannot be decoded as a TIFF ({exc}); the file is corrupt or "
-                        f"truncated. Supported: {_supported()}") from exc
+    except (
+        tifffile.TiffFileError,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        ZeroDivisionError,
+    ) as exc:
+        raise DataError(
+            f"{path} cannot be decoded as a TIFF ({exc}); the file is corrupt or "
+            f"truncated. Supported: {_supported()}"
+        ) from exc
     if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE and arr.dtype == np.uint8:
         arr = 255 - arr
     return _to_rgb_uint8(arr, path), mpp

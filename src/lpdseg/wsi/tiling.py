@@ -21,6 +21,9 @@ resized bilinearly). Everything around it lives here:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +53,8 @@ WINDOW_FLOOR = 1e-3
 # integer addition is associative, so partial canvases from several processes
 # sum to exactly the single-process canvas, whatever the order.
 FIXED_POINT_SCALE = 2**20
+# Return freed heap memory to the OS every this many batches (see _release_heap).
+TRIM_EVERY_BATCHES = 4
 
 
 # ---------------------------------------------------------------- the grid
@@ -76,8 +81,9 @@ class TileGrid:
         if self.tile < 1:
             raise ValueError(f"tile must be >= 1 pixel, got {self.tile}")
         if not 1 <= self.stride <= self.tile:
-            raise ValueError(f"stride must be in [1, tile={self.tile}] so tiles leave no gaps, "
-                             f"got {self.stride}")
+            raise ValueError(
+                f"stride must be in [1, tile={self.tile}] so tiles leave no gaps, got {self.stride}"
+            )
 
     @classmethod
     def from_overlap(cls, shape_hw: tuple[int, int], tile: int, overlap: float) -> TileGrid:
@@ -106,8 +112,9 @@ class TileGrid:
         return [(y, x) for y in ys for x in xs]
 
     def __len__(self) -> int:
-        return (len(_axis_positions(self.shape_hw[0], self.tile, self.stride))
-                * len(_axis_positions(self.shape_hw[1], self.tile, self.stride)))
+        return len(_axis_positions(self.shape_hw[0], self.tile, self.stride)) * len(
+            _axis_positions(self.shape_hw[1], self.tile, self.stride)
+        )
 
 
 def _axis_positions(size: int, tile: int, stride: int) -> list[int]:
@@ -132,9 +139,12 @@ def grid_for(shape_hw: tuple[int, int], tile: int, overlap: float) -> list[tuple
     return TileGrid.from_overlap(shape_hw, tile, overlap).origins
 
 
-def select_tissue_tiles(grid: TileGrid, tissue_mask: np.ndarray,
-                        scale: float | tuple[float, float],
-                        min_fraction: float = 0.05) -> list[tuple[int, int]]:
+def select_tissue_tiles(
+    grid: TileGrid,
+    tissue_mask: np.ndarray,
+    scale: float | tuple[float, float],
+    min_fraction: float = 0.05,
+) -> list[tuple[int, int]]:
     """Tiles of ``grid`` whose area is at least ``min_fraction`` tissue.
 
     Args:
@@ -147,7 +157,7 @@ def select_tissue_tiles(grid: TileGrid, tissue_mask: np.ndarray,
     Returns:
         The selected origins ``(y, x)``, in grid order.
     """
-    sy, sx = (scale, scale) if isinstance(scale, (int, float)) else scale
+    sy, sx = (float(scale), float(scale)) if np.ndim(scale) == 0 else scale  # type: ignore[misc]
     if sy <= 0 or sx <= 0:
         raise ValueError(f"scale (mask px per working px) must be > 0, got {scale}")
     mh, mw = tissue_mask.shape[:2]
@@ -165,17 +175,19 @@ def select_tissue_tiles(grid: TileGrid, tissue_mask: np.ndarray,
     mx0 = np.clip(np.floor(o[:, 1] * sx), 0, mw - 1).astype(np.int64)
     my1 = np.clip(np.ceil(y1 * sy), my0 + 1, mh).astype(np.int64)
     mx1 = np.clip(np.ceil(x1 * sx), mx0 + 1, mw).astype(np.int64)
-    inside = (integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0]
-              + integral[my0, mx0])
+    inside = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
     frac = inside / ((my1 - my0) * (mx1 - mx0))
     keep = (frac > 0) & (frac >= min_fraction)
     return [origins[i] for i in np.flatnonzero(keep)]
 
 
 # ---------------------------------------------------------------- blending
-def blend_window(tile: int, weight: WeightKind = "cosine", floor: float = WINDOW_FLOOR,
-                 flat_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
-                 ) -> torch.Tensor:
+def blend_window(
+    tile: int,
+    weight: WeightKind = "cosine",
+    floor: float = WINDOW_FLOOR,
+    flat_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
+) -> torch.Tensor:
     """Separable 2-D blending window of one tile.
 
     ``cosine`` is a Hann window, ``sin^2(pi (i + 0.5) / tile)`` per axis,
@@ -239,11 +251,15 @@ def _run_predict(predict_fn: PredictFn, batch: np.ndarray, num_labels: int) -> t
     with torch.no_grad():
         out = predict_fn(x)
     if not isinstance(out, torch.Tensor) or out.ndim != 4:
-        raise ValueError("predict_fn must return a tensor B x L x h x w, got "
-                         f"{type(out).__name__} {getattr(out, 'shape', '')}")
+        raise ValueError(
+            "predict_fn must return a tensor B x L x h x w, got "
+            f"{type(out).__name__} {getattr(out, 'shape', '')}"
+        )
     if out.shape[0] != n or out.shape[1] != num_labels:
-        raise ValueError(f"predict_fn returned shape {tuple(out.shape)} for {n} tiles; expected "
-                         f"{n} x {num_labels} (num_labels) x h x w")
+        raise ValueError(
+            f"predict_fn returned shape {tuple(out.shape)} for {n} tiles; expected "
+            f"{n} x {num_labels} (num_labels) x h x w"
+        )
     out = out.detach().float()
     if out.shape[-2:] != (t, t):
         out = F.interpolate(out, size=(t, t), mode="bilinear", align_corners=False)
@@ -253,15 +269,48 @@ def _run_predict(predict_fn: PredictFn, batch: np.ndarray, num_labels: int) -> t
     return out
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_heap() -> None:
+    """Give free heap pages back to the OS (glibc only; a no-op elsewhere).
+
+    Streaming a slide interleaves long-lived small allocations (OpenSlide's
+    tile cache) with short-lived multi-megabyte ones (tile batches, model
+    outputs). glibc then serves the large ones from the heap, which
+    fragments and keeps growing in resident size although little of it is
+    in use (measured: ~1.5 GiB for a 16k x 16k slide). ``malloc_trim``
+    releases the free pages, so resident memory stays bounded.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _batches(items: Sequence[tuple[int, int]], size: int) -> Iterator[Sequence[tuple[int, int]]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
-def sliding_window_predict(image: np.ndarray | ImageReader, predict_fn: PredictFn,
-                           num_labels: int, tile: int = 224, overlap: float = 0.25,
-                           batch_size: int = 8, weight: WeightKind = "cosine",
-                           progress: bool = True, *, level: int = 0) -> torch.Tensor:
+def sliding_window_predict(
+    image: np.ndarray | ImageReader,
+    predict_fn: PredictFn,
+    num_labels: int,
+    tile: int = 224,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    weight: WeightKind = "cosine",
+    progress: bool = True,
+    *,
+    level: int = 0,
+) -> torch.Tensor:
     """Full-resolution label scores of an image by blended overlapping tiles.
 
     Tiles are batched through ``predict_fn``; each output is multiplied by
@@ -299,11 +348,14 @@ def sliding_window_predict(image: np.ndarray | ImageReader, predict_fn: PredictF
             raise ValueError(f"image must be H x W x 3 uint8 RGB, got {image.shape} {image.dtype}")
         h_img, w_img = image.shape[:2]
         pad_h, pad_w = max(0, tile - h_img), max(0, tile - w_img)
-        padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect") \
-            if pad_h or pad_w else image
+        padded = (
+            np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+            if pad_h or pad_w
+            else image
+        )
 
         def fetch(y: int, x: int) -> np.ndarray:
-            return padded[y:y + tile, x:x + tile]
+            return padded[y : y + tile, x : x + tile]
 
     grid = TileGrid.from_overlap((h_img, w_img), tile, overlap)
     hp, wp = grid.padded_hw
@@ -317,8 +369,8 @@ def sliding_window_predict(image: np.ndarray | ImageReader, predict_fn: PredictF
             out = _run_predict(predict_fn, batch, num_labels)
             for (y, x), o in zip(chunk, out, strict=True):
                 window = windows(y, x)
-                acc[:, y:y + tile, x:x + tile] += o * window
-                wsum[y:y + tile, x:x + tile] += window
+                acc[:, y : y + tile, x : x + tile] += o * window
+                wsum[y : y + tile, x : x + tile] += window
             bar.update(len(chunk))
     return (acc / wsum)[:, :h_img, :w_img]
 
@@ -386,9 +438,13 @@ class SlideCanvas:
         """Write the canvas (e.g. one rank's partial) to an ``.npz`` file atomically."""
         from lpdseg.io import atomic_save_with
 
-        arrays = {"score_sum": self.score_sum, "weight_sum": self.weight_sum,
-                  "info": np.array([self.level, self.level_downsample, self.output_downsample,
-                                    self.tiles], np.float64)}
+        arrays = {
+            "score_sum": self.score_sum,
+            "weight_sum": self.weight_sum,
+            "info": np.array(
+                [self.level, self.level_downsample, self.output_downsample, self.tiles], np.float64
+            ),
+        }
         atomic_save_with(path, lambda handle: np.savez_compressed(handle, **arrays))
 
     @classmethod
@@ -401,11 +457,19 @@ class SlideCanvas:
         try:
             with np.load(path) as data:
                 info = data["info"]
-                return cls(data["score_sum"], data["weight_sum"], int(info[0]), float(info[1]),
-                           int(info[2]), int(info[3]))
+                return cls(
+                    data["score_sum"],
+                    data["weight_sum"],
+                    int(info[0]),
+                    float(info[1]),
+                    int(info[2]),
+                    int(info[3]),
+                )
         except (OSError, KeyError, ValueError, IndexError) as exc:
-            raise DataError(f"{path} is not a slide canvas written by SlideCanvas.save "
-                            f"({exc}); re-run stitch_slide for this rank") from exc
+            raise DataError(
+                f"{path} is not a slide canvas written by SlideCanvas.save "
+                f"({exc}); re-run stitch_slide for this rank"
+            ) from exc
 
 
 def merge_partial(accumulators: Sequence[SlideCanvas]) -> SlideCanvas:
@@ -425,43 +489,67 @@ def merge_partial(accumulators: Sequence[SlideCanvas]) -> SlideCanvas:
         raise ValueError("merge_partial needs at least one canvas")
     first = accumulators[0]
     for other in accumulators[1:]:
-        if (other.score_sum.shape != first.score_sum.shape or other.level != first.level
-                or other.output_downsample != first.output_downsample):
-            raise ValueError("canvases do not match: shapes "
-                             f"{first.score_sum.shape} / {other.score_sum.shape}, levels "
-                             f"{first.level} / {other.level}, output_downsample "
-                             f"{first.output_downsample} / {other.output_downsample}")
+        if (
+            other.score_sum.shape != first.score_sum.shape
+            or other.level != first.level
+            or other.output_downsample != first.output_downsample
+        ):
+            raise ValueError(
+                "canvases do not match: shapes "
+                f"{first.score_sum.shape} / {other.score_sum.shape}, levels "
+                f"{first.level} / {other.level}, output_downsample "
+                f"{first.output_downsample} / {other.output_downsample}"
+            )
     score = np.sum([a.score_sum for a in accumulators], axis=0, dtype=np.int64)
     weight = np.sum([a.weight_sum for a in accumulators], axis=0, dtype=np.int64)
-    return SlideCanvas(score, weight, first.level, first.level_downsample,
-                       first.output_downsample, sum(a.tiles for a in accumulators))
+    return SlideCanvas(
+        score,
+        weight,
+        first.level,
+        first.level_downsample,
+        first.output_downsample,
+        sum(a.tiles for a in accumulators),
+    )
 
 
-def _pool_tile(weighted: np.ndarray, window: np.ndarray, y: int, x: int, h_img: int, w_img: int,
-               ds: int) -> tuple[np.ndarray, int, int]:
+def _pool_tile(
+    weighted: np.ndarray, window: np.ndarray, y: int, x: int, h_img: int, w_img: int, ds: int
+) -> tuple[np.ndarray, int, int]:
     """Sum-pool one tile's weighted scores (L x t x t) and window onto the ds-grid.
 
     Returns:
         ``(L + 1) x by x bx`` fixed-point int64 block (scores, then weight) and
         its top-left canvas cell ``(cy, cx)``.
     """
-    num_labels, t = weighted.shape[0], weighted.shape[1]
+    t = weighted.shape[1]
     hh, ww = min(t, h_img - y), min(t, w_img - x)  # crop the part outside the level
-    oy, ox = y % ds, x % ds
-    by, bx = -(-(oy + hh) // ds), -(-(ox + ww) // ds)
-    buf = np.zeros((num_labels + 1, by * ds, bx * ds), np.float64)
-    buf[:num_labels, oy:oy + hh, ox:ox + ww] = weighted[:, :hh, :ww]
-    buf[num_labels, oy:oy + hh, ox:ox + ww] = window[:hh, :ww]
-    pooled = buf.reshape(num_labels + 1, by, ds, bx, ds).sum(axis=(2, 4))
+    # Cell boundaries inside the tile: the first cell may be cut by the tile's offset.
+    iy = np.arange(-(y % ds), hh, ds).clip(0)
+    ix = np.arange(-(x % ds), ww, ds).clip(0)
+    stacked = np.concatenate([weighted[:, :hh, :ww], window[None, :hh, :ww]], axis=0)
+    rows = np.add.reduceat(stacked, iy, axis=1, dtype=np.float64)
+    pooled = np.add.reduceat(rows, ix, axis=2)
     return np.rint(pooled * FIXED_POINT_SCALE).astype(np.int64), y // ds, x // ds
 
 
-def stitch_slide(reader: ImageReader, level: int, predict_fn: PredictFn, num_labels: int,
-                 tile: int = 224, overlap: float = 0.25, batch_size: int = 8, *,
-                 tissue_mask: np.ndarray | None = None, tissue_min_fraction: float = 0.05,
-                 output_downsample: int = 8, weight: WeightKind = "cosine", rank: int = 0,
-                 world_size: int = 1, read_workers: int = 0,
-                 progress: bool = True) -> SlideCanvas:
+def stitch_slide(
+    reader: ImageReader,
+    level: int,
+    predict_fn: PredictFn,
+    num_labels: int,
+    tile: int = 224,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    *,
+    tissue_mask: np.ndarray | None = None,
+    tissue_min_fraction: float = 0.05,
+    output_downsample: int = 8,
+    weight: WeightKind = "cosine",
+    rank: int = 0,
+    world_size: int = 1,
+    read_workers: int = 0,
+    progress: bool = True,
+) -> SlideCanvas:
     """Segment one level of a slide tile by tile into a low-resolution canvas.
 
     Memory is bounded by the canvas (``L x H/ds x W/ds`` int64) plus one
@@ -511,12 +599,22 @@ def stitch_slide(reader: ImageReader, level: int, predict_fn: PredictFn, num_lab
         origins = grid.origins
     else:
         mh, mw = tissue_mask.shape[:2]
-        origins = select_tissue_tiles(grid, tissue_mask, (mh / h_img, mw / w_img),
-                                      tissue_min_fraction)
+        origins = select_tissue_tiles(
+            grid, tissue_mask, (mh / h_img, mw / w_img), tissue_min_fraction
+        )
     mine = origins[rank::world_size]
-    log.info("%s level %d (%dx%d): %d of %d tiles hold tissue, rank %d/%d processes %d",
-             reader.path, level, w_img, h_img, len(origins), len(grid), rank, world_size,
-             len(mine))
+    log.info(
+        "%s level %d (%dx%d): %d of %d tiles hold tissue, rank %d/%d processes %d",
+        reader.path,
+        level,
+        w_img,
+        h_img,
+        len(origins),
+        len(grid),
+        rank,
+        world_size,
+        len(mine),
+    )
 
     canvas_hw = (-(-h_img // ds), -(-w_img // ds))
     score_sum = np.zeros((num_labels, *canvas_hw), np.int64)
@@ -529,9 +627,12 @@ def stitch_slide(reader: ImageReader, level: int, predict_fn: PredictFn, num_lab
 
     pool = ThreadPoolExecutor(read_workers) if read_workers > 0 else None
     try:
-        with tqdm(total=len(mine), desc=f"{reader.path.name} tiles", unit="tile",
-                  disable=not progress) as bar:
-            for chunk in _batches(mine, batch_size):
+        with tqdm(
+            total=len(mine), desc=f"{reader.path.name} tiles", unit="tile", disable=not progress
+        ) as bar:
+            for b, chunk in enumerate(_batches(mine, batch_size)):
+                if b % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
+                    _release_heap()
                 tiles = list(pool.map(fetch, chunk)) if pool else [fetch(o) for o in chunk]
                 out = _run_predict(predict_fn, np.stack(tiles), num_labels)
                 for (y, x), score in zip(chunk, out, strict=True):
@@ -539,8 +640,8 @@ def stitch_slide(reader: ImageReader, level: int, predict_fn: PredictFn, num_lab
                     weighted = (score * window).numpy()
                     block, cy, cx = _pool_tile(weighted, window.numpy(), y, x, h_img, w_img, ds)
                     by, bx = block.shape[1:]
-                    score_sum[:, cy:cy + by, cx:cx + bx] += block[:num_labels]
-                    weight_sum[cy:cy + by, cx:cx + bx] += block[num_labels]
+                    score_sum[:, cy : cy + by, cx : cx + bx] += block[:num_labels]
+                    weight_sum[cy : cy + by, cx : cx + bx] += block[num_labels]
                 bar.update(len(chunk))
     finally:
         if pool:

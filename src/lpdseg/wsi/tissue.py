@@ -24,9 +24,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def detect_tissue(thumbnail_rgb: np.ndarray, *, min_area_fraction: float = 1e-3,
-                  hole_area_fraction: float = 1e-3, min_saturation: int = 15,
-                  max_brightness: int = 235, closing_radius_px: int | None = None) -> np.ndarray:
+def detect_tissue(
+    thumbnail_rgb: np.ndarray,
+    *,
+    min_area_fraction: float = 1e-3,
+    hole_area_fraction: float = 1e-3,
+    min_saturation: int = 15,
+    max_brightness: int = 235,
+    closing_radius_px: int | None = None,
+) -> np.ndarray:
     """Foreground (tissue) mask of an RGB thumbnail.
 
     Args:
@@ -51,10 +57,14 @@ def detect_tissue(thumbnail_rgb: np.ndarray, *, min_area_fraction: float = 1e-3,
             outside [0, 1).
     """
     if thumbnail_rgb.ndim != 3 or thumbnail_rgb.shape[2] != 3 or thumbnail_rgb.dtype != np.uint8:
-        raise ValueError(f"thumbnail must be H x W x 3 uint8 RGB, got {thumbnail_rgb.shape} "
-                         f"{thumbnail_rgb.dtype}")
-    for name, value in (("min_area_fraction", min_area_fraction),
-                        ("hole_area_fraction", hole_area_fraction)):
+        raise ValueError(
+            f"thumbnail must be H x W x 3 uint8 RGB, got {thumbnail_rgb.shape} "
+            f"{thumbnail_rgb.dtype}"
+        )
+    for name, value in (
+        ("min_area_fraction", min_area_fraction),
+        ("hole_area_fraction", hole_area_fraction),
+    ):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     h, w = thumbnail_rgb.shape[:2]
@@ -65,18 +75,23 @@ def detect_tissue(thumbnail_rgb: np.ndarray, *, min_area_fraction: float = 1e-3,
     otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = max(float(otsu), float(min_saturation))
     mask = (saturation > threshold) & (gray < max_brightness)
-    log.debug("tissue: Otsu saturation %.0f, threshold %.0f, raw fraction %.3f", otsu,
-              threshold, mask.mean())
+    log.debug(
+        "tissue: Otsu saturation %.0f, threshold %.0f, raw fraction %.3f",
+        otsu,
+        threshold,
+        mask.mean(),
+    )
 
     radius = max(1, round(min(h, w) / 200)) if closing_radius_px is None else closing_radius_px
     if radius > 0:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
         # Pad so the closing does not glue tissue to the image border.
         pad = radius + 1
-        padded = cv2.copyMakeBorder(mask.astype(np.uint8), pad, pad, pad, pad,
-                                    cv2.BORDER_CONSTANT, value=0)
+        padded = cv2.copyMakeBorder(
+            mask.astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0
+        )
         closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)
-        mask = closed[pad:pad + h, pad:pad + w].astype(bool)
+        mask = closed[pad : pad + h, pad : pad + w].astype(bool)
 
     mask = remove_small_components(mask, min_area_fraction * h * w)
     mask = fill_small_holes(mask, hole_area_fraction * h * w)
