@@ -299,3 +299,20 @@ def build_bank_from_config(
 
 def _train_folder(root: Path) -> str:
     return "training" if (root / "training").is_dir() else "train"
+
+
+def cluster_purity(bank: PrototypeBank, truth: dict[str, int]) -> float:
+    """Fraction of bank members whose cluster's majority ground-truth group is theirs.
+
+    Args:
+        bank: a built bank.
+        truth: file name -> known group (e.g. the synthetic generator's sub-type).
+    """
+    agree = total = 0
+    for class_members in bank.members:
+        for files in class_members:
+            groups = [truth[f] for f in files if f in truth]
+            if groups:
+                agree += max(groups.count(g) for g in set(groups))
+                total += len(groups)
+    return agree / total if total else float("nan")

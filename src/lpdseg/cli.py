@@ -285,6 +285,160 @@ def explain(
 
 
 @app.command()
+def slide(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (best.pt).")],
+    slide_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SLIDE", help="Whole-slide image (SVS, NDPI, MRXS, pyramidal TIFF...) or image."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("slide_out"),
+    mpp: Annotated[
+        float | None,
+        typer.Option(help="Working resolution in micrometres per pixel (default 2.0 if known)."),
+    ] = None,
+    downsample: Annotated[
+        float | None,
+        typer.Option(help="Working resolution as level-0 pixels per pixel (instead of --mpp)."),
+    ] = None,
+    tile: Annotated[int, typer.Option(help="Tile side in working pixels.")] = 224,
+    overlap: Annotated[float, typer.Option(help="Fraction of a tile shared by neighbours.")] = 0.25,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
+    output_downsample: Annotated[
+        int, typer.Option(help="Working pixels per pixel of the stitched class map.")
+    ] = 8,
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation.")] = False,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Class probability threshold (default: the checkpoint's)."),
+    ] = None,
+    read_workers: Annotated[int, typer.Option(help="Threads reading tiles ahead.")] = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Segment a whole slide: QuPath GeoJSON, overlay PNG, class map, areas in um^2, summary."""
+    _setup_logging(quiet)
+    from lpdseg.engine.slide import segment_slide
+
+    summary = _run(
+        segment_slide,
+        checkpoint,
+        slide_path,
+        out,
+        mpp=mpp,
+        downsample=downsample,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        output_downsample=output_downsample,
+        tta=tta,
+        threshold=threshold,
+        read_workers=read_workers,
+        progress=not quiet,
+    )
+    typer.echo(
+        f"{summary['tiles']} tiles at level {summary['level']} in {summary['seconds']} s "
+        f"(peak RSS {summary['peak_rss_mb']} MiB); wrote {out}"
+    )
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `lpdseg train`.")],
+    out: Annotated[
+        Path | None, typer.Option(help="HTML file to write (default: RUN_DIR/report.html).")
+    ] = None,
+    images: Annotated[int, typer.Option(help="Test images shown as overlays.")] = 4,
+    quiet: QuietOpt = False,
+) -> None:
+    """One self-contained HTML report of a run: config, curves, metrics, confusion, overlays."""
+    _setup_logging(quiet)
+    from lpdseg.report import write_report
+
+    path = _run(write_report, run_dir, out, n_images=images, progress=not quiet)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def patches(
+    img_dir: Annotated[Path, typer.Argument(help="Folder of RGB images.")],
+    mask_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder of index masks paired by file stem (0..C-1 classes, C background)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Dataset folder to write.")] = Path("patches"),
+    size: Annotated[int, typer.Option(help="Patch side in pixels.")] = 224,
+    stride: Annotated[
+        int, typer.Option(help="Distance between patch origins (< size overlaps).")
+    ] = 224,
+    min_fraction: Annotated[
+        float,
+        typer.Option(help="A class is in a patch's label if it covers this fraction of it."),
+    ] = 0.02,
+    max_background: Annotated[
+        float, typer.Option(help="Drop patches whose background fraction exceeds this.")
+    ] = 0.5,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="File naming: bcss_wsss (4 classes), luad_histoseg (4), wsss4luad (3), "
+            "csv (any, with --class-names).",
+        ),
+    ] = "wsss4luad",
+    class_names: Annotated[
+        str | None, typer.Option(help="Comma-separated class names (default: the format's).")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Fraction of images held out whole as val/img + val/mask.")
+    ] = 0.0,
+    test_fraction: Annotated[
+        float, typer.Option(help="Fraction of images held out whole as test/img + test/mask.")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the by-image split.")] = 0,
+    masks: Annotated[
+        bool,
+        typer.Option(help="Also write the true patch masks + supervised/manifest.csv."),
+    ] = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Tile image + mask pairs into a weakly labelled training set (labels from the masks).
+
+    The rule (size, stride, min fraction, background limit) is recorded in
+    OUT/patches.json. Train with `lpdseg train <preset> data.root=OUT data.format=FORMAT`.
+    """
+    _setup_logging(quiet)
+    from lpdseg.data.patches import PatchRule, build_patch_dataset, pair_files, split_stems
+
+    def make() -> dict:
+        rule = PatchRule(size, stride, min_fraction, max_background)
+        stems = [img.stem for img, _ in pair_files(img_dir, mask_dir)]
+        train_s, val_s, test_s = split_stems(stems, val_fraction, test_fraction, seed)
+        return build_patch_dataset(
+            img_dir,
+            mask_dir,
+            out,
+            fmt=format,
+            rule=rule,
+            class_names=class_names.split(",") if class_names else None,
+            train_stems=train_s,
+            val_stems=val_s,
+            test_stems=test_s,
+            write_masks=masks,
+            progress=not quiet,
+        )
+
+    summary = _run(make)
+    typer.echo(
+        f"wrote {summary['patches']} patches from {len(summary['splits']['train'])} images to "
+        f"{out} (dropped {summary['dropped']}; val {len(summary['splits']['val'])}, "
+        f"test {len(summary['splits']['test'])} images); rule in {out / 'patches.json'}"
+    )
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for data, runs and overlays.")] = Path(
         "demo_output"

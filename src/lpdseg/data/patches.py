@@ -1,0 +1,369 @@
+"""Patch-from-masks builder: any folder of image + mask pairs -> a weakly labelled dataset.
+
+``lpdseg patches IMG_DIR MASK_DIR --out DIR`` tiles every labelled image into
+``size`` x ``size`` patches at ``stride``, derives each patch's image-level
+label from its mask and writes a training folder that the ordinary readers
+take (``data.format`` + ``data.root=DIR``):
+
+- ``bcss_wsss``: ``DIR/training/<stem>+<x>_<y>[1101].png`` (4 classes),
+- ``luad_histoseg``: ``DIR/train/<stem>_<x>_<y>-[1 0 0 1].png`` (4 classes),
+- ``wsss4luad``: ``DIR/train/<stem>-<x>-<y>-[1, 1, 0].png`` (3 classes),
+- ``csv``: ``DIR/train/<stem>_<x>_<y>.png`` + ``DIR/train.csv`` (any class count).
+
+The rule (recorded in ``DIR/patches.json`` with every count):
+
+- tile origins every ``stride`` px; the last tile of a row/column is moved
+  inward so it ends at the image border (no pixel is left untiled); an image
+  smaller than ``size`` is padded with white and its padded mask pixels set to
+  255 (ignore);
+- a tissue class is in the label when it covers at least ``min_fraction`` of
+  the patch's labelled (non-ignore) pixels
+  (:func:`lpdseg.data.datasets.mask_to_label`);
+- a patch is dropped when background + padding cover more than
+  ``max_background`` of it, or when no class reaches ``min_fraction``.
+
+Held-out images (``val_stems`` / ``test_stems``) are copied unchanged into
+``DIR/val|test/img`` and ``/mask`` for pixel evaluation at full size, and
+none of their pixels reach the training folder. With ``write_masks`` the true
+mask of every training patch goes to ``DIR/supervised/masks/`` with a
+``manifest.csv`` (image, mask, label) in the format of ``lpdseg pseudo``, so
+``train.task=seg data.pseudo=DIR/supervised`` trains a fully supervised upper
+bound on exactly the training patches.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lpdseg.data.datasets import (
+    FORMATS,
+    IGNORE_INDEX,
+    IMAGE_SUFFIXES,
+    mask_to_label,
+    read_image,
+    read_mask,
+)
+from lpdseg.errors import ConfigError, DataError
+from lpdseg.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PATCH_FORMATS = ("bcss_wsss", "luad_histoseg", "wsss4luad", "csv")
+
+
+@dataclass(frozen=True)
+class PatchRule:
+    """How images are tiled and how patch labels are derived.
+
+    Attributes:
+        size: patch side (px).
+        stride: distance between tile origins (px); ``< size`` overlaps.
+        min_fraction: a class is present if it covers at least this fraction of
+            the patch's labelled pixels.
+        max_background: drop a patch whose background + padding fraction exceeds this.
+    """
+
+    size: int = 224
+    stride: int = 224
+    min_fraction: float = 0.02
+    max_background: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.stride <= 0:
+            raise ConfigError(f"patch size and stride must be > 0 (got {self.size}, {self.stride})")
+        if not 0.0 <= self.min_fraction < 1.0:
+            raise ConfigError(f"min_fraction={self.min_fraction} must be in [0, 1)")
+        if not 0.0 <= self.max_background <= 1.0:
+            raise ConfigError(f"max_background={self.max_background} must be in [0, 1]")
+
+
+def tile_starts(length: int, size: int, stride: int) -> list[int]:
+    """Tile origins along one axis, the last moved inward to end at the border."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return starts
+
+
+def pair_files(img_dir: str | Path, mask_dir: str | Path) -> list[tuple[Path, Path]]:
+    """Image/mask pairs matched by file stem, sorted by image name.
+
+    Raises:
+        DataError: a folder is missing or empty, or an image has no mask (named).
+    """
+    img_dir, mask_dir = Path(img_dir), Path(mask_dir)
+    for folder in (img_dir, mask_dir):
+        if not folder.is_dir():
+            raise DataError(f"{folder} is not a folder; give the image folder and the mask folder")
+    masks = {
+        p.stem: p
+        for p in sorted(mask_dir.iterdir())
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    }
+    images = [
+        p
+        for p in sorted(img_dir.iterdir())
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    ]
+    if not images:
+        raise DataError(f"{img_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    pairs = []
+    for image in images:
+        if image.stem not in masks:
+            raise DataError(
+                f"{image}: no mask named {image.stem}.png in {mask_dir}; masks are paired by stem"
+            )
+        pairs.append((image, masks[image.stem]))
+    return pairs
+
+
+def patch_name(stem: str, x: int, y: int, label: np.ndarray, fmt: str) -> str:
+    """File name of a patch with its label in the format's convention."""
+    bits = [str(int(v)) for v in label]
+    if fmt == "bcss_wsss":
+        return f"{stem}+{x}_{y}[{''.join(bits)}].png"
+    if fmt == "luad_histoseg":
+        return f"{stem}_{x}_{y}-[{' '.join(bits)}].png"
+    if fmt == "wsss4luad":
+        return f"{stem}-{x}-{y}-[{', '.join(bits)}].png"
+    return f"{stem}_{x}_{y}.png"
+
+
+def tile_pair(
+    image: np.ndarray, mask: np.ndarray, num_classes: int, rule: PatchRule
+) -> Iterable[tuple[int, int, np.ndarray, np.ndarray, np.ndarray | None, str]]:
+    """Tile one image/mask pair.
+
+    Yields:
+        ``(x, y, image patch, mask patch, label or None, reason)`` per tile;
+        ``label`` is ``None`` for a dropped tile and ``reason`` says why
+        (``"background"`` or ``"no_class"``), else ``reason`` is ``""``.
+    """
+    h, w = mask.shape
+    s = rule.size
+    if h < s or w < s:  # pad small images with white glass, ignored in the mask
+        ph, pw = max(h, s), max(w, s)
+        padded = np.full((ph, pw, 3), 255, np.uint8)
+        padded[:h, :w] = image
+        pmask = np.full((ph, pw), IGNORE_INDEX, np.uint8)
+        pmask[:h, :w] = mask
+        image, mask = padded, pmask
+        h, w = ph, pw
+    for y in tile_starts(h, s, rule.stride):
+        for x in tile_starts(w, s, rule.stride):
+            m = mask[y : y + s, x : x + s]
+            im = image[y : y + s, x : x + s]
+            empty = float(np.mean((m == num_classes) | (m == IGNORE_INDEX)))
+            if empty > rule.max_background:
+                yield x, y, im, m, None, "background"
+                continue
+            label = mask_to_label(m, num_classes, rule.min_fraction)
+            if not label.any():
+                yield x, y, im, m, None, "no_class"
+                continue
+            yield x, y, im, m, label, ""
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    from lpdseg.viz import save_png
+
+    save_png(path, array)
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def build_patch_dataset(
+    img_dir: str | Path,
+    mask_dir: str | Path,
+    out: str | Path,
+    *,
+    fmt: str = "bcss_wsss",
+    rule: PatchRule = PatchRule(),
+    class_names: Sequence[str] | None = None,
+    train_stems: Sequence[str] | None = None,
+    val_stems: Sequence[str] = (),
+    test_stems: Sequence[str] = (),
+    write_masks: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tile image + mask pairs into a weakly labelled training folder (+ held-out splits).
+
+    Args:
+        img_dir: folder of RGB images.
+        mask_dir: folder of index masks (PNG, mode L or P), paired by file stem;
+            values ``0..C-1`` classes, ``C`` background, 255 ignore.
+        out: dataset folder to write.
+        fmt: naming convention (see the module docstring).
+        rule: tiling and labelling rule.
+        class_names: tissue classes; default the format's (required for ``csv``).
+        train_stems: images to tile for training (default: all not held out).
+        val_stems: images copied whole to ``out/val/img`` + ``mask``.
+        test_stems: images copied whole to ``out/test/img`` + ``mask``.
+        write_masks: also write each training patch's true mask and a
+            ``supervised/manifest.csv`` for a fully supervised run.
+        progress: show a progress bar.
+
+    Returns:
+        The summary written to ``out/patches.json`` (rule, counts, splits).
+
+    Raises:
+        ConfigError: unknown format, class names that do not fit it, or a stem
+            in two splits.
+        DataError: unreadable or mismatched files (named), unknown stems, or no
+            patch kept.
+    """
+    if fmt not in PATCH_FORMATS:
+        raise ConfigError(f"unknown patch format {fmt!r}; choose one of {', '.join(PATCH_FORMATS)}")
+    if class_names is None:
+        if fmt == "csv":
+            raise ConfigError("format csv needs class names (e.g. --class-names TUM,STR,NOR)")
+        class_names = FORMATS[fmt].class_names
+    class_names = [str(c) for c in class_names]
+    c = len(class_names)
+    if fmt != "csv" and c != FORMATS[fmt].num_classes:
+        raise ConfigError(
+            f"format {fmt} names files with {FORMATS[fmt].num_classes} classes "
+            f"({', '.join(FORMATS[fmt].class_names)}) but {c} were given; use --format csv "
+            "for another class count"
+        )
+    pairs = pair_files(img_dir, mask_dir)
+    by_stem = {img.stem: (img, msk) for img, msk in pairs}
+    held = {"val": list(val_stems), "test": list(test_stems)}
+    if set(held["val"]) & set(held["test"]):
+        raise ConfigError(
+            f"images in both val and test: {sorted(set(val_stems) & set(test_stems))}"
+        )
+    held_set = set(held["val"]) | set(held["test"])
+    train = [s for s in by_stem if s not in held_set] if train_stems is None else list(train_stems)
+    overlap = held_set & set(train)
+    if overlap:
+        raise ConfigError(f"images both held out and used for training: {sorted(overlap)}")
+    unknown = sorted((held_set | set(train)) - set(by_stem))
+    if unknown:
+        raise DataError(f"{img_dir}: no image with stem(s) {unknown[:10]}")
+    out = Path(out)
+    train_dir = out / ("training" if fmt == "bcss_wsss" else "train")
+    train_dir.mkdir(parents=True, exist_ok=True)
+    sup_dir = out / "supervised"
+    if write_masks:
+        (sup_dir / "masks").mkdir(parents=True, exist_ok=True)
+    class_patches = np.zeros(c, np.int64)
+    pixels = np.zeros(c + 1, np.int64)
+    dropped = {"background": 0, "no_class": 0}
+    per_image: dict[str, int] = {}
+    csv_rows = [["image", *class_names]]
+    manifest = [["image", "mask", "label"]]
+    kept = 0
+    for stem in tqdm(train, desc="patches", disable=not progress, unit="img"):
+        img_path, mask_path = by_stem[stem]
+        image = read_image(img_path)
+        mask = read_mask(mask_path, c, expected_hw=image.shape[:2])
+        per_image[stem] = 0
+        for x, y, im, m, label, reason in tile_pair(image, mask, c, rule):
+            if label is None:
+                dropped[reason] += 1
+                continue
+            name = patch_name(stem, x, y, label, fmt)
+            _save_png(train_dir / name, im)
+            if write_masks:
+                _save_png(sup_dir / "masks" / f"{Path(name).stem}.png", m)
+                manifest.append(
+                    [
+                        str((train_dir / name).resolve()),
+                        f"masks/{Path(name).stem}.png",
+                        " ".join(str(int(v)) for v in label),
+                    ]
+                )
+            if fmt == "csv":
+                csv_rows.append([f"{train_dir.name}/{name}", *(str(int(v)) for v in label)])
+            class_patches += label
+            valid = m[m != IGNORE_INDEX].astype(np.int64)
+            pixels += np.bincount(valid[valid <= c], minlength=c + 1)[: c + 1]
+            per_image[stem] += 1
+            kept += 1
+    if train and kept == 0:
+        raise DataError(
+            f"no patch kept from {len(train)} image(s) of {img_dir}: every tile was mostly "
+            f"background (> {rule.max_background}) or had no class >= {rule.min_fraction}; "
+            "lower --size, raise --max-background or check the masks"
+        )
+    if fmt == "csv":
+        _write_csv(out / "train.csv", csv_rows)
+    if write_masks:
+        _write_csv(sup_dir / "manifest.csv", manifest)
+    for split, stems in held.items():
+        if not stems:
+            continue
+        (out / split / "img").mkdir(parents=True, exist_ok=True)
+        (out / split / "mask").mkdir(parents=True, exist_ok=True)
+        rows = [["image", "mask", *class_names]]
+        for stem in stems:
+            img_path, mask_path = by_stem[stem]
+            image = read_image(img_path)
+            mask = read_mask(mask_path, c, expected_hw=image.shape[:2])  # validate before copying
+            shutil.copyfile(img_path, out / split / "img" / img_path.name)
+            shutil.copyfile(mask_path, out / split / "mask" / f"{stem}{mask_path.suffix}")
+            label = mask_to_label(mask, c, rule.min_fraction)
+            rows.append(
+                [f"{split}/img/{img_path.name}", f"{split}/mask/{stem}{mask_path.suffix}"]
+                + [str(int(v)) for v in label]
+            )
+        if fmt == "csv":
+            _write_csv(out / f"{split}.csv", rows)
+    summary = {
+        "source": {"images": str(img_dir), "masks": str(mask_dir)},
+        "format": fmt,
+        "class_names": class_names,
+        "rule": {
+            **asdict(rule),
+            "label": "a class is present when it covers >= min_fraction of the patch's "
+            "labelled (non-255) pixels",
+            "drop": "patches with background + padding > max_background, or with no class",
+            "edges": "last tile moved inward to the border; images smaller than size padded "
+            "with white, padding ignored (255) in the mask",
+        },
+        "patches": kept,
+        "dropped": dropped,
+        "patches_with_class": dict(zip(class_names, class_patches.tolist())),
+        "pixel_fraction": dict(
+            zip([*class_names, "background"], (pixels / max(1, pixels.sum())).round(4).tolist())
+        ),
+        "patches_per_image": per_image,
+        "splits": {"train": train, **held},
+        "supervised_manifest": str(sup_dir / "manifest.csv") if write_masks else None,
+    }
+    atomic_write_json(out / "patches.json", summary)
+    log.info(
+        "wrote %d patches from %d images to %s (dropped %s)", kept, len(train), train_dir, dropped
+    )
+    return summary
+
+
+def split_stems(
+    stems: Sequence[str], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[str], list[str], list[str]]:
+    """Random split of image stems into (train, val, test) by image, seeded."""
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ConfigError("val and test fractions must be >= 0 and sum to less than 1")
+    order = [str(s) for s in np.random.default_rng(seed).permutation(sorted(stems))]
+    n_val = int(round(val_fraction * len(order)))
+    n_test = int(round(test_fraction * len(order)))
+    val, test = order[:n_val], order[n_val : n_val + n_test]
+    train = order[n_val + n_test :]
+    return sorted(train), sorted(val), sorted(test)
