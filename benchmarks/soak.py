@@ -20,7 +20,6 @@ Exit status 0 when memory is flat, 1 when it grew by more than the limit.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
@@ -90,7 +89,10 @@ def run_soak(
         if self.step % every == 0:
             samples.append((self.step, rss_mib()))
             log.info(
-                "step %d: RSS %.1f MiB (%.1f s)", self.step, samples[-1][1], time.perf_counter() - t0
+                "step %d: RSS %.1f MiB (%.1f s)",
+                self.step,
+                samples[-1][1],
+                time.perf_counter() - t0,
             )
         return result
 

@@ -1,12 +1,16 @@
 """A tiny trained run (a few steps at 32 px) shared by the inference tests.
 
 Not a test module: imported by test_slide / test_predict / test_explain /
-test_report, each building its own run in a module-scoped temp folder.
+test_report. ``cached_tiny_run`` trains once per pytest session and setting
+(in the session's base temp folder), so the modules share one run.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+
+import pytest
 
 from lpdseg.config import load_config
 from lpdseg.data.synthetic import write_dataset
@@ -48,3 +52,15 @@ def tiny_run(root: Path, *extra: str, steps: int = 2, evaluate_test: bool = Fals
     )
     train(cfg, progress=False, evaluate_test=evaluate_test)
     return out
+
+
+def cached_tiny_run(
+    factory: pytest.TempPathFactory, *extra: str, steps: int = 2, evaluate_test: bool = False
+) -> Path:
+    """``tiny_run`` once per session for each setting; later calls return the same folder."""
+    key = hashlib.sha1(repr((extra, steps, evaluate_test)).encode()).hexdigest()[:10]
+    root = factory.getbasetemp() / f"tinyrun-{key}"
+    if not (root / "run" / "best.pt").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tiny_run(root, *extra, steps=steps, evaluate_test=evaluate_test)
+    return root / "run"

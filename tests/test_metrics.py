@@ -83,10 +83,16 @@ def ref_band(labels, label, d):
 
 
 def ref_boundary_counts(pred, target, num_labels, d, ignore=IGNORE):
-    """|G_d ∩ P_d| and |G_d ∪ P_d| per label from pixel sets, ignored pixels removed."""
+    """|G_d ∩ P_d| and |G_d ∪ P_d| per label from pixel sets, ignored pixels removed.
+
+    Ignored pixels belong to no label in the prediction either (so an ignore
+    region draws the same contour in both masks).
+    """
     ignored = {
         (i, j) for i, row in enumerate(target.tolist()) for j, v in enumerate(row) if v == ignore
     }
+    pred = pred.clone()
+    pred[target == ignore] = ignore
     inter, union = [], []
     for lab in range(num_labels):
         g = ref_band(target, lab, d) - ignored

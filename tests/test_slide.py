@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from _tinyrun import tiny_run
+from _tinyrun import cached_tiny_run
 from shapely.geometry import shape
 from typer.testing import CliRunner
 
@@ -58,7 +58,7 @@ def write_pyramid(path: Path, mpp: float | None = MPP) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory.mktemp("slide_run"))
+    return cached_tiny_run(tmp_path_factory, evaluate_test=True)
 
 
 @pytest.fixture(scope="module")
@@ -214,13 +214,14 @@ def test_cmu_slide_geojson_round_trip(run_dir, tmp_path):
         run_dir / "best.pt",
         CMU_SVS,
         tmp_path,
-        mpp=2.0,
-        output_downsample=4,
+        mpp=4.0,
+        tile=64,
+        output_downsample=2,
         threshold=0.0,
         progress=False,
     )
     assert s["mpp_level0"] is not None and s["level"] == 0
-    assert s["tile_level_px"] > 224  # level 0 is ~0.5 um/px: tiles read larger, resized
+    assert s["tile_level_px"] > 64 * 7  # level 0 is ~0.5 um/px: tiles read larger, resized
     names = s["class_names"]
     class_map = cv2.imread(s["files"]["class_map"], cv2.IMREAD_UNCHANGED)
     assert (class_map < len(names)).mean() > 0.1  # the tissue strip is segmented

@@ -30,14 +30,23 @@ def _to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-@torch.no_grad()
-def prototype_maps(model, image: np.ndarray, mean, std) -> torch.Tensor:
-    """Stage-4 prototype maps at image size (C x k x H x W), and class probabilities."""
+def require_prototypes(model, source: str | Path = "this checkpoint") -> None:
+    """Refuse a model without prototypes (CAM head or stage-2 network).
+
+    Raises:
+        CheckpointError: naming ``source`` and what to give instead.
+    """
     if not hasattr(model, "head") or not hasattr(model.head, "prototypes"):
         raise CheckpointError(
-            "this checkpoint has no prototypes (CAM or stage-2 model); "
-            "explain needs an LPD or PBIP checkpoint"
+            f"{source} has no prototypes (a CAM or stage-2 model); "
+            "explain needs an LPD or PBIP checkpoint (model.head=lpd or pbip)"
         )
+
+
+@torch.no_grad()
+def prototype_maps(model, image: np.ndarray, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-4 prototype maps at image size (C x k x H x W), and class probabilities (C)."""
+    require_prototypes(model)
     x = _to_tensor(image, mean, std)
     out = model(x, stages=(3,))
     a = F.interpolate(
@@ -136,6 +145,7 @@ def explain(
     from lpdseg.engine.train import load_model
 
     model, cfg = load_model(checkpoint)
+    require_prototypes(model, checkpoint)
     names = list(cfg.data.class_names)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -223,6 +223,9 @@ def _boundary_counts_batch(
         ``(intersection, union)``, each int64 of length L on CPU.
     """
     b, h, w = target.shape
+    # ignored pixels count as "no label" in the prediction too: otherwise an ignore region
+    # draws a contour in the ground truth only and a perfect prediction scores bIoU < 1
+    pred = torch.where(valid, pred, target)
     labels = torch.arange(num_labels, device=target.device).view(1, num_labels, 1, 1)
     # one-hot stacks B x L x H x W; ignore / out-of-range values match no label
     g_band = _inner_bands((target[:, None] == labels).reshape(-1, h, w), width)
@@ -247,8 +250,8 @@ def boundary_counts(
     For label l with ground-truth mask G and predicted mask P, and their inner
     bands ``G_d ∩ G`` and ``P_d ∩ P`` (see :func:`boundary_band`), the counts are
     ``|(G_d ∩ G) ∩ (P_d ∩ P)|`` and ``|(G_d ∩ G) ∪ (P_d ∩ P)|``. Bands are
-    computed on the full masks; pixels whose ground truth is ``ignore_index``
-    are then removed from both counts.
+    computed on the full masks with ignored pixels (ground truth ``ignore_index``)
+    outside every label in both masks, and those pixels are not counted.
 
     Args:
         pred: predicted labels ``H x W``.

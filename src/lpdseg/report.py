@@ -244,10 +244,13 @@ def _overlay_and_explain_sections(run_dir: Path, n_images: int, progress: bool) 
         image = read_image(s.image)
         truth = read_mask(s.mask, len(names), expected_hw=image.shape[:2]) if s.mask else None
         pred = predict_array(image, predict_fn, cfg, len(names) + 1)
-        panel = triptych(image, truth, pred, names, colors)
-        if panel.shape[1] < 360:  # small patches: enlarge (nearest) so they can be seen
-            k = int(math.ceil(360 / panel.shape[1]))
-            panel = panel.repeat(k, 0).repeat(k, 1)
+        k = int(math.ceil(120 / image.shape[1]))  # small patches: enlarge (nearest) to see them
+        if k > 1:
+            image_k, pred_k = image.repeat(k, 0).repeat(k, 1), pred.repeat(k, 0).repeat(k, 1)
+            truth_k = truth.repeat(k, 0).repeat(k, 1) if truth is not None else None
+        else:
+            image_k, truth_k, pred_k = image, truth, pred
+        panel = triptych(image_k, truth_k, pred_k, names, colors)
         figures.append(_img(_array_png(panel), f"{s.image.name}: image | truth | prediction"))
         images.append((s.image.name, image))
     overlays = f'<div class="grid">{"".join(figures)}</div>'

@@ -31,6 +31,17 @@ from tqdm.auto import tqdm
 from lpdseg.config import Config, config_from_dict, save_config
 from lpdseg.data.loaders import DataBundle, make_eval_loader, make_train_loader, resolve_data
 from lpdseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lpdseg.engine.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_ranks_true,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    training_device,
+    wrap_model,
+)
 from lpdseg.engine.evaluate import evaluate
 from lpdseg.errors import ConfigError, TrainingError
 from lpdseg.io import atomic_write_json
@@ -111,7 +122,14 @@ class StepResult:
 class Trainer:
     """Holds the model, optimiser and state of one run. See :func:`train`."""
 
-    def __init__(self, cfg: Config, bundle: DataBundle, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        bundle: DataBundle,
+        device: torch.device,
+        ctx: DistContext | None = None,
+    ) -> None:
+        self.ctx = ctx or DistContext()
         self.cfg = cfg
         self.bundle = bundle
         self.device = device
@@ -139,6 +157,9 @@ class Trainer:
                     "(or leave it null)"
                 )
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr)
+        # forward passes of training go through `net` (DDP under torchrun); `model` stays the
+        # plain module for state dicts, the EMA encoder, validation and checkpoints
+        self.net = wrap_model(self.model, self.ctx, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.stages = needed_stages(cfg.loss.stage_weights)
         self.step = 0
@@ -164,13 +185,13 @@ class Trainer:
             with torch.autocast(
                 self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
             ):
-                logits = self.model(images)
+                logits = self.net(images)
             ce = F.cross_entropy(logits.float(), labels.long(), ignore_index=255)
             return ce, {"seg": ce}
         with torch.autocast(
             self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
         ):
-            out = self.model(images, stages=self.stages)
+            out = self.net(images, stages=self.stages)
             dense = None
             if self.encoder is not None and lc.sim_mode == "feature":
                 dense = self.encoder.dense(images)
@@ -219,7 +240,8 @@ class Trainer:
             labels = labels.float()
         loss, terms = self.compute_loss(images, labels)
         floats = {k: float(v.detach()) for k, v in terms.items()}
-        if not torch.isfinite(loss):
+        # under DDP every rank skips when any rank's loss is non-finite (they stay in step)
+        if not all_ranks_true(self.ctx, bool(torch.isfinite(loss)), self.device):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
             self.skipped_steps += 1
@@ -262,6 +284,9 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "encoder": self.encoder.state_dict() if self.encoder is not None else None,
             "rng": rng_state(),
+            # one RNG state per rank under DDP (a collective: every rank calls state())
+            "rng_ranks": all_gather_objects(self.ctx, rng_state()) if self.ctx.enabled else None,
+            "world_size": self.ctx.world_size,
             "step": self.step,
             "epoch": self.epoch,
             "best": self.best,
@@ -276,14 +301,22 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.encoder is not None and ckpt.get("encoder") is not None:
             self.encoder.load_state_dict(ckpt["encoder"])
-        set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_ranks")
+        if per_rank is not None and len(per_rank) == self.ctx.world_size:
+            set_rng_state(per_rank[self.ctx.rank])
+        else:
+            set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
         self.epoch = int(ckpt["epoch"])
         self.best = float(ckpt["best"])
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
 
     def save(self, path: Path) -> None:
-        save_checkpoint(path, self.state())
+        """Write a checkpoint (rank 0 writes; under DDP every rank must call this)."""
+        state = self.state()
+        if self.ctx.is_main:
+            save_checkpoint(path, state)
+        barrier(self.ctx)
         self.last_good = str(path)
 
 
@@ -326,28 +359,57 @@ def train(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    ctx = init_distributed(resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, ctx, resume, progress, stop_after, evaluate_test)
+    finally:
+        cleanup(ctx)
+
+
+def _train(
+    cfg: Config,
+    ctx: DistContext,
+    resume: str | Path | None,
+    progress: bool,
+    stop_after: int | None,
+    evaluate_test: bool,
+) -> dict[str, Any]:
+    """Body of :func:`train` for one process (rank ``ctx.rank`` of ``ctx.world_size``)."""
+    device = resolve_device(training_device(cfg.train.device, ctx))
+    main = ctx.is_main
     bundle = resolve_data(cfg)
     cfg = prepare_config(cfg, bundle)
     run_dir = Path(cfg.train.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, bundle, device)
-    steps_per_epoch = bundle.steps_per_epoch(cfg.train.batch_size)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, bundle, device, ctx)
+    if ctx.enabled:  # same initial weights (seeded above), then per-rank dropout/drop-path
+        torch.manual_seed(cfg.train.seed + 1_000_003 * ctx.rank)
+        log.info(
+            "DDP: %d processes x batch %d = global batch %d",
+            ctx.world_size,
+            cfg.train.batch_size,
+            cfg.train.batch_size * ctx.world_size,
+        )
+    steps_per_epoch = bundle.steps_per_epoch(cfg.train.batch_size * ctx.world_size)
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     trainer.make_scheduler(total)
     if resume:
         trainer.load_state(load_checkpoint(resume, map_location=device))
         log.info("resumed from %s at step %d (epoch %d)", resume, trainer.step, trainer.epoch)
-    save_config(cfg, run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
-    if not resume and metrics_path.exists():
-        metrics_path.unlink()
-    val_loader = make_eval_loader(cfg, bundle, "val") if bundle.has_split("val") else None
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+        if not resume and metrics_path.exists():
+            metrics_path.unlink()
+    has_val = bundle.has_split("val")
+    val_loader = make_eval_loader(cfg, bundle, "val") if has_val and main else None
+    barrier(ctx)
     bar = tqdm(
         total=total,
         initial=trainer.step,
         desc=cfg.name,
-        disable=not progress,
+        disable=not progress or not main,
         unit="step",
         dynamic_ncols=True,
     )
@@ -357,10 +419,12 @@ def train(
         epoch = trainer.step // steps_per_epoch
         trainer.epoch = epoch
         offset = trainer.step - epoch * steps_per_epoch
-        loader = make_train_loader(cfg, bundle, epoch=epoch, start_batch=offset)
+        loader = make_train_loader(
+            cfg, bundle, epoch=epoch, start_batch=offset, rank=ctx.rank, world_size=ctx.world_size
+        )
         for batch in loader:
             result = trainer.train_step(batch["image"], batch["mask" if trainer.seg else "label"])
-            n_last += batch["image"].shape[0]
+            n_last += batch["image"].shape[0] * ctx.world_size
             rec = {
                 "step": trainer.step,
                 "epoch": epoch,
@@ -369,7 +433,8 @@ def train(
                 "lr": trainer.optimizer.param_groups[0]["lr"],
                 "finite": result.finite,
             }
-            _log_jsonl(metrics_path, rec)
+            if main:
+                _log_jsonl(metrics_path, rec)
             elapsed = time.perf_counter() - t_last
             bar.set_postfix(loss=f"{result.loss:.3f}", img_s=f"{n_last / max(elapsed, 1e-9):.1f}")
             bar.update(1)
@@ -384,34 +449,9 @@ def train(
         end_of_epoch = trainer.step % steps_per_epoch == 0 or trainer.step >= total
         if end_of_epoch:
             ep = trainer.step // steps_per_epoch - (0 if trainer.step % steps_per_epoch else 1)
-            if val_loader is not None and (
-                (ep + 1) % cfg.train.val_every == 0 or trainer.step >= total
-            ):
-                res = evaluate(
-                    trainer.model,
-                    val_loader,
-                    cfg.eval,
-                    list(bundle.class_names),
-                    tta=False,
-                    limit=cfg.train.val_limit,
-                    device=device,
-                    progress=False,
-                    desc="val",
-                )
-                miou = res["mIoU"]
-                _log_jsonl(
-                    metrics_path,
-                    {
-                        "step": trainer.step,
-                        "epoch": ep,
-                        "val_mIoU": miou,
-                        "val_mDice": res["mDice"],
-                        "val_bIoU": res["bIoU"],
-                    },
-                )
-                log.info("epoch %d: val mIoU %.4f", ep, miou)
-                if miou > trainer.best or not (run_dir / "best.pt").exists():
-                    trainer.best = max(miou, trainer.best) if math.isfinite(miou) else trainer.best
+            if has_val and ((ep + 1) % cfg.train.val_every == 0 or trainer.step >= total):
+                improved = _validate(trainer, val_loader, cfg, bundle, device, metrics_path, ep)
+                if broadcast_object(ctx, improved):
                     trainer.save(run_dir / "best.pt")
             trainer.epoch = ep + 1
             if trainer.nonfinite_in_row == 0:
@@ -420,8 +460,67 @@ def train(
     if stop_after is not None and trainer.step < total:
         trainer.save(run_dir / "last.pt")
         return {"run_dir": str(run_dir), "step": trainer.step, "stopped": True}
-    if not (run_dir / "best.pt").exists():
+    if not broadcast_object(ctx, (run_dir / "best.pt").exists()):
         trainer.save(run_dir / "best.pt")
+    if not main:
+        return {"run_dir": str(run_dir), "step": trainer.step, "rank": ctx.rank}
+    return _finish(trainer, run_dir, metrics_path, bundle, evaluate_test, progress)
+
+
+def _validate(
+    trainer: Trainer,
+    val_loader: Any,
+    cfg: Config,
+    bundle: DataBundle,
+    device: torch.device,
+    metrics_path: Path,
+    ep: int,
+) -> bool | None:
+    """Rank 0: score the val split, log it, update ``best``; True when ``best.pt`` is due.
+
+    Other ranks (no loader) return ``None`` and learn the decision by broadcast.
+    """
+    if val_loader is None:
+        return None
+    run_dir = metrics_path.parent
+    res = evaluate(
+        trainer.model,
+        val_loader,
+        cfg.eval,
+        list(bundle.class_names),
+        tta=False,
+        limit=cfg.train.val_limit,
+        device=device,
+        progress=False,
+        desc="val",
+    )
+    miou = res["mIoU"]
+    _log_jsonl(
+        metrics_path,
+        {
+            "step": trainer.step,
+            "epoch": ep,
+            "val_mIoU": miou,
+            "val_mDice": res["mDice"],
+            "val_bIoU": res["bIoU"],
+        },
+    )
+    log.info("epoch %d: val mIoU %.4f", ep, miou)
+    if miou > trainer.best or not (run_dir / "best.pt").exists():
+        trainer.best = max(miou, trainer.best) if math.isfinite(miou) else trainer.best
+        return True
+    return False
+
+
+def _finish(
+    trainer: Trainer,
+    run_dir: Path,
+    metrics_path: Path,
+    bundle: DataBundle,
+    evaluate_test: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """Rank 0 after the last step: curves, test metrics of ``best.pt``, ``summary.json``."""
     from lpdseg.viz import plot_training_curves
 
     plot_training_curves(metrics_path, run_dir / "curves.png")

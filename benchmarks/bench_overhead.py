@@ -1,0 +1,105 @@
+"""Figure 3: method overhead -- a full LPD training step vs the backbone alone.
+
+Sides (same batch, MiT-B1, B = 10, 224 px, fp32, all interleaved):
+
+- ``backbone``: backbone forward, a trivial loss (sum of the stage means),
+  backward, gradient clipping and an AdamW step -- what any training of this
+  backbone pays;
+- ``head+cls``: lpdseg's step with the prototype head and the classification
+  loss only (similarity off, diversity weight 0);
+- ``head+cls+div``: plus the diversity loss;
+- ``lpd``: the default LPD step (plus the feature-mode similarity loss, whose
+  frozen backbone-EMA encoder pass and EMA update are part of it).
+
+The headline ratio is ``lpd / backbone``; the intermediate sides split the
+overhead into head, diversity and similarity shares.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from common import Figure, Scale, fake_batch, make_trainer, median, side, time_interleaved
+
+
+def setting_for(scale: Scale) -> dict[str, Any]:
+    """Sizes for a scale."""
+    if scale.tiny:
+        return {"backbone": "mit_b0", "B": 2, "size": 64, "k": 2}
+    return {"backbone": "mit_b1", "B": 10, "size": 224, "k": 10}
+
+
+def backbone_step_fn(backbone_name: str, images: torch.Tensor, grad_clip: float = 1.0):
+    """A callable doing one backbone-only training step (forward, backward, clip, AdamW)."""
+    from lpdseg.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    net = build_backbone(backbone_name, last_stride=1).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = sum(f.float().mean() for f in net(images))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        opt.step()
+
+    return step
+
+
+def run(scale: Scale, context: dict | None = None) -> Figure:
+    """Time the four sides and return the figure (stores the LPD step time in ``context``)."""
+    t_start = time.perf_counter()
+    s = setting_for(scale)
+    images, labels = fake_batch(s["B"], s["size"])
+    common = [
+        f"model.backbone={s['backbone']}",
+        f"model.prototypes_per_class={s['k']}",
+        f"data.crop_size={s['size']}",
+        f"train.batch_size={s['B']}",
+    ]
+    trainers = {
+        "head+cls": make_trainer([*common, "loss.sim_mode=off", "loss.div_weight=0"]),
+        "head+cls+div": make_trainer([*common, "loss.sim_mode=off"]),
+        "lpd": make_trainer(common),
+    }
+    sides = {"backbone": backbone_step_fn(s["backbone"], images)}
+    for name, trainer in trainers.items():
+        sides[name] = lambda t=trainer: t.train_step(images, labels)
+    times = time_interleaved(sides, repeats=scale.heavy_repeats, warmup=scale.warmup)
+    base = median(times["backbone"])
+    fig = Figure(
+        id=3,
+        title="method overhead: LPD step vs backbone alone",
+        setting={**s, "amp": "fp32", "encoder": "backbone-ema", "sim_mode": "feature"},
+        sides={
+            name: side(t, overhead_pct=round(100 * (median(t) / base - 1), 1))
+            for name, t in times.items()
+        },
+        ratio_meaning="x the backbone step",
+        target="<= 1.30x (head + losses add <= 30 %)",
+    )
+    fig.ratio = median(times["lpd"]) / base
+    fig.met = fig.ratio <= 1.30
+    shares = {
+        "head+cls": median(times["head+cls"]) - base,
+        "div": median(times["head+cls+div"]) - median(times["head+cls"]),
+        "sim (encoder pass + EMA + loss)": median(times["lpd"]) - median(times["head+cls+div"]),
+    }
+    fig.extra["overhead_shares_pct_of_backbone"] = {
+        k: round(100 * v / base, 1) for k, v in shares.items()
+    }
+    if context is not None:
+        context["lpd_step"] = {"B": s["B"], "size": s["size"], "median_s": median(times["lpd"])}
+    fig.seconds = time.perf_counter() - t_start
+    return fig
+
+
+if __name__ == "__main__":
+    import json
+
+    from common import SCALES
+
+    print(json.dumps(run(SCALES["bench"]).to_dict(), indent=2))

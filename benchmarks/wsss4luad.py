@@ -1,0 +1,355 @@
+"""Real-tissue benchmark: K-fold by image on the shared WSSS4LUAD images.
+
+    .venv/bin/python benchmarks/wsss4luad.py                 # default scale (see --help)
+    .venv/bin/python benchmarks/wsss4luad.py --folds 2 --methods cam,lpd --backbones effnet
+
+Protocol (nothing here is tuned per method):
+
+1. The 31 image/mask pairs of ``../shared/data/wsss4luad-val`` (``img/`` +
+   palette ``mask/``) are split BY IMAGE into K folds (seeded). For each
+   fold, the other images are tiled into patches with
+   :func:`lpdseg.data.patches.build_patch_dataset` (labels from the masks:
+   a class is present if it covers >= 2 % of the patch; mostly-background
+   patches dropped) and the fold's images are copied whole to ``test/``. No
+   pixel of a test image reaches training.
+2. Weakly supervised methods train on the patches' image-level labels only:
+   CAM (1x1-conv classifier), PBIP (fixed bank from the efficientnet-lite0
+   encoder, ``lpdseg.bank``), LPD without diversity (``loss.div_weight=0``) and
+   LPD, each with EfficientNet-Lite0 ImageNet weights and with MiT-B0 from
+   scratch. Same steps, batch, optimiser and augmentation for all; the
+   prototype methods use the frozen ImageNet EfficientNet-Lite0 as the
+   similarity-loss encoder (PBIP's loss weights for PBIP, LPD's for LPD).
+3. Upper bound: the stage-2 network (same EfficientNet-Lite0 backbone + MLP
+   decoder, ``train.task=seg``) trained on the true masks of the same
+   training patches.
+4. Every run is scored on its fold's held-out images at full image size with
+   :func:`lpdseg.engine.train.evaluate_checkpoint` (the code behind
+   ``lpdseg eval``): classifier-gated masks (``predict`` mode, no labels at
+   test time: the headline) and label-gated masks (``pseudo`` mode: the
+   pseudo-mask quality given the true image labels).
+
+Results: mean +- std over folds x seeds of mIoU / mDice over the 3 tissue
+classes, FwIoU and boundary IoU, written to ``benchmarks/wsss4luad_results.md``
+and ``.json``. Exits 0 with a message when the data folder is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "wsss4luad-val"
+BACKBONES = {
+    "effnet": ["model.backbone=efficientnet_lite0", "model.weights=imagenet"],
+    "mit_b0": ["model.backbone=mit_b0", "model.weights=null"],
+}
+BACKBONE_LABEL = {"effnet": "EfficientNet-Lite0 (ImageNet)", "mit_b0": "MiT-B0 (scratch)"}
+PBIP_LOSS = [
+    "loss.sim_weight=0.5",
+    "loss.sim_temperature=1.0",
+    "loss.sim_threshold=0.15",
+    "loss.sim_bg_weight=0.5",
+    "loss.div_weight=0.0",
+    "model.merge=mean",
+]
+METHODS = {
+    "cam": ["model.head=cam", "loss.sim_mode=off", "loss.div_weight=0"],
+    "pbip": ["model.head=pbip", *PBIP_LOSS],
+    "lpd_nodiv": ["model.head=lpd", "loss.div_weight=0"],
+    "lpd": ["model.head=lpd"],
+}
+METHOD_LABEL = {
+    "cam": "CAM baseline",
+    "pbip": "PBIP",
+    "lpd_nodiv": "LPD w/o diversity",
+    "lpd": "LPD",
+    "supervised": "Fully supervised (true masks)",
+}
+METRICS = ("mIoU", "mDice", "FwIoU", "bIoU")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with img/ + mask/")
+    p.add_argument("--work", type=Path, default=Path("runs/wsss4luad_bench"), help="run folders")
+    p.add_argument("--results", type=Path, default=HERE / "wsss4luad_results", help="output stem")
+    p.add_argument("--folds", type=int, default=3, help="K folds by image")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--methods", default="cam,pbip,lpd_nodiv,lpd", help=", ".join(METHODS))
+    p.add_argument("--backbones", default="effnet,mit_b0", help=", ".join(BACKBONES))
+    p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--size", type=int, default=112, help="patch side (px)")
+    p.add_argument("--stride", type=int, default=56, help="patch stride (px)")
+    p.add_argument("--min-fraction", type=float, default=0.02, help="label rule")
+    p.add_argument("--steps", type=int, default=200, help="training steps per run")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--prototypes", type=int, default=4, help="prototypes per class (LPD)")
+    p.add_argument("--bank-keep", type=int, default=20, help="PBIP bank: patches per cluster")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the by-image folds")
+    return p.parse_args(argv)
+
+
+def make_folds(stems: list[str], k: int, seed: int) -> list[list[str]]:
+    """K disjoint groups of image stems (seeded permutation, sizes differ by <= 1)."""
+    order = [str(s) for s in np.random.default_rng(seed).permutation(sorted(stems))]
+    return [sorted(part.tolist()) for part in np.array_split(np.array(order), k)]
+
+
+def common_overrides(args: argparse.Namespace, root: Path, out: Path, seed: int) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.format=wsss4luad",
+        f"data.crop_size={args.size}",
+        "data.num_workers=0",
+        "data.color_jitter=0.1",
+        "model.drop_path=0.0",
+        f"model.prototypes_per_class={args.prototypes}",
+        "model.embed_dim=320",  # the efficientnet-lite0 similarity encoder's space
+        "loss.encoder=efficientnet-lite0",
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch_size}",
+        f"train.lr={args.lr}",
+        "train.head_lr_mult=5.0",
+        "train.warmup_fraction=0.05",
+        f"train.seed={seed}",
+        f"train.threads={args.threads}",
+        f"train.out_dir={out}",
+        "eval.tta_scales=[1.0]",
+        "eval.tta_flip=true",
+    ]
+
+
+def run_one(overrides: list[str], out: Path, modes: tuple[str, ...], tta: bool) -> dict:
+    """Train one config, score best.pt on the fold's test images; return metrics + seconds."""
+    from lpdseg.config import load_config
+    from lpdseg.engine.train import evaluate_checkpoint, train
+
+    t0 = time.perf_counter()
+    cfg = load_config("wsss4luad", overrides)
+    train(cfg, progress=False, evaluate_test=False)
+    t_train = time.perf_counter() - t0
+    res = evaluate_checkpoint(
+        out / "best.pt", split="test", modes=modes, tta=tta, progress=False, out_dir=out
+    )
+    scores = {
+        mode: {m: float(res[mode][m]) for m in (*METRICS, "pixel_acc")}
+        | {"per_class_IoU": res[mode].get("iou")}
+        for mode in modes
+        if mode in res
+    }
+    if "seg" in res:
+        scores = {"seg": {m: float(res["seg"][m]) for m in METRICS}}
+    return {
+        "scores": scores,
+        "train_s": round(t_train, 1),
+        "total_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def build_bank(root: Path, out: Path, args: argparse.Namespace) -> Path:
+    from lpdseg.bank import build_bank_from_config
+
+    return build_bank_from_config(
+        "wsss4luad",
+        [f"data.root={root}", "loss.encoder=efficientnet-lite0", "model.weights=imagenet",
+         "model.backbone=efficientnet_lite0"],
+        out,
+        clusters=3,
+        n_keep=args.bank_keep,
+        seed=0,
+        allow_fewer=True,
+        sheet=False,
+        progress=False,
+    )  # fmt: skip
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.array([v for v in values if v == v], dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Per (method, backbone, mode): mean and std of each metric over folds x seeds."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in runs:
+        for mode, s in r["scores"].items():
+            groups.setdefault((r["method"], r["backbone"], mode), []).append(s)
+    out = {}
+    for (method, backbone, mode), scores in groups.items():
+        out[f"{method}|{backbone}|{mode}"] = {
+            "method": method,
+            "backbone": backbone,
+            "mode": mode,
+            "n": len(scores),
+            **{m: dict(zip(("mean", "std"), mean_std([s[m] for s in scores]))) for m in METRICS},
+        }
+    return out
+
+
+def _fmt(entry: dict, metric: str) -> str:
+    m, s = entry[metric]["mean"], entry[metric]["std"]
+    return f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def markdown(summary: dict) -> str:
+    agg = summary["aggregate"]
+    lines = [
+        "| Method | Backbone | mIoU | mDice | FwIoU | bIoU | mIoU (label-gated) | runs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = [(m, b) for m in (*METHODS, "supervised") for b in BACKBONES]
+    for method, backbone in order:
+        pred = agg.get(f"{method}|{backbone}|predict") or agg.get(f"{method}|{backbone}|seg")
+        if pred is None:
+            continue
+        gated = agg.get(f"{method}|{backbone}|pseudo")
+        lines.append(
+            f"| {METHOD_LABEL[method]} | {BACKBONE_LABEL[backbone]} | "
+            + " | ".join(_fmt(pred, m) for m in METRICS)
+            + f" | {_fmt(gated, 'mIoU') if gated else '–'} | {pred['n']} |"
+        )
+    s = summary["settings"]
+    lines += [
+        "",
+        f"Held-out WSSS4LUAD images at full size, {s['folds']}-fold by image x seeds "
+        f"{s['seeds']}; mean ± std (%) over {s['folds'] * len(s['seeds'])} runs. mIoU/mDice "
+        "over tumor, stroma, normal; FwIoU and boundary IoU as lpdseg eval. Columns 3-6: "
+        "classifier-gated masks (no labels at test time; the stage-2 network needs none); "
+        "'label-gated': masks gated by the true image labels (pseudo-mask quality).",
+        f"Patches {s['size']} px, stride {s['stride']}, label rule >= {s['min_fraction']:.0%} "
+        f"of the patch; {s['steps']} steps x batch {s['batch_size']}, lr {s['lr']}; "
+        f"{s['threads']} threads. Wall time {summary['wall_s'] / 60:.1f} min.",
+        f"Command: `{summary['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    img_dir, mask_dir = args.data / "img", args.data / "mask"
+    if not (img_dir.is_dir() and mask_dir.is_dir()):
+        print(
+            f"skipped: {args.data} (img/ + mask/) not found; this benchmark needs the shared data"
+        )
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    from lpdseg.data.patches import PatchRule, build_patch_dataset, pair_files
+
+    methods = [m for m in args.methods.split(",") if m]
+    backbones = [b for b in args.backbones.split(",") if b]
+    seeds = [int(s) for s in str(args.seeds).split(",") if s != ""]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for b in backbones:
+        if b not in BACKBONES:
+            raise SystemExit(f"unknown backbone {b!r}; choose from {', '.join(BACKBONES)}")
+    stems = [img.stem for img, _ in pair_files(img_dir, mask_dir)]
+    folds = make_folds(stems, args.folds, args.split_seed)
+    rule = PatchRule(args.size, args.stride, args.min_fraction, 0.5)
+    t_start = time.perf_counter()
+    runs: list[dict] = []
+    data_info = []
+    for k, test_stems in enumerate(folds):
+        fold_dir = args.work / f"fold{k}"
+        root = fold_dir / "data"
+        train_stems = [s for s in stems if s not in test_stems]
+        info = build_patch_dataset(
+            img_dir, mask_dir, root, fmt="wsss4luad", rule=rule,
+            train_stems=train_stems, test_stems=test_stems, progress=False,
+        )  # fmt: skip
+        data_info.append(
+            {
+                "fold": k,
+                "test_images": test_stems,
+                "train_patches": info["patches"],
+                "patches_with_class": info["patches_with_class"],
+            }
+        )
+        print(f"fold {k}: {info['patches']} training patches, test images {test_stems}", flush=True)
+        bank = None
+        if "pbip" in methods:
+            bank = build_bank(root, fold_dir / "bank.pt", args)
+        for seed in seeds:
+            jobs = [(m, b) for b in backbones for m in methods]
+            if args.supervised:
+                jobs.append(("supervised", "effnet"))
+            for method, backbone in jobs:
+                out = fold_dir / f"{method}_{backbone}_s{seed}"
+                ov = common_overrides(args, root, out, seed) + BACKBONES[backbone]
+                if method == "supervised":
+                    ov += ["train.task=seg", f"data.pseudo={root / 'supervised'}"]
+                    modes: tuple[str, ...] = ("seg",)
+                else:
+                    ov += METHODS[method]
+                    modes = ("predict", "pseudo")
+                    if method == "pbip":
+                        ov.append(f"model.bank={bank}")
+                res = run_one(ov, out, modes, args.tta)
+                runs.append(
+                    {"fold": k, "seed": seed, "method": method, "backbone": backbone, **res}
+                )
+                head = next(iter(res["scores"].values()))
+                print(
+                    f"  fold {k} seed {seed} {method:10s} {backbone:7s} mIoU {head['mIoU']:.3f} "
+                    f"mDice {head['mDice']:.3f} ({res['total_s']:.0f} s)",
+                    flush=True,
+                )
+    wall = time.perf_counter() - t_start
+    summary = {
+        "command": "python benchmarks/wsss4luad.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {
+            "folds": args.folds,
+            "seeds": seeds,
+            "methods": methods,
+            "backbones": backbones,
+            "size": args.size,
+            "stride": args.stride,
+            "min_fraction": args.min_fraction,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "prototypes_per_class": args.prototypes,
+            "bank_keep": args.bank_keep,
+            "tta": args.tta,
+            "threads": args.threads,
+            "split_seed": args.split_seed,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+        "wall_s": round(wall, 1),
+        "folds": data_info,
+        "aggregate": aggregate(runs),
+        "runs": runs,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(summary)
+    args.results.with_suffix(".md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
