@@ -90,6 +90,7 @@ class ModelConfig:
     proj_hidden: int = 256  # hidden width of the per-stage projection MLPs
     scale_init: float = 1 / 0.07  # initial value of the learnable cosine scale s
     merge: str = "softmax"  # how sub-prototype scores form class logits: mean | softmax
+    logit_bias: bool = False  # learnable per-stage, per-class bias on prototype-head logits
     bank: str | None = None  # prototype bank file (head=pbip)
     drop_path: float = 0.1
 

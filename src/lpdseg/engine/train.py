@@ -136,26 +136,30 @@ class Trainer:
         self.amp = amp_dtype(cfg, device)
         c = len(bundle.class_names)
         self.seg = cfg.train.task == "seg"
+        lc = cfg.loss
+        wants_sim = (
+            not self.seg and cfg.model.head != "cam" and lc.sim_mode != "off" and lc.sim_weight > 0
+        )
+        self.encoder: FrozenEncoder | None = None
+        if wants_sim and lc.encoder != "backbone-ema":
+            # an external encoder fixes the prototype space D: build it first so that a
+            # null model.embed_dim takes its size (recorded in the saved config)
+            self.encoder = self._build_encoder(cfg, bundle, None).to(device)
+            if cfg.model.embed_dim is None and cfg.model.head == "lpd":
+                d = cfg.to_dict()
+                d["model"]["embed_dim"] = int(self.encoder.embed_dim)
+                cfg = self.cfg = config_from_dict(d)
         self.model = (build_segnet(cfg, c) if self.seg else build_model(cfg, c)).to(device)
         head = getattr(self.model, "head", None)
         self.is_proto = isinstance(head, PrototypeHead)
-        self.encoder: FrozenEncoder | None = None
-        use_sim = self.is_proto and cfg.loss.sim_mode != "off" and cfg.loss.sim_weight > 0
-        if use_sim:
-            self.encoder = build_encoder(
-                cfg.loss.encoder,
-                backbone=self.model.backbone,
-                model_mean=bundle.mean,
-                model_std=bundle.std,
-                ema_decay=cfg.loss.encoder_ema_decay,
-                allow_random=cfg.loss.allow_random_encoder,
-            ).to(device)
-            if self.encoder.embed_dim != head.embed_dim:
-                raise ConfigError(
-                    f"prototype space has {head.embed_dim} dims but encoder {cfg.loss.encoder!r} "
-                    f"embeds in {self.encoder.embed_dim}; set model.embed_dim={self.encoder.embed_dim} "
-                    "(or leave it null)"
-                )
+        if wants_sim and self.encoder is None:
+            self.encoder = self._build_encoder(cfg, bundle, self.model.backbone).to(device)
+        if self.encoder is not None and self.encoder.embed_dim != head.embed_dim:
+            raise ConfigError(
+                f"prototype space has {head.embed_dim} dims but encoder {lc.encoder!r} "
+                f"embeds in {self.encoder.embed_dim}; set model.embed_dim={self.encoder.embed_dim} "
+                "(or leave it null)"
+            )
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr)
         # forward passes of training go through `net` (DDP under torchrun); `model` stays the
         # plain module for state dicts, the EMA encoder, validation and checkpoints
@@ -170,6 +174,19 @@ class Trainer:
         self.total_steps = 0  # set by train()
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.last_good: str | None = None
+
+    @staticmethod
+    def _build_encoder(
+        cfg: Config, bundle: DataBundle, backbone: nn.Module | None
+    ) -> FrozenEncoder:
+        return build_encoder(
+            cfg.loss.encoder,
+            backbone=backbone,
+            model_mean=bundle.mean,
+            model_std=bundle.std,
+            ema_decay=cfg.loss.encoder_ema_decay,
+            allow_random=cfg.loss.allow_random_encoder,
+        )
 
     def make_scheduler(self, total_steps: int) -> None:
         self.total_steps = total_steps
@@ -399,7 +416,7 @@ def _train(
         log.info("resumed from %s at step %d (epoch %d)", resume, trainer.step, trainer.epoch)
     metrics_path = run_dir / "metrics.jsonl"
     if main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(trainer.cfg, run_dir / "config.yaml")
         if not resume and metrics_path.exists():
             metrics_path.unlink()
     has_val = bundle.has_split("val")

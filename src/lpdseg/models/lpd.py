@@ -75,6 +75,7 @@ def build_model(
             m.scale_init,
             m.merge,
             bank=bank,
+            logit_bias=m.logit_bias,
         )
     return WSSSModel(backbone, head)
 

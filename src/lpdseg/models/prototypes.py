@@ -63,6 +63,8 @@ class PrototypeHead(nn.Module):
         merge: ``mean`` or ``softmax`` merge of sub-prototype scores into logits.
         bank: fixed prototypes (C x k x D) for PBIP; ``None`` for learnable ones
             initialised N(0, 1).
+        logit_bias: add a learnable bias per stage and class to the logits (the
+            maps are unchanged).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class PrototypeHead(nn.Module):
         scale_init: float = 1 / 0.07,
         merge: str = "softmax",
         bank: Tensor | None = None,
+        logit_bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -95,6 +98,11 @@ class PrototypeHead(nn.Module):
             for c in stage_channels
         )
         self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+        # cosine maps are bounded and have no offset: without a bias, an absent class can
+        # only get a low logit by anti-aligning every pixel, which a 1x1-conv CAM gets for free
+        self.logit_bias = (
+            nn.Parameter(torch.zeros(len(stage_channels), num_classes)) if logit_bias else None
+        )
 
     @property
     def learnable(self) -> bool:
@@ -138,6 +146,8 @@ class PrototypeHead(nn.Module):
                 class_maps[i] = a.mean(2)
             scores = a.mean((3, 4))  # B x C x k: GAP of every prototype map
             logits[i] = merge_prototype_scores(scores, self.merge)
+            if self.logit_bias is not None:
+                logits[i] = logits[i] + self.logit_bias[i]
         return HeadOutput(proto_maps, class_maps, logits)
 
 
