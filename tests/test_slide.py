@@ -233,3 +233,35 @@ def test_cmu_slide_geojson_round_trip(run_dir, tmp_path):
     )
     rows = json.loads(Path(s["files"]["areas_json"]).read_text())
     assert all(r["area_um2"] is not None for r in rows)
+
+
+def test_cli_slide_under_torchrun_equals_one_process(run_dir, slide_path, tmp_path):
+    """`torchrun --nproc_per_node 2 -m lpdseg.cli slide`: tiles split over ranks, same map."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    args = ["--downsample", "4", "--tile", "32", "--output-downsample", "2", "-q"]
+    single = tmp_path / "single"
+    res = CliRunner().invoke(
+        app, ["slide", str(run_dir / "best.pt"), str(slide_path), "--out", str(single), *args]
+    )
+    assert res.exit_code == 0, res.output
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    sharded = tmp_path / "sharded"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "lpdseg.cli", "slide", str(run_dir / "best.pt"), str(slide_path),
+         "--out", str(sharded), *args],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a = np.asarray(Image.open(single / "synthetic_classmap.png"))
+    b = np.asarray(Image.open(sharded / "synthetic_classmap.png"))
+    np.testing.assert_array_equal(a, b)
+    sa = json.loads((single / "synthetic_summary.json").read_text())
+    sb = json.loads((sharded / "synthetic_summary.json").read_text())
+    assert sa["tiles"] == sb["tiles"] > 4

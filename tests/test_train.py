@@ -192,3 +192,16 @@ def test_cli_train_eval_predict(tiny_data, tmp_path):
     assert len(list(pred.glob("*_mask.png"))) == 4
     res = runner.invoke(app, ["train", "demo", "train.epoch=2"])
     assert res.exit_code == 2 and "Did you mean 'epochs'" in res.output
+
+
+def test_pretrained_similarity_encoder_sets_the_prototype_space(tiny_data, tmp_path):
+    """A null model.embed_dim takes the external encoder's size, saved in the checkpoint."""
+    out = tmp_path / "eff"
+    cfg = tiny_cfg(tiny_data, out, "loss.encoder=efficientnet-lite0", "train.max_steps=2")
+    assert cfg.model.embed_dim is None
+    train(cfg, progress=False, evaluate_test=False)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["config"]["model"]["embed_dim"] == 320
+    assert ckpt["model"]["head.prototypes"].shape[-1] == 320
+    model, _ = load_model(out / "best.pt")  # rebuilds the same head from the saved config
+    assert model.head.prototypes.shape[-1] == 320

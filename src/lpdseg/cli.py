@@ -336,6 +336,8 @@ def slide(
         read_workers=read_workers,
         progress=not quiet,
     )
+    if "rank" in summary:  # a non-zero torchrun rank: rank 0 merges, writes and reports
+        return
     typer.echo(
         f"{summary['tiles']} tiles at level {summary['level']} in {summary['seconds']} s "
         f"(peak RSS {summary['peak_rss_mb']} MiB); wrote {out}"

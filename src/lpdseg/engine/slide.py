@@ -75,9 +75,7 @@ def choose_level(
         ConfigError: both or neither of ``mpp`` / ``downsample`` are usable.
     """
     if mpp is not None and downsample is not None:
-        raise ConfigError(
-            f"give either --mpp ({mpp}) or --downsample ({downsample}), not both"
-        )
+        raise ConfigError(f"give either --mpp ({mpp}) or --downsample ({downsample}), not both")
     if mpp is not None and mpp <= 0:
         raise ConfigError(f"--mpp must be > 0 micrometres per pixel, got {mpp}")
     if downsample is not None and downsample <= 0:
@@ -203,109 +201,130 @@ def segment_slide(
     start = time.perf_counter()
     slide = Path(slide)
     out = Path(out)
-    # Open the slide first: a wrong file fails before the model is loaded.
-    with open_image(slide) as reader:
-        device = resolve_device("auto")
-        model, cfg = load_model(checkpoint, device)
-        names = list(cfg.data.class_names)
-        colors = [tuple(int(v) for v in c[:3]) for c in cfg.data.colors]
-        num_labels = len(names) + 1
+    from lpdseg.engine.distributed import cleanup, init_distributed, training_device
 
-        level, extra, how = choose_level(reader, mpp, downsample)
-        # Tiles are read at the level so that, resized by `extra`, they are `tile` px.
-        level_tile = max(tile, round(tile / extra)) if extra < 1.0 else tile
-        level_ds_out = max(1, round(output_downsample / extra)) if extra < 1.0 else output_downsample
-        lds = reader.level_downsamples[level]
-        level_mpp = reader.level_mpp(level)
+    # one process, unless started by torchrun: then each rank takes a share of the tiles
+    ctx = init_distributed(resolve_device("auto"))
+    try:
+        # Open the slide first: a wrong file fails before the model is loaded.
+        with open_image(slide) as reader:
+            device = resolve_device(training_device("auto", ctx))
+            model, cfg = load_model(checkpoint, device)
+            names = list(cfg.data.class_names)
+            colors = [tuple(int(v) for v in c[:3]) for c in cfg.data.colors]
+            num_labels = len(names) + 1
+
+            level, extra, how = choose_level(reader, mpp, downsample)
+            # Tiles are read at the level so that, resized by `extra`, they are `tile` px.
+            level_tile = max(tile, round(tile / extra)) if extra < 1.0 else tile
+            level_ds_out = (
+                max(1, round(output_downsample / extra)) if extra < 1.0 else output_downsample
+            )
+            lds = reader.level_downsamples[level]
+            level_mpp = reader.level_mpp(level)
+            log.info(
+                "%s: %s -> level %d (downsample %.3g%s), tiles of %d level px",
+                slide,
+                how,
+                level,
+                lds,
+                f", {level_mpp:.3g} um/px" if level_mpp else "",
+                level_tile,
+            )
+
+            thumb = reader.thumbnail(thumbnail_size)
+            tissue = detect_tissue(thumb)
+            predict_fn = make_tile_predictor(
+                model, cfg, tta=tta, threshold=threshold, device=device
+            )
+            if level_tile != tile:
+                predict_fn = _resizing_predictor(predict_fn, tile)
+            canvas = stitch_slide(
+                reader,
+                level,
+                predict_fn,
+                num_labels,
+                tile=level_tile,
+                overlap=overlap,
+                batch_size=batch_size,
+                tissue_mask=tissue,
+                tissue_min_fraction=tissue_min_fraction,
+                output_downsample=level_ds_out,
+                read_workers=read_workers,
+                progress=progress and ctx.is_main,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+            )
+            if ctx.enabled:  # under torchrun: every rank did a share of the tiles; rank 0 merges
+                from lpdseg.engine.distributed import all_gather_objects
+                from lpdseg.wsi.tiling import merge_partial
+
+                parts = all_gather_objects(ctx, canvas)
+                if not ctx.is_main:
+                    return {"rank": ctx.rank, "tiles": canvas.tiles}
+                canvas = merge_partial(parts)
+            class_map = canvas.class_map()
+            scale = canvas.downsample_to_level0
+            h, w = class_map.shape
+            image = reader.thumbnail(min(overlay_max_side, max(h, w)))
+            slide_mpp = reader.mpp
+            level0_wh = reader.dimensions
+
+        stem = slide.stem
+        out.mkdir(parents=True, exist_ok=True)
+        files = {
+            "geojson": out / f"{stem}.geojson",
+            "overlay": out / f"{stem}_overlay.png",
+            "class_map": out / f"{stem}_classmap.png",
+            "areas_csv": out / f"{stem}_areas.csv",
+            "areas_json": out / f"{stem}_areas.json",
+            "summary": out / f"{stem}_summary.json",
+        }
+        regions = write_geojson(
+            files["geojson"], class_map, names, colors, scale, min_area_px=min_region_px
+        )
+        pictured = overlay(image, class_map, colors[: len(names)])
+        write_png(files["overlay"], add_legend(pictured, names, colors[: len(names)]))
+        write_png(files["class_map"], class_map)
+        rows = area_table(class_map, names, pixel_area_um2(slide_mpp, scale))
+        write_area_csv(files["areas_csv"], rows)
+        write_area_json(files["areas_json"], rows)
+        seconds = time.perf_counter() - start
+        summary: dict[str, Any] = {
+            "slide": str(slide),
+            "checkpoint": str(checkpoint),
+            "class_names": names,
+            "dimensions_level0": list(level0_wh),
+            "mpp_level0": list(slide_mpp) if slide_mpp else None,
+            "requested": how,
+            "level": level,
+            "level_downsample": lds,
+            "level_mpp": level_mpp,
+            "tile_level_px": level_tile,
+            "tile_model_px": tile,
+            "overlap": overlap,
+            "map_shape_hw": [h, w],
+            "map_downsample": scale,
+            "map_mpp": (level_mpp * level_ds_out) if level_mpp else None,
+            "tissue_fraction_thumbnail": float(tissue.mean()),
+            "tiles": canvas.tiles,
+            "regions": regions,
+            "seconds": round(seconds, 2),
+            "tiles_per_second": round(canvas.tiles / seconds, 2) if seconds > 0 else None,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "device": str(device),
+            "files": {k: str(v) for k, v in files.items()},
+        }
+        atomic_write_json(files["summary"], summary)
         log.info(
-            "%s: %s -> level %d (downsample %.3g%s), tiles of %d level px",
+            "%s: %d tiles in %.1f s, %d regions, peak RSS %.0f MiB -> %s",
             slide,
-            how,
-            level,
-            lds,
-            f", {level_mpp:.3g} um/px" if level_mpp else "",
-            level_tile,
+            canvas.tiles,
+            seconds,
+            regions,
+            summary["peak_rss_mb"],
+            out,
         )
-
-        thumb = reader.thumbnail(thumbnail_size)
-        tissue = detect_tissue(thumb)
-        predict_fn = make_tile_predictor(model, cfg, tta=tta, threshold=threshold, device=device)
-        if level_tile != tile:
-            predict_fn = _resizing_predictor(predict_fn, tile)
-        canvas = stitch_slide(
-            reader,
-            level,
-            predict_fn,
-            num_labels,
-            tile=level_tile,
-            overlap=overlap,
-            batch_size=batch_size,
-            tissue_mask=tissue,
-            tissue_min_fraction=tissue_min_fraction,
-            output_downsample=level_ds_out,
-            read_workers=read_workers,
-            progress=progress,
-        )
-        class_map = canvas.class_map()
-        scale = canvas.downsample_to_level0
-        h, w = class_map.shape
-        image = reader.thumbnail(min(overlay_max_side, max(h, w)))
-        slide_mpp = reader.mpp
-        level0_wh = reader.dimensions
-
-    stem = slide.stem
-    out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "geojson": out / f"{stem}.geojson",
-        "overlay": out / f"{stem}_overlay.png",
-        "class_map": out / f"{stem}_classmap.png",
-        "areas_csv": out / f"{stem}_areas.csv",
-        "areas_json": out / f"{stem}_areas.json",
-        "summary": out / f"{stem}_summary.json",
-    }
-    regions = write_geojson(
-        files["geojson"], class_map, names, colors, scale, min_area_px=min_region_px
-    )
-    pictured = overlay(image, class_map, colors[: len(names)])
-    write_png(files["overlay"], add_legend(pictured, names, colors[: len(names)]))
-    write_png(files["class_map"], class_map)
-    rows = area_table(class_map, names, pixel_area_um2(slide_mpp, scale))
-    write_area_csv(files["areas_csv"], rows)
-    write_area_json(files["areas_json"], rows)
-    seconds = time.perf_counter() - start
-    summary: dict[str, Any] = {
-        "slide": str(slide),
-        "checkpoint": str(checkpoint),
-        "class_names": names,
-        "dimensions_level0": list(level0_wh),
-        "mpp_level0": list(slide_mpp) if slide_mpp else None,
-        "requested": how,
-        "level": level,
-        "level_downsample": lds,
-        "level_mpp": level_mpp,
-        "tile_level_px": level_tile,
-        "tile_model_px": tile,
-        "overlap": overlap,
-        "map_shape_hw": [h, w],
-        "map_downsample": scale,
-        "map_mpp": (level_mpp * level_ds_out) if level_mpp else None,
-        "tissue_fraction_thumbnail": float(tissue.mean()),
-        "tiles": canvas.tiles,
-        "regions": regions,
-        "seconds": round(seconds, 2),
-        "tiles_per_second": round(canvas.tiles / seconds, 2) if seconds > 0 else None,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "device": str(device),
-        "files": {k: str(v) for k, v in files.items()},
-    }
-    atomic_write_json(files["summary"], summary)
-    log.info(
-        "%s: %d tiles in %.1f s, %d regions, peak RSS %.0f MiB -> %s",
-        slide,
-        canvas.tiles,
-        seconds,
-        regions,
-        summary["peak_rss_mb"],
-        out,
-    )
-    return summary
+        return summary
+    finally:
+        cleanup(ctx)
