@@ -116,6 +116,7 @@ def common_overrides(args: argparse.Namespace, root: Path, out: Path, seed: int)
         "data.num_workers=0",
         "data.color_jitter=0.1",
         "model.drop_path=0.0",
+        "model.merge=mean",  # class logits as the mean over prototypes (docs/demo_ablation.md)
         f"model.prototypes_per_class={args.prototypes}",
         "model.embed_dim=320",  # the efficientnet-lite0 similarity encoder's space
         "loss.encoder=efficientnet-lite0",
