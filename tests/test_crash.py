@@ -178,3 +178,17 @@ def test_disk_full_during_training_stops_clearly_and_keeps_last_good(data, tmp_p
         train(cfg, progress=False, evaluate_test=False)
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["step"] == 3
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    """Temp files are 0600 (mkstemp); the written result follows the umask like open()."""
+    from lpdseg.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        plain = tmp_path / "b.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644

@@ -24,6 +24,13 @@ class WriteError(LpdsegError):
     """An output could not be written; earlier files are intact."""
 
 
+def _umask() -> int:
+    """The process umask (reading it needs setting it; restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file that replaces ``path`` when the block succeeds.
@@ -39,6 +46,8 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates 0600 files; give the result the usual permissions (umask applied)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
