@@ -160,8 +160,9 @@ def test_ddp_two_ranks_match_one_process_with_double_batch(data, tmp_path):
         }
         report[name]["worst"] = worst
     print(f"DDP 2x4 vs 1x8 after {STEPS} steps, |w_ddp - w_1| / |w_1 - w_init|: {report}")
-    # classification loss only: equal up to float summation order
-    assert report["cls"]["rel_l2"] < 1e-3 and report["cls"]["max_abs"] < 1e-5, report
+    # classification loss only: equal up to float summation order (Adam divides by sqrt(v),
+    # so components whose gradients are ~0 turn order noise into ~1e-5 weight differences)
+    assert report["cls"]["rel_l2"] < 1e-3 and report["cls"]["max_abs"] < 1e-4, report
     # full LPD: per-rank means of the sim/div losses differ from global means (module doc);
     # the gap sits in the stage-4 head and prototypes that those losses train
     assert report["lpd"]["rel_l2"] < 0.5, report
