@@ -116,7 +116,7 @@ def run(scale: Scale, context: dict | None = None) -> Figure:
             "feature": side(times["feature"]),
         },
         ratio_meaning="x faster",
-        target=">= 5x (accuracy half: compare.py --methods LPD "LPD image-sim")",
+        target=">= 5x (accuracy half: compare.py --methods LPD 'LPD image-sim')",
     )
     fig.ratio = fig.sides["image"]["median_s"] / fig.sides["feature"]["median_s"]
     fig.met = fig.ratio >= 5
