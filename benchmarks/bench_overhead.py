@@ -18,17 +18,19 @@ overhead into head, diversity and similarity shares.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
-from common import Figure, Scale, fake_batch, make_trainer, median, side, time_interleaved
-
-
-def setting_for(scale: Scale) -> dict[str, Any]:
-    """Sizes for a scale."""
-    if scale.tiny:
-        return {"backbone": "mit_b0", "B": 2, "size": 64, "k": 2}
-    return {"backbone": "mit_b1", "B": 10, "size": 224, "k": 10}
+from common import (
+    Figure,
+    Scale,
+    fake_batch,
+    make_trainer,
+    median,
+    side,
+    step_overrides,
+    step_setting,
+    time_interleaved,
+)
 
 
 def backbone_step_fn(backbone_name: str, images: torch.Tensor, grad_clip: float = 1.0):
@@ -52,14 +54,9 @@ def backbone_step_fn(backbone_name: str, images: torch.Tensor, grad_clip: float 
 def run(scale: Scale, context: dict | None = None) -> Figure:
     """Time the four sides and return the figure (stores the LPD step time in ``context``)."""
     t_start = time.perf_counter()
-    s = setting_for(scale)
+    s = step_setting(scale)
     images, labels = fake_batch(s["B"], s["size"])
-    common = [
-        f"model.backbone={s['backbone']}",
-        f"model.prototypes_per_class={s['k']}",
-        f"data.crop_size={s['size']}",
-        f"train.batch_size={s['B']}",
-    ]
+    common = step_overrides(s)
     trainers = {
         "head+cls": make_trainer([*common, "loss.sim_mode=off", "loss.div_weight=0"]),
         "head+cls+div": make_trainer([*common, "loss.sim_mode=off"]),

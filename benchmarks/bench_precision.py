@@ -13,7 +13,6 @@ the curves agree when the mean relative difference of the losses is <= 5 %.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,17 +24,12 @@ from common import (
     median,
     profile_top,
     side,
+    step_overrides,
+    step_setting,
     time_interleaved,
 )
 
 CURVE_TOLERANCE = 0.05
-
-
-def setting_for(scale: Scale) -> dict[str, Any]:
-    """Sizes of the timed steps for a scale."""
-    if scale.tiny:
-        return {"backbone": "mit_b0", "B": 2, "size": 64, "k": 2}
-    return {"backbone": "mit_b1", "B": 10, "size": 224, "k": 10}
 
 
 def synthetic_batches(n_batches: int, batch: int, size: int, seed: int = 0) -> list:
@@ -68,23 +62,16 @@ def loss_curves(steps: int, batches: list) -> dict[str, list[float]]:
             seed=0,
             total_steps=steps,
         )
-        curves[amp] = [
-            trainer.train_step(*batches[i % len(batches)]).loss for i in range(steps)
-        ]
+        curves[amp] = [trainer.train_step(*batches[i % len(batches)]).loss for i in range(steps)]
     return curves
 
 
 def run(scale: Scale, context: dict | None = None) -> Figure:
     """Time fp32 vs bf16 steps, profile one of each, compare loss curves."""
     t_start = time.perf_counter()
-    s = setting_for(scale)
+    s = step_setting(scale)
     images, labels = fake_batch(s["B"], s["size"])
-    common = [
-        f"model.backbone={s['backbone']}",
-        f"model.prototypes_per_class={s['k']}",
-        f"data.crop_size={s['size']}",
-        f"train.batch_size={s['B']}",
-    ]
+    common = step_overrides(s)
     trainers = {
         "fp32": make_trainer([*common, "train.amp=off"]),
         "bf16": make_trainer([*common, "train.amp=bf16"]),

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from common import Figure, Scale, fake_batch, make_trainer, side, time_interleaved
+from common import Figure, Scale, fake_batch, make_trainer, side, step_overrides, time_interleaved
 
 
 def setting_for(scale: Scale) -> dict[str, Any]:
@@ -56,12 +56,7 @@ def reference_design() -> Iterator[None]:
 def measure_steps(scale: Scale, with_reference: bool = True) -> dict[str, Any]:
     """Interleaved train_step timings of feature mode, image mode and the reference design."""
     s = setting_for(scale)
-    common = [
-        f"model.backbone={s['backbone']}",
-        f"model.prototypes_per_class={s['k']}",
-        f"data.crop_size={s['size']}",
-        f"train.batch_size={s['B']}",
-    ]
+    common = step_overrides(s)
     images, labels = fake_batch(s["B"], s["size"])
     trainers = {
         "feature": make_trainer([*common, "loss.sim_mode=feature"]),

@@ -229,6 +229,23 @@ def make_config(overrides: Sequence[str] = ()) -> Any:
     return load_config("demo", [*base, *overrides])
 
 
+def step_setting(scale: Scale) -> dict[str, Any]:
+    """The training-step size the issue names (MiT-B1, B = 10, 224 px, k = 10); tiny for smoke runs."""
+    if scale.tiny:
+        return {"backbone": "mit_b0", "B": 2, "size": 64, "k": 2}
+    return {"backbone": "mit_b1", "B": 10, "size": 224, "k": 10}
+
+
+def step_overrides(setting: dict[str, Any]) -> list[str]:
+    """Config overrides that build a trainer of a ``step_setting``-style size."""
+    return [
+        f"model.backbone={setting['backbone']}",
+        f"model.prototypes_per_class={setting['k']}",
+        f"data.crop_size={setting['size']}",
+        f"train.batch_size={setting['B']}",
+    ]
+
+
 def make_trainer(overrides: Sequence[str] = (), seed: int = 0, total_steps: int = 1000) -> Any:
     """A :class:`lpdseg.engine.train.Trainer` on CPU without a dataset on disk."""
     from lpdseg.data.loaders import DataBundle
