@@ -155,11 +155,27 @@ def predict_scores(
     amp_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Images -> per-label scores (B x (C + 1) x H x W); argmax gives the mask."""
+    return _scores_and_maps(model, images, cfg, labels, mode, tta, amp_dtype)[0]
+
+
+def _scores_and_maps(
+    model: WSSSModel,
+    images: Tensor,
+    cfg: EvalConfig,
+    labels: Tensor | None,
+    mode: str | None,
+    tta: bool,
+    amp_dtype: torch.dtype | None,
+) -> tuple[Tensor, MapOutput | None]:
+    """Per-label scores and, for prototype/CAM models, the maps they came from.
+
+    Stage-2 networks (no prototype head) give their softmax; gating does not apply.
+    """
     if not isinstance(model, WSSSModel):
-        return segnet_scores(model, images, cfg, tta)
+        return segnet_scores(model, images, cfg, tta), None
     out = infer_maps(model, images, cfg, tta=tta, amp_dtype=amp_dtype)
     fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
-    return label_scores(fused, class_gate(cfg, out.probs, labels, mode), cfg.bg_gamma)
+    return label_scores(fused, class_gate(cfg, out.probs, labels, mode), cfg.bg_gamma), out
 
 
 @torch.no_grad()
@@ -202,12 +218,8 @@ def predict_masks(
 
     Stage-2 networks (no prototype head) give their argmax; gating does not apply.
     """
-    if not isinstance(model, WSSSModel):
-        return segnet_scores(model, images, cfg, tta).argmax(1), None
-    out = infer_maps(model, images, cfg, tta=tta, amp_dtype=amp_dtype)
-    fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
-    keep = class_gate(cfg, out.probs, labels, mode)
-    return maps_to_mask(fused, keep, cfg.bg_gamma), out
+    scores, out = _scores_and_maps(model, images, cfg, labels, mode, tta, amp_dtype)
+    return scores.argmax(1), out
 
 
 @torch.no_grad()
