@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import Figure, Scale, median, side, time_interleaved
+from common import Figure, Scale, side, time_interleaved
 
 
 def looped_diversity(
@@ -45,43 +45,6 @@ def looped_diversity(
     return torch.stack(terms).mean()
 
 
-def masked_rows_diversity(
-    proto_maps: torch.Tensor, class_maps: torch.Tensor, labels: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """A leaner vectorised variant (suggested for ``lpdseg.losses.diversity_loss``).
-
-    Same value as :func:`lpdseg.losses.diversity_loss`, but (a) only the rows of
-    present classes that own pixels are processed (about half of B x C), and
-    (b) pixels outside a region get a finite ``-1e4`` additive bias instead of
-    ``-inf`` fills, so ``q`` underflows to exactly 0 there and no full-size
-    ``masked_fill``/``where`` passes are needed.
-    """
-    b, c, k, h, w = proto_maps.shape
-    if k < 2:
-        return proto_maps.sum() * 0.0
-    present = labels > 0.5
-    gated = class_maps.detach().float().masked_fill(~present[:, :, None, None], float("-inf"))
-    pseudo = gated.argmax(1).flatten(1)  # B x P
-    region = (pseudo[:, None, :] == torch.arange(c, device=pseudo.device)[None, :, None]) & (
-        present[:, :, None]
-    )  # B x C x P
-    valid = region.any(-1)
-    if not valid.any():
-        return proto_maps.sum() * 0.0
-    bias = torch.zeros(region[valid].shape, dtype=torch.float32, device=proto_maps.device)
-    bias.masked_fill_(~region[valid], -1e4)  # V x P
-    rows = proto_maps.flatten(3)[valid].float()  # V x k x P
-    if temperature != 1.0:
-        rows = rows / temperature
-    log_q = torch.log_softmax(rows + bias[:, None, :], dim=-1)
-    q = log_q.exp()  # exactly 0 outside the region
-    ql = q @ log_q.transpose(1, 2)  # V x k x k: sum_p q_j log q_l
-    d = torch.diagonal(ql, dim1=-2, dim2=-1)
-    jeffrey = d[..., :, None] + d[..., None, :] - ql - ql.transpose(-1, -2)
-    r, cidx = torch.triu_indices(k, k, offset=1, device=proto_maps.device)
-    return torch.exp(-jeffrey[:, r, cidx]).mean()
-
-
 def make_inputs(
     batch: int, classes: int, k: int, side_px: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,21 +69,17 @@ def run(scale: Scale, context: dict | None = None) -> Figure:
         a.grad = None
         diversity_loss(a, m, labels, temperature).backward()
 
-    def suggested() -> None:
-        a.grad = None
-        masked_rows_diversity(a, m, labels, temperature).backward()
-
     def looped() -> None:
         a.grad = None
         looped_diversity(a, m, labels, temperature).backward()
 
     ours = diversity_loss(a, m, labels, temperature)
     ref = looped_diversity(a, m, labels, temperature)
-    lean = masked_rows_diversity(a, m, labels, temperature)
     agree = bool(torch.allclose(ours, ref, atol=1e-5))
+    # both sides are cheap (< 0.5 s), so take more repeats than the heavy figures
     times = time_interleaved(
-        {"loop": looped, "vectorised": vectorised, "suggested": suggested},
-        repeats=scale.heavy_repeats,
+        {"loop": looped, "vectorised": vectorised},
+        repeats=max(15, scale.heavy_repeats),
         warmup=scale.warmup,
     )
     fig = Figure(
@@ -134,18 +93,7 @@ def run(scale: Scale, context: dict | None = None) -> Figure:
     fig.ratio = fig.sides["loop"]["median_s"] / fig.sides["vectorised"]["median_s"]
     fig.met = fig.ratio >= 50
     fig.extra["values_agree"] = agree
-    fig.extra["loss"] = {
-        "vectorised": float(ours.detach()),
-        "loop": float(ref.detach()),
-        "suggested": float(lean.detach()),
-    }
-    fig.extra["suggested_variant"] = side(
-        times["suggested"],
-        speedup_over_vectorised=median(times["vectorised"]) / median(times["suggested"]),
-        speedup_over_loop=median(times["loop"]) / median(times["suggested"]),
-        agrees=bool(torch.allclose(ours, lean, atol=1e-5)),
-        what="masked_rows_diversity in this file: present rows only, finite -1e4 bias",
-    )
+    fig.extra["loss"] = {"vectorised": float(ours.detach()), "loop": float(ref.detach())}
     fig.seconds = time.perf_counter() - t_start
     return fig
 

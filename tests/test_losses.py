@@ -129,6 +129,25 @@ def test_diversity_loss_matches_loop_reference(temperature):
     assert g_ours.abs().sum() > 0  # the regulariser really pushes the maps
 
 
+def test_diversity_loss_ignores_huge_logits_outside_the_region():
+    # pixels outside a class's region may score far above its region (here by 5e4): the
+    # finite out-of-region bias must still push them to q = 0 exactly
+    g = torch.Generator().manual_seed(2)
+    b, c, k, h, w = 2, 3, 3, 4, 5
+    base = 3 * torch.randn(b, c, k, h, w, generator=g)
+    m = torch.randn(b, c, h, w, generator=g)
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 1]])
+    pseudo = m.masked_fill(labels[:, :, None, None] < 0.5, float("-inf")).argmax(1)
+    outside = pseudo[:, None] != torch.arange(c)[None, :, None, None]  # B x C x H x W
+    a = (base + 5e4 * outside[:, :, None].float()).requires_grad_()
+    ours = diversity_loss(a, m, labels, 0.5)
+    ref = ref_diversity(base.requires_grad_(), m, labels, 0.5)
+    assert torch.isfinite(ours) and torch.allclose(ours, ref, atol=1e-5), (ours, ref)
+    (g_ours,) = torch.autograd.grad(ours, a)
+    (g_ref,) = torch.autograd.grad(ref, base)
+    assert torch.allclose(g_ours, g_ref, atol=1e-6)
+
+
 def test_diversity_loss_uses_the_labelled_class_index():
     # class 1 owns all pixels; classes 0 and 2 are absent: only class 1's prototypes count
     b, c, k, h, w = 1, 3, 2, 3, 3

@@ -68,25 +68,28 @@ def diversity_loss(
         return proto_maps.sum() * 0.0
     present = labels > 0.5  # B x C
     gated = class_maps.detach().float().masked_fill(~present[:, :, None, None], float("-inf"))
-    pseudo = gated.argmax(1)  # B x H x W (same class index c everywhere)
-    region = F.one_hot(pseudo, c).permute(0, 3, 1, 2).bool() & present[:, :, None, None]
-    region = region.flatten(2)  # B x C x P
+    pseudo = gated.argmax(1).flatten(1)  # B x P (same class index c everywhere)
+    classes = torch.arange(c, device=pseudo.device)
+    region = (pseudo[:, None, :] == classes[None, :, None]) & present[:, :, None]  # B x C x P
     valid = region.any(-1)  # B x C: present and owns at least one pixel
-    logits = proto_maps.float().flatten(3) / temperature  # B x C x k x P
-    logits = logits.masked_fill(~region[:, :, None, :], float("-inf"))
-    # rows with an empty region would be all -inf -> NaN; give them zeros, masked out below
-    logits = torch.where(valid[:, :, None, None], logits, torch.zeros_like(logits))
-    log_q = torch.log_softmax(logits, dim=-1)
-    q = log_q.exp()
-    log_q = log_q.masked_fill(~region[:, :, None, :], 0.0)  # q = 0 there, so q log q = 0
-    ql = torch.einsum("bcjp,bclp->bcjl", q, log_q)  # sum_p q_j log q_l
-    d = torch.diagonal(ql, dim1=-2, dim2=-1)  # sum_p q_j log q_j
-    jeffrey = d[..., :, None] + d[..., None, :] - ql - ql.transpose(-1, -2)
-    rows, cols = torch.triu_indices(k, k, offset=1, device=proto_maps.device)
-    pair_loss = torch.exp(-jeffrey[..., rows, cols])  # B x C x pairs
     if not valid.any():
         return proto_maps.sum() * 0.0
-    return pair_loss[valid].mean()
+    # Only the (n, c) rows that count are processed (about half of B x C). Pixels outside
+    # a region get a finite bias far below every logit rather than -inf: q underflows to
+    # exactly 0 there, without the NaN rows -inf gives or extra full-size masking passes.
+    region = region[valid]  # V x P
+    rows = proto_maps.flatten(3)[valid].float()  # V x k x P
+    if temperature != 1.0:
+        rows = rows / temperature
+    far_below = -(1e4 + 2.0 * rows.detach().abs().amax())  # exp(-1e4) == 0 in float32
+    bias = torch.where(region, 0.0, far_below)  # V x P
+    log_q = torch.log_softmax(rows + bias[:, None, :], dim=-1)
+    q = log_q.exp()  # exactly 0 outside the region, so q log q = 0 there
+    ql = q @ log_q.transpose(1, 2)  # V x k x k: sum_p q_j log q_l
+    d = torch.diagonal(ql, dim1=-2, dim2=-1)  # sum_p q_j log q_j
+    jeffrey = d[..., :, None] + d[..., None, :] - ql - ql.transpose(-1, -2)
+    pairs_j, pairs_l = torch.triu_indices(k, k, offset=1, device=proto_maps.device)
+    return torch.exp(-jeffrey[:, pairs_j, pairs_l]).mean()
 
 
 def active_prototypes(proto_maps: Tensor, class_logits: Tensor, labels: Tensor) -> Tensor:

@@ -270,13 +270,40 @@ def _run_predict(predict_fn: PredictFn, batch: np.ndarray, num_labels: int) -> t
 
 
 @functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, or None when it cannot be loaded."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None on other C libraries."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
+    return getattr(_libc(), "malloc_trim", None)
+
+
+# glibc mallopt parameter number of M_MMAP_THRESHOLD (malloc.h).
+_M_MMAP_THRESHOLD = -3
+# Allocations at least this large get their own mmap and go back to the OS when freed.
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def _fix_mmap_threshold() -> bool:
+    """Serve every allocation >= 1 MiB by mmap, for the rest of the process (glibc only).
+
+    glibc raises its mmap threshold each time a large mmapped block is freed
+    (up to 32 MiB), after which tile batches and model outputs come from the
+    heap and fragment it: peak resident memory then grows with the number of
+    tiles (measured 432 -> 574 MiB from a 2k^2 to an 8k^2 slide). A fixed
+    threshold turns that dynamic adjustment off; freed batches are unmapped at
+    once (measured 411 -> 444 MiB). Returns whether the setting was applied.
+    """
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def _release_heap() -> None:
@@ -592,6 +619,7 @@ def stitch_slide(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ds = int(output_downsample)
+    _fix_mmap_threshold()
     w_img, h_img = reader.level_dimensions[level]
     lds = reader.level_downsamples[level]
     grid = TileGrid.from_overlap((h_img, w_img), tile, overlap)
