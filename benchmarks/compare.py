@@ -73,14 +73,17 @@ def run(args: argparse.Namespace) -> dict:
                                                          f"train.seed={seed}",
                                                          f"train.out_dir={run_dir}"])
             else:
-                cfg = load_config("demo", common + METHODS[method] + [
+                cfg = load_config(args.preset, common + METHODS[method] + [
                     f"train.seed={seed}", f"train.out_dir={run_dir}"])
             logging.info("stage 1: %s seed %d", method, seed)
             s1 = train(cfg, progress=False)
             results[method]["stage1"].append({k: s1["test"]["pseudo"][k] for k in METRICS})
+            if not args.stage2:
+                _write(out, args, results, extra, time.perf_counter() - start)
+                continue
             pseudo_dir = out / "pseudo" / tag
             write_pseudo_masks(run_dir / "best.pt", pseudo_dir, progress=False)
-            seg_cfg = load_config("demo", common + [
+            seg_cfg = load_config(args.preset, common + [
                 "train.task=seg", f"data.pseudo={pseudo_dir}", f"train.epochs={seg_epochs}",
                 f"train.seed={seed}", f"train.out_dir={out / 'seg' / tag}"])
             logging.info("stage 2: %s seed %d", method, seed)
@@ -112,17 +115,35 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (defaults left out)."""
+    parts = ["python benchmarks/compare.py", f"--scale {args.scale}",
+             "--seeds " + " ".join(map(str, args.seeds))]
+    if args.methods != DEFAULT_METHODS:
+        parts.append("--methods " + " ".join(f'"{m}"' if " " in m else m for m in args.methods))
+    if args.preset != "demo":
+        parts.append(f"--preset {args.preset}")
+    if args.encoder != "efficientnet-lite0":
+        parts.append(f"--encoder {args.encoder}")
+    if not args.stage2:
+        parts.append("--no-stage2")
+    if args.out != "runs/compare":
+        parts.append(f"--out {args.out}")
+    return " ".join(parts)
+
+
 def _write(out: Path, args, results: dict, extra: dict, seconds: float) -> None:
     from lpdseg.io import atomic_write_json, atomic_write_text
 
-    lines = [f"Synthetic H&E, scale `{args.scale}`, seeds {args.seeds}, encoder "
-             f"`{args.encoder}`, {seconds / 60:.1f} min. Command: `python benchmarks/compare.py "
-             f"--scale {args.scale} --seeds {' '.join(map(str, args.seeds))}`", ""]
+    lines = [f"Synthetic H&E, scale `{args.scale}`, preset `{args.preset}`, seeds {args.seeds}, "
+             f"encoder `{args.encoder}`, {seconds / 60:.1f} min. Command: "
+             f"`{_command(args)}`", ""]
     if "bank_purity" in extra:
         lines += [f"PBIP bank cluster purity w.r.t. the generator's sub-types: "
                   f"{100 * extra['bank_purity']:.1f} %", ""]
-    for stage, title in (("stage1", "Stage 1 (pseudo masks, label-gated)"),
-                         ("stage2", "Stage 2 (segmentation net on pseudo masks)")):
+    stages = (("stage1", "Stage 1 (pseudo masks, label-gated)"),
+              ("stage2", "Stage 2 (segmentation net on pseudo masks)"))
+    for stage, title in stages if args.stage2 else stages[:1]:
         lines += [f"**{title}**, test split, mean ± std over seeds (%)", "",
                   "| method | n | " + " | ".join(METRICS) + " |",
                   "|---|---|" + "---|" * len(METRICS)]
@@ -133,7 +154,8 @@ def _write(out: Path, args, results: dict, extra: dict, seconds: float) -> None:
         lines.append("")
     atomic_write_text(out / "compare_results.md", "\n".join(lines))
     atomic_write_json(out / "compare_results.json",
-                      {"scale": args.scale, "seeds": args.seeds, "encoder": args.encoder,
+                      {"scale": args.scale, "preset": args.preset, "seeds": args.seeds,
+                       "encoder": args.encoder, "command": _command(args),
                        "seconds": seconds, "results": results, **extra})
 
 
@@ -146,6 +168,12 @@ def main() -> None:
     parser.add_argument("--n-keep", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--preset", default="demo",
+                        help="config preset of every method (demo: MiT-B0 from scratch; "
+                             "demo_pretrained: EfficientNet-Lite0 ImageNet; PBIP always uses pbip_demo)")
+    parser.add_argument("--stage2", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train and score the stage-2 network on each method's "
+                             "pseudo masks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)

@@ -446,13 +446,23 @@ def demo(
         "demo_output"
     ),
     quick: Annotated[bool, typer.Option(help="Tiny run (seconds) to check the pipeline.")] = False,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Preset both methods start from: demo_pretrained (EfficientNet-Lite0, "
+            "ImageNet weights) or demo (MiT-B0 from scratch)."
+        ),
+    ] = "demo_pretrained",
+    overrides: OverridesArg = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Synthetic H&E -> train LPD and the CAM baseline -> test table + overlays."""
     _setup_logging(quiet)
     from lpdseg.demo import run_demo
 
-    report = _run(run_demo, out, quick=quick, progress=not quiet)
+    report = _run(
+        run_demo, out, quick=quick, progress=not quiet, preset=preset, overrides=overrides
+    )
     typer.echo(report)
 
 
