@@ -36,8 +36,9 @@ def subtype_patches(tmp_path_factory):
     for c in range(len(CLASS_NAMES)):
         for sub in (0, 1):
             for i in range(5):
-                p = generate_patch(1000 * c + 100 * sub + i, size=64, classes=[c], subtype=sub,
-                                   background=False)
+                p = generate_patch(
+                    1000 * c + 100 * sub + i, size=64, classes=[c], subtype=sub, background=False
+                )
                 name = f"{c}_{sub}_{i}.png"
                 save_png(root / name, p.image)
                 label = np.zeros(len(CLASS_NAMES), np.uint8)
@@ -68,10 +69,27 @@ def test_bank_is_deterministic_and_clusters_follow_subtypes(encoder, subtype_pat
 def test_bank_refuses_too_few_patches_and_says_how_many(encoder, subtype_patches):
     samples, _ = subtype_patches
     with pytest.raises(DataError, match=r"needs 30 .*found TUM: 10, STR: 10, LYM: 10, NEC: 10"):
-        build_bank(samples, CLASS_NAMES, encoder, EvalTransform(MEAN, STD),
-                   encoder_name="e", clusters=3, n_keep=10, progress=False)
-    bank = build_bank(samples, CLASS_NAMES, encoder, EvalTransform(MEAN, STD), encoder_name="e",
-                      clusters=3, n_keep=10, allow_fewer=True, progress=False)
+        build_bank(
+            samples,
+            CLASS_NAMES,
+            encoder,
+            EvalTransform(MEAN, STD),
+            encoder_name="e",
+            clusters=3,
+            n_keep=10,
+            progress=False,
+        )
+    bank = build_bank(
+        samples,
+        CLASS_NAMES,
+        encoder,
+        EvalTransform(MEAN, STD),
+        encoder_name="e",
+        clusters=3,
+        n_keep=10,
+        allow_fewer=True,
+        progress=False,
+    )
     assert sum(len(m) for m in bank.members[0]) == 10
 
 
@@ -83,32 +101,64 @@ def test_white_patches_are_dropped():
 
 def test_pbip_stage1_then_stage2_end_to_end(tmp_path: Path):
     data = tmp_path / "data"
-    write_dataset(data, n_train=40, n_val=4, n_test=4, size=32, seed=1,
-                  single_class_fraction=0.5, progress=False)
-    common = [f"data.root={data}", "data.crop_size=32", "data.num_workers=0",
-              "train.batch_size=4", "eval.tta_scales=[1.0]", "eval.tta_flip=false"]
+    write_dataset(
+        data,
+        n_train=40,
+        n_val=4,
+        n_test=4,
+        size=32,
+        seed=1,
+        single_class_fraction=0.5,
+        progress=False,
+    )
+    common = [
+        f"data.root={data}",
+        "data.crop_size=32",
+        "data.num_workers=0",
+        "train.batch_size=4",
+        "eval.tta_scales=[1.0]",
+        "eval.tta_flip=false",
+    ]
     from lpdseg.bank import build_bank_from_config
 
-    bank_path = build_bank_from_config("pbip_demo", common, tmp_path / "bank.pt", clusters=2,
-                                       n_keep=2, allow_fewer=True, progress=False)
+    bank_path = build_bank_from_config(
+        "pbip_demo",
+        common,
+        tmp_path / "bank.pt",
+        clusters=2,
+        n_keep=2,
+        allow_fewer=True,
+        progress=False,
+    )
     assert bank_path.with_suffix(".png").is_file()  # contact sheet
     bank = load_bank(bank_path)
-    cfg = load_config("pbip_demo", common + [f"model.bank={bank_path}", "train.max_steps=3",
-                                             f"train.out_dir={tmp_path / 'pbip'}"])
+    cfg = load_config(
+        "pbip_demo",
+        common
+        + [f"model.bank={bank_path}", "train.max_steps=3", f"train.out_dir={tmp_path / 'pbip'}"],
+    )
     summary = train(cfg, progress=False)
     assert "test" in summary
     model, _ = load_model(tmp_path / "pbip" / "best.pt")
     assert torch.equal(model.head.prototypes, bank.prototypes)  # the bank stayed fixed
     assert "head.prototypes" not in dict(model.named_parameters())
 
-    pseudo = write_pseudo_masks(tmp_path / "pbip" / "best.pt", tmp_path / "pseudo", tta=False,
-                                progress=False)
+    pseudo = write_pseudo_masks(
+        tmp_path / "pbip" / "best.pt", tmp_path / "pseudo", tta=False, progress=False
+    )
     assert pseudo["images"] == 40
     assert len(list((tmp_path / "pseudo" / "masks").glob("*.png"))) == 40
-    seg = load_config("demo", common + [f"data.pseudo={tmp_path / 'pseudo'}", "train.task=seg",
-                                        "train.max_steps=4", f"train.out_dir={tmp_path / 'seg'}"])
+    seg = load_config(
+        "demo",
+        common
+        + [
+            f"data.pseudo={tmp_path / 'pseudo'}",
+            "train.task=seg",
+            "train.max_steps=4",
+            f"train.out_dir={tmp_path / 'seg'}",
+        ],
+    )
     s2 = train(seg, progress=False)
     assert s2["step"] == 4
-    res = evaluate_checkpoint(tmp_path / "seg" / "best.pt", split="test", tta=False,
-                              progress=False)
+    res = evaluate_checkpoint(tmp_path / "seg" / "best.pt", split="test", tta=False, progress=False)
     assert "seg" in res and 0 <= res["seg"]["mIoU"] <= 1

@@ -199,7 +199,9 @@ def _metrics_sections(run_dir: Path) -> tuple[str, str]:
             labels += [f"label {i}" for i in range(len(labels), n)]
             plots.append(
                 _img(
-                    confusion_png(res["confusion"], labels[:n], f"{data.get('split', 'test')}, {mode}"),
+                    confusion_png(
+                        res["confusion"], labels[:n], f"{data.get('split', 'test')}, {mode}"
+                    ),
                     f"confusion matrix, {mode} gating: row-normalised, counts in brackets",
                 )
             )
@@ -304,10 +306,14 @@ def build_report_html(run_dir: str | Path, n_images: int = 4, progress: bool = F
     facts = ""
     if summary:
         keep = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
-        facts = "<table>" + "".join(
-            f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-            for k, v in keep.items()
-        ) + "</table>"
+        facts = (
+            "<table>"
+            + "".join(
+                f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+                for k, v in keep.items()
+            )
+            + "</table>"
+        )
     title = f"lpdseg run report: {run_dir.resolve().name}"
     body = [
         f"<h1>{html.escape(title)}</h1>",
