@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -68,18 +69,8 @@ def test_bank_is_deterministic_and_clusters_follow_subtypes(encoder, subtype_pat
 
 def test_bank_refuses_too_few_patches_and_says_how_many(encoder, subtype_patches):
     samples, _ = subtype_patches
-    with pytest.raises(DataError, match=r"needs 30 .*found TUM: 10, STR: 10, LYM: 10, NEC: 10"):
-        build_bank(
-            samples,
-            CLASS_NAMES,
-            encoder,
-            EvalTransform(MEAN, STD),
-            encoder_name="e",
-            clusters=3,
-            n_keep=10,
-            progress=False,
-        )
-    bank = build_bank(
+    build = functools.partial(
+        build_bank,
         samples,
         CLASS_NAMES,
         encoder,
@@ -87,9 +78,11 @@ def test_bank_refuses_too_few_patches_and_says_how_many(encoder, subtype_patches
         encoder_name="e",
         clusters=3,
         n_keep=10,
-        allow_fewer=True,
         progress=False,
     )
+    with pytest.raises(DataError, match=r"needs 30 .*found TUM: 10, STR: 10, LYM: 10, NEC: 10"):
+        build()
+    bank = build(allow_fewer=True)
     assert sum(len(m) for m in bank.members[0]) == 10
 
 
