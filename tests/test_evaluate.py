@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from _tinyrun import cached_tiny_run
 
 from lpdseg.config import EvalConfig
 from lpdseg.engine.evaluate import (
     class_gate,
+    force_background,
     fuse_maps,
+    glass_mask,
     infer_maps,
     maps_to_mask,
     minmax_normalise,
@@ -67,3 +71,65 @@ def test_tta_undoes_flips_and_scales():
     row = out.stage_maps[3][0, 0, 16]
     assert torch.all(row[1:] >= row[:-1] - 1e-4)
     assert torch.allclose(row, x[0, 0, 16], atol=0.05)
+
+
+def test_glass_pixels_become_background_and_tissue_is_untouched():
+    cfg = EvalConfig(glass_background=True)
+    rgb = torch.tensor(
+        [[0.95, 0.95, 0.95], [0.85, 0.55, 0.75], [0.97, 0.90, 0.95], [0.30, 0.30, 0.32]]
+    ).T.reshape(1, 3, 1, 4)  # glass | pink tissue | pale pink (spread 0.07) | dark grey
+    assert glass_mask(rgb, cfg).tolist() == [[[True, False, True, False]]]
+    scores = torch.tensor([[[[0.9, 0.9, 0.9, 0.9]], [[0.0, 0.0, 0.0, 0.0]]]])  # class 0 wins
+    forced = force_background(scores, glass_mask(rgb, cfg))
+    assert forced.argmax(1).tolist() == [[[1, 0, 1, 0]]]
+    assert torch.equal(scores[:, 0], forced[:, 0])  # tissue scores are not changed
+
+
+def test_evaluate_with_glass_rule(tmp_path_factory):
+    from lpdseg.config import config_from_dict
+    from lpdseg.engine.evaluate import evaluate
+    from lpdseg.engine.train import evaluate_checkpoint, load_model, make_eval_loader, resolve_data
+
+    run = cached_tiny_run(tmp_path_factory, evaluate_test=True)
+    ckpt = run / "best.pt"
+    model, cfg = load_model(ckpt)
+    d = cfg.to_dict()
+    d["eval"]["glass_background"] = True
+    glass_cfg = config_from_dict(d)
+    off = evaluate_checkpoint(
+        ckpt, modes=("pseudo",), progress=False, out_dir=tmp_path_factory.mktemp("off")
+    )
+    on = evaluate_checkpoint(
+        ckpt,
+        cfg_overrides=glass_cfg,
+        modes=("pseudo",),
+        progress=False,
+        out_dir=tmp_path_factory.mktemp("on"),
+    )
+    c = len(cfg.data.class_names)
+    # synthetic background is white glass: the rule can only add correct background pixels there
+    assert on["pseudo"]["iou"][c] > off["pseudo"]["iou"][c]
+    cm_off = torch.tensor(off["pseudo"]["confusion"])
+    cm_on = torch.tensor(on["pseudo"]["confusion"])
+    assert cm_on.sum() == cm_off.sum()
+    assert cm_on[:, c].sum() > cm_off[:, c].sum()  # more pixels predicted background
+    # without the normalisation the rule cannot find glass: a clear error, not a silent no-op
+    loader = make_eval_loader(glass_cfg, resolve_data(glass_cfg, need_train=False), "test")
+    with pytest.raises(ValueError, match="glass_background needs"):
+        evaluate(model, loader, glass_cfg.eval, list(cfg.data.class_names), progress=False)
+
+
+def test_eval_cli_takes_eval_overrides_only(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from lpdseg.cli import app
+
+    ckpt = cached_tiny_run(tmp_path_factory, evaluate_test=True) / "best.pt"
+    out = tmp_path_factory.mktemp("cli_eval")
+    args = ["eval", str(ckpt), "--mode", "pseudo", "--out", str(out), "-q"]
+    res = CliRunner().invoke(app, [*args, "eval.glass_background=true"])
+    assert res.exit_code == 0, res.output
+    assert "background" in res.output
+    res = CliRunner().invoke(app, [*args, "model.head=cam"])
+    assert res.exit_code == 2
+    assert "only eval.*" in res.output

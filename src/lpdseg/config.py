@@ -186,6 +186,12 @@ class EvalConfig:
     tile: int = 224
     overlap: float = 0.25
     boundary_ratio: float = 0.02  # boundary IoU band: this fraction of the diagonal
+    # White glass -> background: pixels brighter than glass_brightness (mean RGB in [0, 1])
+    # whose channels differ by less than glass_spread are labelled background whatever
+    # the maps say (the background channel alone does not find glass; off by default)
+    glass_background: bool = False
+    glass_brightness: float = 0.78
+    glass_spread: float = 0.12
 
     def __post_init__(self) -> None:
         _check_choice("eval", "gating", self.gating, ("pseudo", "predict"))

@@ -43,10 +43,11 @@ def _overlays(data_root: Path, runs: dict[str, Path], out: Path, n: int = 6) -> 
     for path in images:
         image = read_image(path)
         truth = read_mask(data_root / "test" / "mask" / path.name, len(names))
-        x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - mean) / std
+        rgb = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        x = (rgb - mean) / std
         panels = [image, colorize(truth, colors)]
         for model, mcfg in models.values():
-            pred, _ = predict_masks(model, x, mcfg.eval, mode="predict", tta=True)
+            pred, _ = predict_masks(model, x, mcfg.eval, mode="predict", tta=True, rgb=rgb)
             panels.append(colorize(pred[0].numpy().astype(np.uint8), colors))
         gap = np.full((image.shape[0], 3, 3), 255, np.uint8)
         rows.append(np.concatenate(sum(([p, gap] for p in panels), [])[:-1], axis=1))

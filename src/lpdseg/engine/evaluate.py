@@ -128,6 +128,21 @@ def label_scores(fused: Tensor, keep: Tensor, gamma: float) -> Tensor:
     return torch.cat([gated, background], dim=1)
 
 
+def glass_mask(rgb: Tensor, cfg: EvalConfig) -> Tensor:
+    """White-glass pixels (B x H x W bool) of RGB images in [0, 1] (B x 3 x H x W)."""
+    bright = rgb.mean(1) > cfg.glass_brightness
+    grey = (rgb.amax(1) - rgb.amin(1)) < cfg.glass_spread
+    return bright & grey
+
+
+def force_background(scores: Tensor, where: Tensor) -> Tensor:
+    """Scores (B x (C + 1) x H x W, in [0, 1]) with background winning at ``where`` pixels."""
+    scores = scores.clone()
+    background = scores[:, -1]
+    background[where] = 2.0  # above every tissue score (all are <= 1)
+    return scores
+
+
 def maps_to_mask(fused: Tensor, keep: Tensor, gamma: float) -> Tensor:
     """Gated fused maps -> label mask (B x H x W), background = C."""
     return label_scores(fused, keep, gamma).argmax(1)
@@ -153,9 +168,13 @@ def predict_scores(
     mode: str | None = None,
     tta: bool = True,
     amp_dtype: torch.dtype | None = None,
+    rgb: Tensor | None = None,
 ) -> Tensor:
-    """Images -> per-label scores (B x (C + 1) x H x W); argmax gives the mask."""
-    return _scores_and_maps(model, images, cfg, labels, mode, tta, amp_dtype)[0]
+    """Images -> per-label scores (B x (C + 1) x H x W); argmax gives the mask.
+
+    ``rgb``: the same images un-normalised, in [0, 1]; needed by ``cfg.glass_background``.
+    """
+    return _scores_and_maps(model, images, cfg, labels, mode, tta, amp_dtype, rgb)[0]
 
 
 def _scores_and_maps(
@@ -166,16 +185,27 @@ def _scores_and_maps(
     mode: str | None,
     tta: bool,
     amp_dtype: torch.dtype | None,
+    rgb: Tensor | None = None,
 ) -> tuple[Tensor, MapOutput | None]:
     """Per-label scores and, for prototype/CAM models, the maps they came from.
 
     Stage-2 networks (no prototype head) give their softmax; gating does not apply.
+    With ``cfg.glass_background``, white-glass pixels of ``rgb`` become background.
     """
+    if cfg.glass_background and rgb is None:
+        raise ValueError(
+            "eval.glass_background needs the un-normalised images (rgb=...) to find glass"
+        )
+    out = None
     if not isinstance(model, WSSSModel):
-        return segnet_scores(model, images, cfg, tta), None
-    out = infer_maps(model, images, cfg, tta=tta, amp_dtype=amp_dtype)
-    fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
-    return label_scores(fused, class_gate(cfg, out.probs, labels, mode), cfg.bg_gamma), out
+        scores = segnet_scores(model, images, cfg, tta)
+    else:
+        out = infer_maps(model, images, cfg, tta=tta, amp_dtype=amp_dtype)
+        fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
+        scores = label_scores(fused, class_gate(cfg, out.probs, labels, mode), cfg.bg_gamma)
+    if cfg.glass_background:
+        scores = force_background(scores, glass_mask(rgb.to(scores.device).float(), cfg))
+    return scores, out
 
 
 @torch.no_grad()
@@ -213,12 +243,14 @@ def predict_masks(
     mode: str | None = None,
     tta: bool = True,
     amp_dtype: torch.dtype | None = None,
+    rgb: Tensor | None = None,
 ) -> tuple[Tensor, MapOutput | None]:
     """Images -> label masks (B x H x W) and the maps they came from.
 
     Stage-2 networks (no prototype head) give their argmax; gating does not apply.
+    ``rgb``: the same images un-normalised, in [0, 1]; needed by ``cfg.glass_background``.
     """
-    scores, out = _scores_and_maps(model, images, cfg, labels, mode, tta, amp_dtype)
+    scores, out = _scores_and_maps(model, images, cfg, labels, mode, tta, amp_dtype, rgb)
     return scores.argmax(1), out
 
 
@@ -235,6 +267,7 @@ def evaluate(
     device: torch.device | None = None,
     progress: bool = True,
     desc: str = "eval",
+    normalisation: tuple[Iterable[float], Iterable[float]] | None = None,
 ) -> dict:
     """Score a split: one confusion matrix over all pixels + boundary IoU.
 
@@ -248,6 +281,8 @@ def evaluate(
         mode: ``pseudo`` or ``predict`` (default ``cfg.gating``).
         tta: use test-time augmentation.
         limit: stop after this many images.
+        normalisation: ``(mean, std)`` the loader normalised with; needed by
+            ``cfg.glass_background`` to recover the RGB values.
 
     Returns:
         The meter's results (see :class:`lpdseg.metrics.SegmentationMeter`),
@@ -256,6 +291,12 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
+    mean = std = None
+    if cfg.glass_background:
+        if normalisation is None or normalisation[0] is None or normalisation[1] is None:
+            raise ValueError("eval.glass_background needs evaluate(..., normalisation=(mean, std))")
+        mean = torch.tensor(list(normalisation[0]), device=device).view(1, 3, 1, 1)
+        std = torch.tensor(list(normalisation[1]), device=device).view(1, 3, 1, 1)
     meter = SegmentationMeter(len(class_names), class_names, boundary_ratio=cfg.boundary_ratio)
     seen = 0
     bar = tqdm(total=limit, desc=desc, disable=not progress, leave=False, unit="img")
@@ -268,7 +309,9 @@ def evaluate(
             masks = [m[None] for m in masks]
             labels = [lb[None] for lb in labels]
         for img, msk, lab in zip(images, masks, labels):
-            pred, _ = predict_masks(model, img.to(device), cfg, lab.to(device), mode=mode, tta=tta)
+            img = img.to(device)
+            rgb = img * std + mean if mean is not None else None
+            pred, _ = predict_masks(model, img, cfg, lab.to(device), mode=mode, tta=tta, rgb=rgb)
             meter.update(pred.cpu(), msk)
             seen += img.shape[0]
             bar.update(img.shape[0])

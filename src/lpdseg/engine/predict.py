@@ -66,8 +66,10 @@ def make_tile_predictor(
 
     @torch.no_grad()
     def predict_fn(tiles: torch.Tensor) -> torch.Tensor:
-        x = (tiles.to(device).float() - mean) / std
-        return predict_scores(model, x, ecfg, mode="predict", tta=tta).cpu()
+        rgb = tiles.to(device).float()
+        return predict_scores(
+            model, (rgb - mean) / std, ecfg, mode="predict", tta=tta, rgb=rgb
+        ).cpu()
 
     return predict_fn
 

@@ -81,7 +81,9 @@ def write_pseudo_masks(
             x = torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2).float().to(device) / 255
             lab = labels_all[offset : offset + len(chunk)].to(device)
             offset += len(chunk)
-            pred, _ = predict_masks(model, (x - mean) / std, cfg.eval, lab, mode="pseudo", tta=tta)
+            pred, _ = predict_masks(
+                model, (x - mean) / std, cfg.eval, lab, mode="pseudo", tta=tta, rgb=x
+            )
             preds.extend(pred.cpu().numpy().astype(np.uint8))
         for s, pred in zip(group, preds):
             name = f"{s.image.stem}.png"

@@ -510,6 +510,7 @@ def _validate(
         device=device,
         progress=False,
         desc="val",
+        normalisation=(cfg.data.mean, cfg.data.std),
     )
     miou = res["mIoU"]
     _log_jsonl(
@@ -634,6 +635,7 @@ def evaluate_checkpoint(
             device=device,
             progress=progress,
             desc=f"{split} ({mode})",
+            normalisation=(cfg.data.mean, cfg.data.std),
         )
         results[mode] = res
         tables.append(f"### {split}, {mode} gating ({res['images']} images)\n\n{format_table(res)}")
