@@ -36,6 +36,7 @@ and ``.json``. Exits 0 with a message when the data folder is absent.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -97,6 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prototypes", type=int, default=4, help="prototypes per class (LPD)")
     p.add_argument("--bank-keep", type=int, default=20, help="PBIP bank: patches per cluster")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--eval-overrides",
+        nargs="*",
+        default=[],
+        help="eval.* settings for scoring only, e.g. eval.glass_background=true (finished "
+        "runs in --work are re-scored, not re-trained)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the by-image folds")
     return p.parse_args(argv)
@@ -133,23 +141,46 @@ def common_overrides(args: argparse.Namespace, root: Path, out: Path, seed: int)
     ]
 
 
-def run_one(overrides: list[str], out: Path, modes: tuple[str, ...], tta: bool) -> dict:
-    """Train one config, score best.pt on the fold's test images; return metrics + seconds."""
+def run_one(
+    overrides: list[str],
+    out: Path,
+    modes: tuple[str, ...],
+    tta: bool,
+    eval_overrides: list[str] | None = None,
+) -> dict:
+    """Train one config, score best.pt on the fold's test images; return metrics + seconds.
+
+    A finished run (``best.pt`` present) is not trained again; scores with other
+    ``eval_overrides`` go to their own sub-folder, so runs can be re-scored.
+    """
     from lpdseg.config import load_config
     from lpdseg.engine.train import evaluate_checkpoint, train
 
     t0 = time.perf_counter()
-    cached = out / "test_metrics.json"
+    eval_dir = out
+    cfg_overrides = None
+    if eval_overrides:
+        tag = hashlib.sha1(" ".join(sorted(eval_overrides)).encode()).hexdigest()[:8]
+        eval_dir = out / f"eval_{tag}"
+        cfg_overrides = load_config("wsss4luad", overrides + eval_overrides)
+    cached = eval_dir / "test_metrics.json"
+    t_train = None
     if cached.is_file() and (out / "best.pt").is_file():
         # a finished run of an interrupted benchmark: reuse its scores (same overrides)
         res = json.loads(cached.read_text())
-        t_train = None
     else:
-        cfg = load_config("wsss4luad", overrides)
-        train(cfg, progress=False, evaluate_test=False)
-        t_train = time.perf_counter() - t0
+        if not (out / "best.pt").is_file():
+            cfg = load_config("wsss4luad", overrides)
+            train(cfg, progress=False, evaluate_test=False)
+            t_train = time.perf_counter() - t0
         res = evaluate_checkpoint(
-            out / "best.pt", split="test", modes=modes, tta=tta, progress=False, out_dir=out
+            out / "best.pt",
+            split="test",
+            modes=modes,
+            tta=tta,
+            progress=False,
+            out_dir=eval_dir,
+            cfg_overrides=cfg_overrides,
         )
     scores = {
         mode: {m: float(res[mode][m]) for m in (*METRICS, "pixel_acc")}
@@ -240,7 +271,8 @@ def markdown(summary: dict) -> str:
         "'label-gated': masks gated by the true image labels (pseudo-mask quality).",
         f"Patches {s['size']} px, stride {s['stride']}, label rule >= {s['min_fraction']:.0%} "
         f"of the patch; {s['steps']} steps x batch {s['batch_size']}, lr {s['lr']}; "
-        f"{s['threads']} threads. Wall time {summary['wall_s'] / 60:.1f} min.",
+        f"{s['threads']} threads. Wall time {summary['wall_s'] / 60:.1f} min."
+        + (f" Scored with {' '.join(s['eval_overrides'])}." if s.get("eval_overrides") else ""),
         f"Command: `{summary['command']}`",
     ]
     return "\n".join(lines) + "\n"
@@ -309,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     modes = ("predict", "pseudo")
                     if method == "pbip":
                         ov.append(f"model.bank={bank}")
-                res = run_one(ov, out, modes, args.tta)
+                res = run_one(ov, out, modes, args.tta, args.eval_overrides)
                 runs.append(
                     {"fold": k, "seed": seed, "method": method, "backbone": backbone, **res}
                 )
@@ -337,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             "prototypes_per_class": args.prototypes,
             "bank_keep": args.bank_keep,
             "tta": args.tta,
+            "eval_overrides": args.eval_overrides,
             "threads": args.threads,
             "split_seed": args.split_seed,
         },

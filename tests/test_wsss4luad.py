@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _tinyrun import cached_tiny_run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -116,12 +118,40 @@ def test_patch_split_reads_back_in_wsss4luad_layout(trained):
     assert [s.image.stem for s in val] == ["03", "04", "05"]
 
 
-def test_benchmark_folds_are_disjoint_by_image():
+def _bench_module():
     spec = importlib.util.spec_from_file_location(
         "wsss4luad_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "wsss4luad.py"
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_rescores_a_finished_run_with_eval_overrides(tmp_path, tmp_path_factory):
+    bench = _bench_module()
+    out = tmp_path / "run"
+    shutil.copytree(cached_tiny_run(tmp_path_factory, evaluate_test=True), out)
+    stamp = (out / "best.pt").stat().st_mtime_ns
+    plain = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=false"])
+    glass = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=true"])
+    assert plain["train_s"] is None and glass["train_s"] is None  # nothing retrained
+    assert (out / "best.pt").stat().st_mtime_ns == stamp
+    scored = sorted(out.glob("eval_*/test_metrics.json"))
+    assert len(scored) == 2  # one folder per set of eval overrides
+    accs = {json.loads(f.read_text())["pseudo"]["pixel_acc"] for f in scored}
+    assert accs == {plain["scores"]["pseudo"]["pixel_acc"], glass["scores"]["pseudo"]["pixel_acc"]}
+    # synthetic background is white glass: the rule finds background the maps miss
+    bg_plain = plain["scores"]["pseudo"]["per_class_IoU"][-1]
+    bg_glass = glass["scores"]["pseudo"]["per_class_IoU"][-1]
+    assert bg_glass > bg_plain
+    stamps = [f.stat().st_mtime_ns for f in scored]
+    again = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=true"])
+    assert again["scores"]["pseudo"]["mIoU"] == glass["scores"]["pseudo"]["mIoU"]
+    assert [f.stat().st_mtime_ns for f in scored] == stamps  # cached, not scored twice
+
+
+def test_benchmark_folds_are_disjoint_by_image():
+    bench = _bench_module()
     stems = [f"{i:02d}" for i in range(31)]
     folds = bench.make_folds(stems, 3, seed=0)
     assert sorted(s for f in folds for s in f) == stems
