@@ -158,11 +158,9 @@ def run_one(
 
     t0 = time.perf_counter()
     eval_dir = out
-    cfg_overrides = None
     if eval_overrides:
         tag = hashlib.sha1(" ".join(sorted(eval_overrides)).encode()).hexdigest()[:8]
         eval_dir = out / f"eval_{tag}"
-        cfg_overrides = load_config("wsss4luad", overrides + eval_overrides)
     cached = eval_dir / "test_metrics.json"
     t_train = None
     if cached.is_file() and (out / "best.pt").is_file():
@@ -180,7 +178,7 @@ def run_one(
             tta=tta,
             progress=False,
             out_dir=eval_dir,
-            cfg_overrides=cfg_overrides,
+            eval_overrides=eval_overrides,
         )
     scores = {
         mode: {m: float(res[mode][m]) for m in (*METRICS, "pixel_acc")}

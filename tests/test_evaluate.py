@@ -101,7 +101,7 @@ def test_evaluate_with_glass_rule(tmp_path_factory):
     )
     on = evaluate_checkpoint(
         ckpt,
-        cfg_overrides=glass_cfg,
+        eval_overrides=["eval.glass_background=true"],
         modes=("pseudo",),
         progress=False,
         out_dir=tmp_path_factory.mktemp("on"),

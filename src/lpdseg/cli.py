@@ -143,18 +143,6 @@ def evaluate_cmd(
     _setup_logging(quiet)
     from lpdseg.engine.train import evaluate_checkpoint
 
-    cfg_overrides = None
-    if overrides:
-        bad = [o for o in overrides if not o.startswith("eval.")]
-        if bad:
-            typer.secho(
-                f"error: only eval.* settings can change at evaluation, got {' '.join(bad)}",
-                fg=typer.colors.RED,
-                err=True,
-            )
-            raise typer.Exit(2)
-        cfg_overrides = _run(_checkpoint_config_with, checkpoint, overrides)
-
     if split not in ("val", "test"):
         typer.secho("error: --split must be val or test", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
@@ -168,18 +156,9 @@ def evaluate_cmd(
         progress=not quiet,
         out_dir=out or checkpoint.parent,
         data_root=str(data) if data else None,
-        cfg_overrides=cfg_overrides,
+        eval_overrides=overrides,
     )
     typer.echo(res["table"])
-
-
-def _checkpoint_config_with(checkpoint: Path, overrides: list[str]):
-    """The checkpoint's own config with dotted overrides applied."""
-    from lpdseg.config import apply_overrides, config_from_dict
-    from lpdseg.engine.checkpoint import load_checkpoint
-
-    values = load_checkpoint(checkpoint)["config"]
-    return config_from_dict(apply_overrides(values, overrides))
 
 
 @app.command()

@@ -588,7 +588,7 @@ def evaluate_checkpoint(
     path: str | Path,
     *,
     split: str = "test",
-    cfg_overrides: Config | None = None,
+    eval_overrides: list[str] | None = None,
     modes: tuple[str, ...] = ("pseudo", "predict"),
     tta: bool = True,
     progress: bool = True,
@@ -600,23 +600,28 @@ def evaluate_checkpoint(
     Args:
         path: checkpoint.
         split: ``val`` or ``test``.
-        cfg_overrides: a config whose ``data``/``eval`` sections replace the checkpoint's.
+        eval_overrides: ``eval.key=value`` strings applied to the checkpoint's own
+            config (e.g. ``eval.glass_background=true``).
         modes: gating modes to score.
         tta: test-time augmentation.
         out_dir: where ``<split>_metrics.json`` and ``<split>_metrics.md`` go.
         data_root: evaluate on this folder instead of the training data.
+
+    Raises:
+        ConfigError: an override outside the ``eval`` section, or an invalid value.
     """
+    from lpdseg.config import apply_overrides
     from lpdseg.metrics import format_table
 
+    bad = [o for o in eval_overrides or [] if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"only eval.* settings can change at evaluation, got {' '.join(bad)}")
     device = next(iter([resolve_device("auto")]))
     model, cfg = load_model(path, device)
-    if cfg_overrides is not None:
-        d = cfg.to_dict()
-        d["eval"] = cfg_overrides.to_dict()["eval"]
-        cfg = config_from_dict(d)
-    if data_root is not None:
-        d = cfg.to_dict()
-        d["data"]["root"] = str(data_root)
+    if eval_overrides or data_root is not None:
+        d = apply_overrides(cfg.to_dict(), list(eval_overrides or []))
+        if data_root is not None:
+            d["data"]["root"] = str(data_root)
         cfg = config_from_dict(d)
     bundle = resolve_data(cfg, need_train=False)
     loader = make_eval_loader(cfg, bundle, split)
