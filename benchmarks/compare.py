@@ -51,16 +51,36 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     data = out / "data"
     if not (data / "synthetic.json").exists():
-        write_dataset(data, n_train, n_val, n_test, size=size, seed=0,
-                      single_class_fraction=0.3, progress=False)
-    common = [f"data.root={data}", f"data.crop_size={size}", f"train.epochs={epochs}",
-              f"loss.encoder={args.encoder}", f"train.threads={args.threads}"]
+        write_dataset(
+            data,
+            n_train,
+            n_val,
+            n_test,
+            size=size,
+            seed=0,
+            single_class_fraction=0.3,
+            progress=False,
+        )
+    common = [
+        f"data.root={data}",
+        f"data.crop_size={size}",
+        f"train.epochs={epochs}",
+        f"loss.encoder={args.encoder}",
+        f"train.threads={args.threads}",
+    ]
     results: dict = {m: {"stage1": [], "stage2": []} for m in args.methods}
     extra: dict = {}
     bank_path = out / "bank.pt"
     if "PBIP" in args.methods:
-        build_bank_from_config("pbip_demo", common, bank_path, clusters=3, n_keep=args.n_keep,
-                               allow_fewer=True, progress=False)
+        build_bank_from_config(
+            "pbip_demo",
+            common,
+            bank_path,
+            clusters=3,
+            n_keep=args.n_keep,
+            allow_fewer=True,
+            progress=False,
+        )
         truth = _subtype_truth(data)
         extra["bank_purity"] = cluster_purity(load_bank(bank_path), truth)
     start = time.perf_counter()
@@ -69,12 +89,16 @@ def run(args: argparse.Namespace) -> dict:
             tag = f"{method.replace(' ', '_').replace('=', '')}_s{seed}"
             run_dir = out / "runs" / tag
             if METHODS[method] is None:
-                cfg = load_config("pbip_demo", common + [f"model.bank={bank_path}",
-                                                         f"train.seed={seed}",
-                                                         f"train.out_dir={run_dir}"])
+                cfg = load_config(
+                    "pbip_demo",
+                    common
+                    + [f"model.bank={bank_path}", f"train.seed={seed}", f"train.out_dir={run_dir}"],
+                )
             else:
-                cfg = load_config(args.preset, common + METHODS[method] + [
-                    f"train.seed={seed}", f"train.out_dir={run_dir}"])
+                cfg = load_config(
+                    args.preset,
+                    common + METHODS[method] + [f"train.seed={seed}", f"train.out_dir={run_dir}"],
+                )
             logging.info("stage 1: %s seed %d", method, seed)
             s1 = train(cfg, progress=False)
             results[method]["stage1"].append({k: s1["test"]["pseudo"][k] for k in METRICS})
@@ -83,9 +107,17 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             pseudo_dir = out / "pseudo" / tag
             write_pseudo_masks(run_dir / "best.pt", pseudo_dir, progress=False)
-            seg_cfg = load_config(args.preset, common + [
-                "train.task=seg", f"data.pseudo={pseudo_dir}", f"train.epochs={seg_epochs}",
-                f"train.seed={seed}", f"train.out_dir={out / 'seg' / tag}"])
+            seg_cfg = load_config(
+                args.preset,
+                common
+                + [
+                    "train.task=seg",
+                    f"data.pseudo={pseudo_dir}",
+                    f"train.epochs={seg_epochs}",
+                    f"train.seed={seed}",
+                    f"train.out_dir={out / 'seg' / tag}",
+                ],
+            )
             logging.info("stage 2: %s seed %d", method, seed)
             train(seg_cfg, progress=False, evaluate_test=False)
             s2 = evaluate_checkpoint(out / "seg" / tag / "best.pt", split="test", progress=False)
@@ -117,8 +149,11 @@ def _mean_std(values: list[float]) -> str:
 
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (defaults left out)."""
-    parts = ["python benchmarks/compare.py", f"--scale {args.scale}",
-             "--seeds " + " ".join(map(str, args.seeds))]
+    parts = [
+        "python benchmarks/compare.py",
+        f"--scale {args.scale}",
+        "--seeds " + " ".join(map(str, args.seeds)),
+    ]
     if args.methods != DEFAULT_METHODS:
         parts.append("--methods " + " ".join(f'"{m}"' if " " in m else m for m in args.methods))
     if args.preset != "demo":
@@ -135,32 +170,57 @@ def _command(args: argparse.Namespace) -> str:
 def _write(out: Path, args, results: dict, extra: dict, seconds: float) -> None:
     from lpdseg.io import atomic_write_json, atomic_write_text
 
-    lines = [f"Synthetic H&E, scale `{args.scale}`, preset `{args.preset}`, seeds {args.seeds}, "
-             f"encoder `{args.encoder}`, {seconds / 60:.1f} min. Command: "
-             f"`{_command(args)}`", ""]
+    lines = [
+        f"Synthetic H&E, scale `{args.scale}`, preset `{args.preset}`, seeds {args.seeds}, "
+        f"encoder `{args.encoder}`, {seconds / 60:.1f} min. Command: "
+        f"`{_command(args)}`",
+        "",
+    ]
     if "bank_purity" in extra:
-        lines += [f"PBIP bank cluster purity w.r.t. the generator's sub-types: "
-                  f"{100 * extra['bank_purity']:.1f} %", ""]
-    stages = (("stage1", "Stage 1 (pseudo masks, label-gated)"),
-              ("stage2", "Stage 2 (segmentation net on pseudo masks)"))
+        lines += [
+            f"PBIP bank cluster purity w.r.t. the generator's sub-types: "
+            f"{100 * extra['bank_purity']:.1f} %",
+            "",
+        ]
+    stages = (
+        ("stage1", "Stage 1 (pseudo masks, label-gated)"),
+        ("stage2", "Stage 2 (segmentation net on pseudo masks)"),
+    )
     for stage, title in stages if args.stage2 else stages[:1]:
-        lines += [f"**{title}**, test split, mean ± std over seeds (%)", "",
-                  "| method | n | " + " | ".join(METRICS) + " |",
-                  "|---|---|" + "---|" * len(METRICS)]
+        lines += [
+            f"**{title}**, test split, mean ± std over seeds (%)",
+            "",
+            "| method | n | " + " | ".join(METRICS) + " |",
+            "|---|---|" + "---|" * len(METRICS),
+        ]
         for method, res in results.items():
             rows = res[stage]
-            lines.append(f"| {method} | {len(rows)} | " + " | ".join(
-                _mean_std([r[m] for r in rows]) for m in METRICS) + " |")
+            lines.append(
+                f"| {method} | {len(rows)} | "
+                + " | ".join(_mean_std([r[m] for r in rows]) for m in METRICS)
+                + " |"
+            )
         lines.append("")
     atomic_write_text(out / "compare_results.md", "\n".join(lines))
-    atomic_write_json(out / "compare_results.json",
-                      {"scale": args.scale, "preset": args.preset, "seeds": args.seeds,
-                       "encoder": args.encoder, "command": _command(args),
-                       "seconds": seconds, "results": results, **extra})
+    atomic_write_json(
+        out / "compare_results.json",
+        {
+            "scale": args.scale,
+            "preset": args.preset,
+            "seeds": args.seeds,
+            "encoder": args.encoder,
+            "command": _command(args),
+            "seconds": seconds,
+            "results": results,
+            **extra,
+        },
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scale", choices=sorted(SCALES), default="small")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
@@ -168,12 +228,18 @@ def main() -> None:
     parser.add_argument("--n-keep", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/compare")
-    parser.add_argument("--preset", default="demo",
-                        help="config preset of every method (demo: MiT-B0 from scratch; "
-                             "demo_pretrained: EfficientNet-Lite0 ImageNet; PBIP always uses pbip_demo)")
-    parser.add_argument("--stage2", action=argparse.BooleanOptionalAction, default=True,
-                        help="also train and score the stage-2 network on each method's "
-                             "pseudo masks")
+    parser.add_argument(
+        "--preset",
+        default="demo",
+        help="config preset of every method (demo: MiT-B0 from scratch; "
+        "demo_pretrained: EfficientNet-Lite0 ImageNet; PBIP always uses pbip_demo)",
+    )
+    parser.add_argument(
+        "--stage2",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train and score the stage-2 network on each method's pseudo masks",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)

@@ -96,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--prototypes", type=int, default=4, help="prototypes per class (LPD)")
+    p.add_argument(
+        "--input-scale",
+        type=float,
+        default=1.0,
+        help="model.input_scale for every run: images resized by this factor inside the model",
+    )
     p.add_argument("--bank-keep", type=int, default=20, help="PBIP bank: patches per cluster")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
@@ -126,6 +132,7 @@ def common_overrides(args: argparse.Namespace, root: Path, out: Path, seed: int)
         "model.drop_path=0.0",
         "model.merge=mean",  # class logits as the mean over prototypes (docs/demo_ablation.md)
         f"model.prototypes_per_class={args.prototypes}",
+        f"model.input_scale={args.input_scale}",
         "model.embed_dim=320",  # the efficientnet-lite0 similarity encoder's space
         "loss.encoder=efficientnet-lite0",
         f"train.max_steps={args.steps}",
@@ -269,7 +276,8 @@ def markdown(summary: dict) -> str:
         "'label-gated': masks gated by the true image labels (pseudo-mask quality).",
         f"Patches {s['size']} px, stride {s['stride']}, label rule >= {s['min_fraction']:.0%} "
         f"of the patch; {s['steps']} steps x batch {s['batch_size']}, lr {s['lr']}; "
-        f"{s['threads']} threads. Wall time {summary['wall_s'] / 60:.1f} min."
+        + (f"input scale {s['input_scale']}; " if s.get("input_scale", 1.0) != 1.0 else "")
+        + f"{s['threads']} threads. Wall time {summary['wall_s'] / 60:.1f} min."
         + (f" Scored with {' '.join(s['eval_overrides'])}." if s.get("eval_overrides") else ""),
         f"Command: `{summary['command']}`",
     ]
@@ -365,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "lr": args.lr,
             "prototypes_per_class": args.prototypes,
+            "input_scale": args.input_scale,
             "bank_keep": args.bank_keep,
             "tta": args.tta,
             "eval_overrides": args.eval_overrides,

@@ -130,8 +130,8 @@ def test_diversity_loss_matches_loop_reference(temperature):
 
 
 def test_diversity_loss_ignores_huge_logits_outside_the_region():
-    # pixels outside a class's region may score far above its region (here by 5e4): the
-    # finite out-of-region bias must still push them to q = 0 exactly
+    # pixels outside a class's region may score far above its region (here by 5e4): they
+    # must still get q = 0 exactly, and S = Q X^T must not pick up 0 * 5e4 noise
     g = torch.Generator().manual_seed(2)
     b, c, k, h, w = 2, 3, 3, 4, 5
     base = 3 * torch.randn(b, c, k, h, w, generator=g)
@@ -146,6 +146,18 @@ def test_diversity_loss_ignores_huge_logits_outside_the_region():
     (g_ours,) = torch.autograd.grad(ours, a)
     (g_ref,) = torch.autograd.grad(ref, base)
     assert torch.allclose(g_ours, g_ref, atol=1e-6)
+
+
+def test_diversity_hand_written_backward_passes_gradcheck():
+    # the loss has its own backward (losses._JeffreyDiversity): check it against finite
+    # differences in float64, with temperature != 1 and a class owning no pixel
+    g = torch.Generator().manual_seed(3)
+    b, c, k, h, w = 2, 3, 3, 3, 4
+    a = (2 * torch.randn(b, c, k, h, w, generator=g, dtype=torch.float64)).requires_grad_()
+    m = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    m[1, 0] = -10.0  # class 0 present in image 1 but owns no pixel: its row is skipped
+    labels = torch.tensor([[1.0, 1, 0], [1, 1, 1]])
+    assert torch.autograd.gradcheck(lambda x: diversity_loss(x, m, labels, 0.7), (a,))
 
 
 def test_diversity_loss_uses_the_labelled_class_index():

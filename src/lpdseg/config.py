@@ -84,6 +84,10 @@ class ModelConfig:
     backbone: str = "mit_b1"  # see lpdseg.models.backbones.BACKBONES
     weights: str | None = None  # None: random init; a local file; "imagenet" for efficientnet_lite0
     last_stride: int = 1  # stride of the last stage (1 keeps stage 4 at 1/16)
+    # Images are resized by this factor inside the model, before the backbone (training,
+    # validation and inference alike); maps come back at input size. > 1 gives an
+    # ImageNet backbone objects nearer the sizes it was pretrained on and finer maps.
+    input_scale: float = 1.0
     head: str = "lpd"  # lpd (learnable prototypes) | pbip (fixed bank) | cam (1x1 conv)
     prototypes_per_class: int = 10
     embed_dim: int | None = None  # prototype space D; None: the frozen encoder's size
@@ -99,6 +103,8 @@ class ModelConfig:
         _check_choice("model", "merge", self.merge, ("mean", "softmax"))
         _check_choice("model", "last_stride", self.last_stride, (1, 2))
         _check_positive("model", "prototypes_per_class", self.prototypes_per_class)
+        if not 0.25 <= self.input_scale <= 4:
+            raise ConfigError(f"model.input_scale={self.input_scale} must be in [0.25, 4]")
         if self.head == "pbip" and not self.bank:
             raise ConfigError(
                 "model.head=pbip needs model.bank=<bank file>; build one with `lpdseg bank`"

@@ -51,8 +51,9 @@ def diversity_loss(
     ``q_j = softmax_{p in R_nc}(A(p, c, j) / T)``; for every pair j < l,
     ``J = KL(q_j||q_l) + KL(q_l||q_j)`` and the loss is the mean of ``exp(-J)``
     over (n, c present with non-empty R_nc, j < l). All pairs of one (n, c)
-    come from one matrix product: ``J = d 1^T + 1 d^T - (Q L^T + L Q^T)``,
-    ``d = diag(Q L^T)``.
+    come from one matrix product: ``J = d 1^T + 1 d^T - (S + S^T)``,
+    ``S = Q X^T`` with ``X = A / T`` on R_nc and ``d = diag(S)`` (METHOD.md's
+    ``Q L^T`` form, with the log-normalisers cancelled).
 
     Args:
         proto_maps: ``A`` (B x C x k x H x W), already carrying the scale s.
@@ -68,28 +69,65 @@ def diversity_loss(
         return proto_maps.sum() * 0.0
     present = labels > 0.5  # B x C
     gated = class_maps.detach().float().masked_fill(~present[:, :, None, None], float("-inf"))
-    pseudo = gated.argmax(1).flatten(1)  # B x P (same class index c everywhere)
-    classes = torch.arange(c, device=pseudo.device)
-    region = (pseudo[:, None, :] == classes[None, :, None]) & present[:, :, None]  # B x C x P
-    valid = region.any(-1)  # B x C: present and owns at least one pixel
-    if not valid.any():
+    # argmax over a contiguous last dim: argmax over the strided class dim is ~7x slower
+    pseudo = gated.permute(0, 2, 3, 1).contiguous().argmax(-1).flatten(1)  # B x P
+    # Row n*C + c counts when class c is present in image n and owns at least one pixel;
+    # only those rows (about half of B x C) are processed.
+    owner = pseudo + c * torch.arange(b, device=pseudo.device)[:, None]  # B x P row index
+    owned = torch.bincount(owner.flatten(), minlength=b * c) > 0
+    rows = torch.nonzero(present.flatten() & owned).squeeze(1)
+    if rows.numel() == 0:
         return proto_maps.sum() * 0.0
-    # Only the (n, c) rows that count are processed (about half of B x C). Pixels outside
-    # a region get a finite bias far below every logit rather than -inf: q underflows to
-    # exactly 0 there, without the NaN rows -inf gives or extra full-size masking passes.
-    region = region[valid]  # V x P
-    rows = proto_maps.flatten(3)[valid].float()  # V x k x P
+    region = pseudo.index_select(0, rows // c) == (rows % c)[:, None]  # V x P: R_nc
+    x = proto_maps.reshape(b * c, k, h * w).index_select(0, rows)
+    x = x if x.dtype == torch.float64 else x.float()
     if temperature != 1.0:
-        rows = rows / temperature
-    far_below = -(1e4 + 2.0 * rows.detach().abs().amax())  # exp(-1e4) == 0 in float32
-    bias = torch.where(region, 0.0, far_below)  # V x P
-    log_q = torch.log_softmax(rows + bias[:, None, :], dim=-1)
-    q = log_q.exp()  # exactly 0 outside the region, so q log q = 0 there
-    ql = q @ log_q.transpose(1, 2)  # V x k x k: sum_p q_j log q_l
-    d = torch.diagonal(ql, dim1=-2, dim2=-1)  # sum_p q_j log q_j
-    jeffrey = d[..., :, None] + d[..., None, :] - ql - ql.transpose(-1, -2)
-    pairs_j, pairs_l = torch.triu_indices(k, k, offset=1, device=proto_maps.device)
-    return torch.exp(-jeffrey[:, pairs_j, pairs_l]).mean()
+        x = x / temperature
+    return _JeffreyDiversity.apply(x, region)
+
+
+class _JeffreyDiversity(torch.autograd.Function):
+    """mean over rows and pairs j < l of ``exp(-J(j, l))``, with a hand-written backward.
+
+    Input ``x`` (V x k x P): ``A / T`` of the counted (n, c) rows; ``region`` (V x P):
+    the pixels of each row's R_nc. Forward and backward are a handful of passes over
+    ``x`` and three k x k x P products, about half of what autograd records for the
+    same expression (see benchmarks/bench_diversity.py).
+
+    Forward: ``Q = softmax_R(X)`` (0 outside R). On R, ``log q_j = x_j - lse_j`` and
+    every row of Q sums to 1, so the log-normalisers cancel and
+    ``J = d 1^T + 1 d^T - S - S^T`` with ``S = Q X^T``, ``d = diag(S)`` -- no log of
+    0 is ever formed. Backward: with ``G = dL/dS`` (symmetric: ``G_jj = sum_l W_jl``,
+    ``G_jl = -W_jl``, ``W_jl = dL/dJ_jl``), ``dL/dX = G Q + Q * (G X - r)`` where
+    ``r_j = sum_l G_jl S_jl`` is the softmax's row correction.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, region: Tensor) -> Tensor:  # type: ignore[override]
+        k = x.shape[1]
+        # -inf outside R, not a large finite bias: exp of arguments below about -87
+        # (float32 underflow) takes a slow path, 5-10x slower on CPU
+        bias = torch.where(region, 0.0, float("-inf")).to(x.dtype)
+        q = torch.softmax(x + bias[:, None, :], dim=-1)
+        s = q @ x.transpose(1, 2)  # V x k x k
+        d = torch.diagonal(s, dim1=-2, dim2=-1)
+        jeffrey = d[:, :, None] + d[:, None, :] - s - s.transpose(1, 2)
+        off_diag = ~torch.eye(k, dtype=torch.bool, device=x.device)
+        e = torch.exp(-jeffrey) * off_diag  # each pair twice, diagonal excluded
+        count = x.shape[0] * k * (k - 1) // 2
+        ctx.save_for_backward(x, q, s, e)
+        ctx.count = count
+        return e.sum() / (2 * count)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, q, s, e = ctx.saved_tensors
+        # dL/dJ_jl for the unordered pair {j, l}: -exp(-J)/count (both (j,l) and (l,j) hold it)
+        w = -e * (grad_out / ctx.count)
+        g = torch.diag_embed(w.sum(-1)) - w  # dL/dS, symmetric
+        r = (g * s).sum(-1, keepdim=True)  # V x k x 1
+        grad_x = torch.bmm(g, x).sub_(r).mul_(q)  # in place: no extra V x k x P buffers
+        return grad_x.baddbmm_(g, q), None  # + G Q, in place
 
 
 def active_prototypes(proto_maps: Tensor, class_logits: Tensor, labels: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lpdseg.config import Config
@@ -22,10 +23,11 @@ class WSSSModel(nn.Module):
         head: :class:`PrototypeHead` (LPD/PBIP) or :class:`CamHead`.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, input_scale: float = 1.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.input_scale = input_scale
 
     @property
     def num_classes(self) -> int:
@@ -34,7 +36,15 @@ class WSSSModel(nn.Module):
     def forward(
         self, images: Tensor, stages: tuple[int, ...] = (0, 1, 2, 3), inference_merge: str = "mean"
     ) -> HeadOutput:
-        """Images (B x 3 x H x W, normalised) -> maps and logits of ``stages``."""
+        """Images (B x 3 x H x W, normalised) -> maps and logits of ``stages``.
+
+        With ``input_scale != 1`` the images are resized first (bilinear), so the maps
+        have ``input_scale`` times the resolution they would have at 1.
+        """
+        if self.input_scale != 1.0:
+            images = F.interpolate(
+                images, scale_factor=self.input_scale, mode="bilinear", align_corners=False
+            )
         feats = self.backbone(images)
         return self.head(feats, stages=stages, inference_merge=inference_merge)
 
@@ -77,7 +87,7 @@ def build_model(
             bank=bank,
             logit_bias=m.logit_bias,
         )
-    return WSSSModel(backbone, head)
+    return WSSSModel(backbone, head, input_scale=m.input_scale)
 
 
 def needed_stages(

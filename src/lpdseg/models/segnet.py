@@ -49,14 +49,26 @@ class MLPDecoder(nn.Module):
 class SegNet(nn.Module):
     """Backbone + MLP decoder -> B x (C + 1) x H x W logits."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, decoder_dim: int = 256) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        decoder_dim: int = 256,
+        input_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.input_scale = input_scale  # as WSSSModel: resize before the backbone
         self.num_classes = num_classes
         self.decoder = MLPDecoder(tuple(backbone.stage_channels), num_classes + 1, decoder_dim)
 
     def forward(self, images: Tensor) -> Tensor:
-        logits = self.decoder(self.backbone(images))
+        x = images
+        if self.input_scale != 1.0:
+            x = F.interpolate(
+                x, scale_factor=self.input_scale, mode="bilinear", align_corners=False
+            )
+        logits = self.decoder(self.backbone(x))
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
@@ -64,4 +76,4 @@ def build_segnet(config: Config, num_classes: int) -> SegNet:
     """Stage-2 network of a config (``model.backbone``, ``model.weights``)."""
     m = config.model
     backbone = build_backbone(m.backbone, weights=m.weights, last_stride=m.last_stride)
-    return SegNet(backbone, num_classes)
+    return SegNet(backbone, num_classes, input_scale=m.input_scale)
