@@ -15,8 +15,9 @@ from lpdseg.engine.evaluate import (
     infer_maps,
     maps_to_mask,
     minmax_normalise,
+    window_probs,
 )
-from lpdseg.models.prototypes import HeadOutput
+from lpdseg.models.prototypes import CamHead, HeadOutput
 
 
 def test_minmax_per_image_and_class():
@@ -83,6 +84,48 @@ def test_glass_pixels_become_background_and_tissue_is_untouched():
     forced = force_background(scores, glass_mask(rgb, cfg))
     assert forced.argmax(1).tolist() == [[[1, 0, 1, 0]]]
     assert torch.equal(scores[:, 0], forced[:, 0])  # tissue scores are not changed
+
+
+def test_window_gate_finds_a_class_confined_to_one_corner():
+    from types import SimpleNamespace
+
+    maps = torch.full((1, 2, 8, 8), -4.0)
+    maps[0, 0] = 3.0  # class 0 everywhere
+    maps[0, 1, :2, :2] = 6.0  # class 1 in one 2 x 2 corner only
+    out = HeadOutput([None] * 4, [None, None, None, maps], [None, None, None, maps.mean((2, 3))])
+    model = SimpleNamespace(head=CamHead(2, (1, 1, 1, 1)))
+    whole = torch.sigmoid(out.logits[3])
+    assert whole[0, 1] < 0.05  # (4 * 6 - 60 * 4) / 64 = -3.4: diluted by the other pixels
+    p = window_probs(model, out, 16, (64, 64))  # 16 of 64 px = 2 of 8 cells
+    assert p[0, 1] == pytest.approx(torch.sigmoid(torch.tensor(6.0)).item())
+    assert p[0, 0] == pytest.approx(whole[0, 0].item())
+    # a window as large as the image is the whole-image probability
+    assert torch.allclose(window_probs(model, out, 64, (64, 64)), whole)
+    assert torch.allclose(window_probs(model, out, 500, (64, 64)), whole)
+
+
+def test_gate_window_reaches_inference(tmp_path_factory):
+    # a window as large as the 32-px test images: the same probabilities as no window;
+    # a smaller one changes them (through lpdseg eval's override path)
+    from lpdseg.engine.train import evaluate_checkpoint, load_model
+
+    run = cached_tiny_run(tmp_path_factory, evaluate_test=True)
+    model, cfg = load_model(run / "best.pt")
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    base = infer_maps(model, x, cfg.eval).probs
+    same = infer_maps(model, x, EvalConfig(**{**cfg.eval.__dict__, "gate_window": 32})).probs
+    small = infer_maps(model, x, EvalConfig(**{**cfg.eval.__dict__, "gate_window": 16})).probs
+    assert torch.allclose(base, same, atol=1e-6)
+    assert not torch.allclose(base, small, atol=1e-4)
+    res = evaluate_checkpoint(
+        run / "best.pt",
+        eval_overrides=["eval.gate_window=16"],
+        modes=("predict",),
+        progress=False,
+        out_dir=tmp_path_factory.mktemp("gw"),
+    )
+    assert 0 <= res["predict"]["mIoU"] <= 1
 
 
 def test_evaluate_with_glass_rule(tmp_path_factory):

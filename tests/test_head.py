@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -66,3 +67,30 @@ def test_cam_head():
     out = head([torch.randn(2, ch, 3, 3) for ch in (4, 5, 6, 7)])
     assert out.logits[3].shape == (2, 3)
     assert torch.allclose(out.logits[3], out.class_maps[3].mean((2, 3)))
+
+
+@pytest.mark.parametrize("merge,bias", [("mean", False), ("softmax", True)])
+def test_window_logits_match_per_window_reference(merge, bias):
+    # each window's logit = the head's own logit (GAP, merge, bias) of the cropped maps
+    torch.manual_seed(0)
+    head = PrototypeHead(3, 2, 8, (4, 4, 4, 4), proj_hidden=8, merge=merge, logit_bias=bias)
+    if bias:
+        torch.nn.init.normal_(head.logit_bias)
+    feats = [torch.randn(2, 4, 7, 9) for _ in range(4)]
+    out = head(feats)
+    got = head.window_logits(out, 3, (4, 4), (2, 2))  # B x C x n
+    a = out.proto_maps[3]
+    want = []
+    for i in range(0, 7 - 4 + 1, 2):
+        for j in range(0, 9 - 4 + 1, 2):
+            scores = a[..., i : i + 4, j : j + 4].mean((3, 4))
+            logit = merge_prototype_scores(scores, merge)
+            want.append(logit + head.logit_bias[3] if bias else logit)
+    assert torch.allclose(got, torch.stack(want, -1), atol=1e-5)
+    whole = head.window_logits(out, 3, (7, 9), (1, 1))[..., 0]
+    assert torch.allclose(whole, out.logits[3], atol=1e-5)  # one window = the whole map
+    cam = CamHead(3, (4, 4, 4, 4))
+    cam_out = cam(feats)
+    cam_got = cam.window_logits(cam_out, 3, (4, 4), (2, 2))
+    assert torch.allclose(cam_got[..., 0], cam_out.class_maps[3][..., :4, :4].mean((2, 3)))
+    assert torch.allclose(cam.window_logits(cam_out, 3, (7, 9), (1, 1))[..., 0], cam_out.logits[3])

@@ -205,3 +205,49 @@ def test_pretrained_similarity_encoder_sets_the_prototype_space(tiny_data, tmp_p
     assert ckpt["model"]["head.prototypes"].shape[-1] == 320
     model, _ = load_model(out / "best.pt")  # rebuilds the same head from the saved config
     assert model.head.prototypes.shape[-1] == 320
+
+
+def test_input_scale_resizes_inside_the_model_and_maps_come_back_finer(tiny_data, tmp_path):
+    # model.input_scale=2: the backbone sees 64 px for a 32-px input, so every stage map
+    # has twice the side; the trained checkpoint keeps the setting (load_model rebuilds it)
+    from lpdseg.models.lpd import build_model
+
+    x = torch.randn(2, 3, 32, 32)
+    sides = {}
+    for scale in (1.0, 2.0):
+        cfg = tiny_cfg(tiny_data, tmp_path / f"s{scale}", f"model.input_scale={scale}")
+        model = build_model(cfg, num_classes=4).eval()
+        with torch.no_grad():
+            sides[scale] = model(x).class_maps[3].shape[-1]
+    assert sides[2.0] == 2 * sides[1.0]
+    cfg = tiny_cfg(tiny_data, tmp_path / "run", "model.input_scale=2", "train.max_steps=2")
+    train(cfg, progress=False, evaluate_test=False)
+    model, loaded = load_model(tmp_path / "run" / "best.pt")
+    assert loaded.model.input_scale == 2.0 and model.input_scale == 2.0
+    with pytest.raises(Exception, match="input_scale"):
+        tiny_cfg(tiny_data, tmp_path / "bad", "model.input_scale=8")
+
+
+def test_encoder_scale_feeds_the_frozen_encoder_smaller_images(tiny_data, tmp_path):
+    from lpdseg.data.loaders import make_train_loader, resolve_data
+
+    seen = []
+    # 32-px patches upscaled to 64-px crops, so the half-size encoder input is MiT's 32
+    cfg = tiny_cfg(
+        tiny_data,
+        tmp_path / "e",
+        "loss.encoder_scale=0.5",
+        "data.scale_min=2",
+        "data.scale_max=2",
+        "data.crop_size=64",
+    )
+    bundle = resolve_data(cfg)
+    trainer = Trainer(cfg, bundle, torch.device("cpu"))
+    dense = trainer.encoder.dense
+    trainer.encoder.dense = lambda images: seen.append(images.shape[-1]) or dense(images)
+    batch = next(iter(make_train_loader(cfg, bundle, epoch=0)))
+    loss, terms = trainer.compute_loss(batch["image"], batch["label"].float())
+    assert seen == [32]  # 64-px crops at half size
+    assert torch.isfinite(loss) and terms["sim"].item() > 0
+    loss.backward()  # the similarity term still reaches the prototypes
+    assert trainer.model.head.prototypes.grad.abs().sum() > 0

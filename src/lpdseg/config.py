@@ -125,6 +125,9 @@ class LossConfig:
     sim_activation_reg: float = 5e-4  # weight of mean(A_4)
     encoder: str = "backbone-ema"  # frozen encoder: backbone-ema | efficientnet-lite0 | hf:<folder>
     encoder_ema_decay: float = 0.99
+    # feature mode: images are resized by this factor for the frozen encoder's pass only
+    # (0.5 costs about a quarter of a full-size pass; the pooled masks follow its map size)
+    encoder_scale: float = 1.0
     allow_random_encoder: bool = False  # permit a randomly initialised frozen encoder
     div_weight: float = 0.5  # lambda_div
     div_temperature: float = 1.0  # T_div
@@ -136,6 +139,8 @@ class LossConfig:
             raise ConfigError(f"loss.stage_weights needs 4 values, got {self.stage_weights!r}")
         for key in ("sim_weight", "div_weight", "sim_fg_weight", "sim_bg_weight"):
             _check_positive("loss", key, getattr(self, key), allow_zero=True)
+        if not 0.25 <= self.encoder_scale <= 1:
+            raise ConfigError(f"loss.encoder_scale={self.encoder_scale} must be in [0.25, 1]")
         for key in ("sim_temperature", "div_temperature"):
             _check_positive("loss", key, getattr(self, key))
         if not 0 <= self.div_warmup < 1:
@@ -183,6 +188,10 @@ class EvalConfig:
 
     gating: str = "pseudo"  # pseudo (label-gated) | predict (classifier-gated)
     cls_threshold: float = 0.5  # predict mode: keep a class when its probability exceeds this
+    # predict mode: a class's probability is the max over sliding windows of this many input
+    # px (e.g. the training crop) of the window's pooled logit, instead of the whole
+    # image's; null: the whole image (the training definition)
+    gate_window: int | None = None
     tta_scales: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
     tta_flip: bool = True
     fuse_weights: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.3, 0.4])
@@ -206,6 +215,8 @@ class EvalConfig:
             raise ConfigError(f"eval.fuse_weights needs 4 values, got {self.fuse_weights!r}")
         if not self.tta_scales:
             raise ConfigError("eval.tta_scales needs at least one scale, e.g. [1.0]")
+        if self.gate_window is not None:
+            _check_positive("eval", "gate_window", self.gate_window)
 
 
 @dataclass

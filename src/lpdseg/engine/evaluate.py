@@ -34,7 +34,8 @@ class MapOutput:
     Attributes:
         stage_maps: per stage, B x C x H x W raw class maps at input size (``None``
             for stages with fuse weight 0).
-        probs: B x C classifier probabilities (sigmoid of stage-4 logits).
+        probs: B x C classifier probabilities (sigmoid of stage-4 logits; with
+            ``eval.gate_window``, the max over windows, see :func:`window_probs`).
     """
 
     stage_maps: list[Tensor | None]
@@ -87,11 +88,31 @@ def infer_maps(
                 )
                 m = _flip(m, flip)
                 sums[i] = m if sums[i] is None else sums[i] + m
-            p = torch.sigmoid(out.logits[3].float())
+            if cfg.gate_window:
+                p = window_probs(model, out, cfg.gate_window * scale, x.shape[-2:])
+            else:
+                p = torch.sigmoid(out.logits[3].float())
             prob_sum = p if prob_sum is None else prob_sum + p
             count += 1
     maps = [None if s is None else s / count for s in sums]
     return MapOutput(maps, prob_sum / count)
+
+
+def window_probs(model: WSSSModel, out, window: float, size: tuple[int, int]) -> Tensor:
+    """Class probabilities (B x C): max over sliding windows of ``window`` input px.
+
+    Each window's logit is the model's own (GAP, merge, bias) over that window of
+    the stage-4 maps, the windows overlap by half; an image no larger than the
+    window gives the whole-image probability. Why: a classifier trained on
+    ``window``-px crops is calibrated for fields of that size, and a class in one
+    corner of a large image gets a diluted whole-image logit.
+    """
+    maps = out.class_maps[3]
+    fh, fw = maps.shape[-2:]
+    kh = max(1, min(fh, round(window * fh / size[0])))
+    kw = max(1, min(fw, round(window * fw / size[1])))
+    logits = model.head.window_logits(out, 3, (kh, kw), (max(1, kh // 2), max(1, kw // 2)))
+    return torch.sigmoid(logits.amax(-1))
 
 
 def minmax_normalise(maps: Tensor) -> Tensor:

@@ -211,7 +211,12 @@ class Trainer:
             out = self.net(images, stages=self.stages)
             dense = None
             if self.encoder is not None and lc.sim_mode == "feature":
-                dense = self.encoder.dense(images)
+                enc_in = images
+                if lc.encoder_scale != 1.0:  # a cheaper encoder pass (benchmarks, figure 3)
+                    enc_in = F.interpolate(
+                        images, scale_factor=lc.encoder_scale, mode="bilinear", align_corners=False
+                    )
+                dense = self.encoder.dense(enc_in)
         terms: dict[str, Tensor] = {
             "cls": classification_loss(out.logits, labels, lc.stage_weights)
         }

@@ -150,6 +150,21 @@ class PrototypeHead(nn.Module):
                 logits[i] = logits[i] + self.logit_bias[i]
         return HeadOutput(proto_maps, class_maps, logits)
 
+    def window_logits(self, out: HeadOutput, stage: int, kernel: int, stride: int) -> Tensor:
+        """Logits of every kernel x kernel window of stage ``stage``'s maps (B x C x n).
+
+        The logit computed as in :meth:`forward` (GAP, merge, bias) but over each
+        window instead of the whole map; a window covering the map gives ``logits``.
+        """
+        a = out.proto_maps[stage].float()  # B x C x k x H x W
+        b, c, k = a.shape[:3]
+        pooled = F.avg_pool2d(a.flatten(1, 2), kernel, stride)  # B x Ck x h' x w'
+        scores = pooled.reshape(b, c, k, -1).transpose(2, 3)  # B x C x n x k
+        logits = merge_prototype_scores(scores, self.merge)
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias[stage][:, None]
+        return logits
+
 
 class CamHead(nn.Module):
     """CAM baseline: a 1x1 conv classifier per stage; class maps = its outputs."""
@@ -173,3 +188,7 @@ class CamHead(nn.Module):
             class_maps[i] = m
             logits[i] = m.mean((2, 3))
         return HeadOutput([None] * n, class_maps, logits)
+
+    def window_logits(self, out: HeadOutput, stage: int, kernel: int, stride: int) -> Tensor:
+        """Logits of every kernel x kernel window of stage ``stage``'s maps (B x C x n)."""
+        return F.avg_pool2d(out.class_maps[stage].float(), kernel, stride).flatten(2)
