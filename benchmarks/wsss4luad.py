@@ -19,9 +19,8 @@ Protocol (nothing here is tuned per method):
    scratch. Same steps, batch, optimiser and augmentation for all; the
    prototype methods use the frozen ImageNet EfficientNet-Lite0 as the
    similarity-loss encoder (PBIP's loss weights for PBIP, LPD's for LPD).
-3. Upper bound: the stage-2 network (same EfficientNet-Lite0 backbone + MLP
-   decoder, ``train.task=seg``) trained on the true masks of the same
-   training patches.
+3. Upper bound: the stage-2 network (each backbone + MLP decoder,
+   ``train.task=seg``) trained on the true masks of the same training patches.
 4. Every run is scored on its fold's held-out images at full image size with
    :func:`lpdseg.engine.train.evaluate_checkpoint` (the code behind
    ``lpdseg eval``): classifier-gated masks (``predict`` mode, no labels at
@@ -334,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             bank = build_bank(root, fold_dir / "bank.pt", args)
         for seed in seeds:
             jobs = [(m, b) for b in backbones for m in methods]
-            if args.supervised:
-                jobs.append(("supervised", "effnet"))
+            if args.supervised:  # the upper bound of every backbone compared
+                jobs += [("supervised", b) for b in backbones]
             for method, backbone in jobs:
                 out = fold_dir / f"{method}_{backbone}_s{seed}"
                 ov = common_overrides(args, root, out, seed) + BACKBONES[backbone]
