@@ -35,6 +35,8 @@ METHODS = {
     "LPD": [],
     # not in the default list: the faithful (slow) similarity mode, for benchmark figure 2
     "LPD image-sim": ["loss.sim_mode=image"],
+    # not in the default list: the frozen encoder at half size (benchmark figure 3's option)
+    "LPD enc-half": ["loss.encoder_scale=0.5"],
 }
 DEFAULT_METHODS = ["CAM", "PBIP", "LPD k=1", "LPD no-div", "LPD"]
 SCALES = {
