@@ -147,6 +147,32 @@ def common_overrides(args: argparse.Namespace, root: Path, out: Path, seed: int)
     ]
 
 
+def check_finished_run(out: Path, overrides: list[str]) -> None:
+    """Refuse to reuse ``out`` when it was trained with other values of ``overrides``.
+
+    Finished runs are reused (not retrained) by folder name alone, so a second call
+    with, e.g., another ``--input-scale`` or ``--steps`` into the same ``--work`` would
+    silently score the old checkpoints. Keys the saved config lacks (runs older than
+    the key) and ``train.threads`` (not a property of the run) are not compared.
+    """
+    import yaml
+
+    from lpdseg.config import load_config
+
+    wanted = load_config("wsss4luad", overrides).to_dict()
+    saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    for item in overrides:
+        section, key = item.split("=", 1)[0].split(".", 1)
+        have = (saved.get(section) or {}).get(key)
+        if f"{section}.{key}" == "train.threads" or have is None:
+            continue
+        if have != wanted[section][key]:
+            raise SystemExit(
+                f"{out} holds a run trained with {section}.{key}={have!r}, this call asks "
+                f"for {wanted[section][key]!r}; use another --work folder or delete that run"
+            )
+
+
 def run_one(
     overrides: list[str],
     out: Path,
@@ -169,13 +195,14 @@ def run_one(
         eval_dir = out / f"eval_{tag}"
     cached = eval_dir / "test_metrics.json"
     t_train = None
+    if (out / "best.pt").is_file():
+        check_finished_run(out, overrides)
     if cached.is_file() and (out / "best.pt").is_file():
         # a finished run of an interrupted benchmark: reuse its scores (same overrides)
         res = json.loads(cached.read_text())
     else:
         if not (out / "best.pt").is_file():
-            cfg = load_config("wsss4luad", overrides)
-            train(cfg, progress=False, evaluate_test=False)
+            train(load_config("wsss4luad", overrides), progress=False, evaluate_test=False)
             t_train = time.perf_counter() - t0
         res = evaluate_checkpoint(
             out / "best.pt",

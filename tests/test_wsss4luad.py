@@ -150,6 +150,22 @@ def test_benchmark_rescores_a_finished_run_with_eval_overrides(tmp_path, tmp_pat
     assert [f.stat().st_mtime_ns for f in scored] == stamps  # cached, not scored twice
 
 
+def test_benchmark_refuses_a_finished_run_trained_with_other_settings(tmp_path, tmp_path_factory):
+    # runs are reused by folder name: another --input-scale/--steps into the same --work
+    # must stop, naming the folder and the key, instead of scoring the old checkpoint
+    import yaml
+
+    bench = _bench_module()
+    out = tmp_path / "run"
+    shutil.copytree(cached_tiny_run(tmp_path_factory, evaluate_test=True), out)
+    steps = yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"]
+    bench.check_finished_run(out, [f"train.max_steps={steps}", "train.threads=1"])  # same run
+    with pytest.raises(SystemExit, match="model.input_scale=1.0.*2.0"):
+        bench.run_one(["model.input_scale=2"], out, ("pseudo",), False)
+    with pytest.raises(SystemExit, match=f"train.max_steps={steps}"):
+        bench.check_finished_run(out, [f"train.max_steps={steps + 1}"])
+
+
 def test_benchmark_folds_are_disjoint_by_image():
     bench = _bench_module()
     stems = [f"{i:02d}" for i in range(31)]
