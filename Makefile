@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
+
+# tests of the benchmark scripts (kept out of `make test`: tests/ never imports benchmarks/)
+bench-test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest benchmarks/tests
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -32,7 +32,7 @@ def loading_fn(root: Path, crop: int):
     cfg = load_config("demo", [f"data.root={root}", f"data.crop_size={crop}"])
     bundle = resolve_data(cfg)
     dataset = SeededWeakDataset(
-        bundle.train, TrainTransform(augment_config(cfg), bundle.mean, bundle.std), 0, 0
+        bundle.train, TrainTransform(augment_config(cfg)), 0, 0
     )
 
     def load_all() -> None:

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results.json"
+RESULTS_DIR = ROOT / "results"  # every result file of the suite lives here
+RESULTS = RESULTS_DIR / "results.json"
 if str(ROOT) not in sys.path:  # so ``import wsi_memory`` works from any cwd
     sys.path.insert(0, str(ROOT))
 
@@ -323,6 +324,7 @@ def markdown_table(figures: Sequence[dict[str, Any]]) -> str:
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

@@ -7,6 +7,9 @@ test metrics. Writes ``compare_results.md`` / ``.json`` with mean +- std over se
 
     python benchmarks/compare.py --scale small --seeds 0 1 2 --out runs/compare
 
+The runs quoted in ``docs/results.md`` are kept in ``benchmarks/results/``
+(``compare_results.*``, ``compare_sim_results.*``: copies of ``--out``'s files).
+
 All methods share the backbone, data, steps and optimiser; PBIP and the LPD
 variants share the frozen encoder of the similarity loss (``--encoder``).
 """
@@ -21,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from lpdseg.bank import build_bank_from_config, cluster_purity, load_bank
+from lpdseg.engine.bank import build_bank_from_config, cluster_purity
+from lpdseg.models.bank import load_bank
 from lpdseg.config import load_config
 from lpdseg.data.synthetic import write_dataset
-from lpdseg.engine.pseudo import write_pseudo_masks
-from lpdseg.engine.train import evaluate_checkpoint, train
+from lpdseg.engine.train import train
+from lpdseg.inference import evaluate_checkpoint, write_pseudo_masks
 
 METHODS = {
     "CAM": ["model.head=cam"],

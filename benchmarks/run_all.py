@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=sorted(SCALES), default="bench")
     parser.add_argument("--only", type=int, nargs="+", default=None, help="figure numbers")
     parser.add_argument(
-        "--out", type=Path, default=None, help="results file (default: benchmarks/results.json)"
+        "--out",
+        type=Path,
+        default=None,
+        help="results file (default: benchmarks/results/results.json)",
     )
     args = parser.parse_args(argv)
     import torch

@@ -12,7 +12,7 @@ checkpoint write settle there).
 
 Usage::
 
-    nice -n 10 python benchmarks/soak.py [--steps 2000] [--json benchmarks/soak.json]
+    nice -n 10 python benchmarks/soak.py [--steps 2000] [--json benchmarks/results/soak.json]
 
 Exit status 0 when memory is flat, 1 when it grew by more than the limit.
 """
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-growth", type=float, default=0.05)
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/soak.json"))
+    parser.add_argument(
+        "--json", type=Path, default=Path(__file__).resolve().parent / "results" / "soak.json"
+    )
     parser.add_argument("--work", type=Path, default=None, help="Folder (default: a temp dir).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

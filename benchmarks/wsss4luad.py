@@ -28,7 +28,7 @@ Protocol (nothing here is tuned per method):
    pseudo-mask quality given the true image labels).
 
 Results: mean +- std over folds x seeds of mIoU / mDice over the 3 tissue
-classes, FwIoU and boundary IoU, written to ``benchmarks/wsss4luad_results.md``
+classes, FwIoU and boundary IoU, written to ``benchmarks/results/wsss4luad_results.md``
 and ``.json``. Exits 0 with a message when the data folder is absent.
 """
 
@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with img/ + mask/")
     p.add_argument("--work", type=Path, default=Path("runs/wsss4luad_bench"), help="run folders")
-    p.add_argument("--results", type=Path, default=HERE / "wsss4luad_results", help="output stem")
+    p.add_argument(
+        "--results", type=Path, default=HERE / "results" / "wsss4luad_results", help="output stem"
+    )
     p.add_argument("--folds", type=int, default=3, help="K folds by image")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--methods", default="cam,pbip,lpd_nodiv,lpd", help=", ".join(METHODS))
@@ -186,7 +188,8 @@ def run_one(
     ``eval_overrides`` go to their own sub-folder, so runs can be re-scored.
     """
     from lpdseg.config import load_config
-    from lpdseg.engine.train import evaluate_checkpoint, train
+    from lpdseg.engine.train import train
+    from lpdseg.inference import evaluate_checkpoint
 
     t0 = time.perf_counter()
     eval_dir = out
@@ -229,7 +232,7 @@ def run_one(
 
 
 def build_bank(root: Path, out: Path, args: argparse.Namespace) -> Path:
-    from lpdseg.bank import build_bank_from_config
+    from lpdseg.engine.bank import build_bank_from_config
 
     return build_bank_from_config(
         "wsss4luad",

@@ -1,4 +1,4 @@
-"""Why LPD/EfficientNet loses on whole WSSS4LUAD images: the diagnostics quoted in the README.
+"""Why LPD/EfficientNet loses on whole WSSS4LUAD images: the diagnostics quoted in docs/results.md.
 
 Runs on the checkpoints of a finished ``benchmarks/wsss4luad.py`` work folder
 (default ``runs/wsss4luad_bench``, the 2-fold run) and prints, for each run:
@@ -24,7 +24,7 @@ import torch
 from lpdseg.data.datasets import mask_to_label, read_image, read_mask
 from lpdseg.engine.evaluate import infer_maps
 from lpdseg.engine.predict import make_tile_predictor, predict_array
-from lpdseg.engine.train import load_model
+from lpdseg.inference import load_model
 from lpdseg.metrics import SegmentationMeter
 
 RUNS = ["cam_effnet_s0", "lpd_effnet_s0", "cam_mit_b0_s0", "lpd_mit_b0_s0"]

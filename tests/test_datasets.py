@@ -33,8 +33,8 @@ from lpdseg.data.transforms import (
     AugmentConfig,
     EvalTransform,
     TrainTransform,
-    denormalize,
-    normalize,
+    to_tensor,
+    to_uint8,
 )
 from lpdseg.errors import ConfigError, DataError
 
@@ -283,36 +283,37 @@ def test_read_image_unreadable_files(tmp_path):
 
 
 def test_read_image_conversions(tmp_path):
-    arr = rgb(5, 7)
+    # images are at least MIN_IMAGE_SIDE (8) px on a side: small patterns are tiled up
+    arr = rgb(9, 11)
     out = read_image(save(tmp_path / "rgb.png", arr))
-    assert out.dtype == np.uint8 and out.shape == (5, 7, 3) and np.array_equal(out, arr)
+    assert out.dtype == np.uint8 and out.shape == (9, 11, 3) and np.array_equal(out, arr)
 
     gray = arr[:, :, 0]
     out = read_image(save(tmp_path / "gray.png", gray, "L"))
-    assert out.shape == (5, 7, 3) and all(np.array_equal(out[:, :, i], gray) for i in range(3))
+    assert out.shape == (9, 11, 3) and all(np.array_equal(out[:, :, i], gray) for i in range(3))
 
-    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba = np.zeros((8, 9, 4), np.uint8)
     rgba[..., :3] = (200, 10, 50)
-    rgba[..., 3] = [[0, 255, 128], [0, 255, 128]]
+    rgba[..., 3] = [0, 255, 128] * 3
     out = read_image(save(tmp_path / "rgba.png", rgba, "RGBA"))
     assert out[0, 0].tolist() == [255, 255, 255]  # transparent -> white
     assert out[0, 1].tolist() == [200, 10, 50]  # opaque -> colour
     a = 128 / 255
     assert out[0, 2].tolist() == [round(c * a + 255 * (1 - a)) for c in (200, 10, 50)]
 
-    g16 = np.array([[0, 257 * 100, 65535]], np.uint16)
+    g16 = np.tile(np.array([[0, 257 * 100, 65535]], np.uint16), (8, 3))
     path16 = tmp_path / "g16.png"
     Image.fromarray(g16).save(path16)
     assert Image.open(path16).mode.startswith("I")
     out = read_image(path16)
-    assert out.shape == (1, 3, 3) and out[0, :, 0].tolist() == [0, 100, 255]
+    assert out.shape == (8, 9, 3) and out[0, :3, 0].tolist() == [0, 100, 255]
 
-    rgb16 = np.zeros((2, 2, 3), np.uint16)
+    rgb16 = np.zeros((8, 8, 3), np.uint16)
     rgb16[..., 2], rgb16[..., 1] = 65535, 257 * 100  # cv2 writes BGR: R = 65535, G = 100 * 257
     cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16)
     assert read_image(tmp_path / "rgb16.png")[0, 0].tolist() == [255, 100, 0]
 
-    pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "L").convert("P")
+    pal = Image.fromarray(np.tile(np.array([[0, 1], [1, 0]], np.uint8), (4, 4)), "L").convert("P")
     pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
     pal.save(tmp_path / "pal.png")
     out = read_image(tmp_path / "pal.png")
@@ -414,7 +415,7 @@ def test_csv_errors_and_escape(tmp_path):
 def test_weak_and_masked_datasets(tmp_path):
     root = make_dataset(tmp_path, "bcss_wsss", [[1, 0, 1, 0], [0, 1, 0, 0]])
     train, _ = list_split(root, "bcss_wsss", "train")
-    ds = WeakDataset(train, TrainTransform(AugmentConfig(crop_size=8), MEAN, STD))
+    ds = WeakDataset(train, TrainTransform(AugmentConfig(crop_size=8)))
     item = ds[0]
     assert item["image"].shape == (3, 8, 8) and item["image"].dtype == torch.float32
     assert item["label"].tolist() == [1.0, 0.0, 1.0, 0.0] and item["label"].dtype == torch.float32
@@ -428,7 +429,7 @@ def test_weak_and_masked_datasets(tmp_path):
     big_mask[0, 0] = 3
     save_mask(root / "val" / "mask" / "big.png", big_mask)
     val, _ = list_split(root, "bcss_wsss", "val")
-    mds = MaskedDataset(val, 4, EvalTransform(MEAN, STD))
+    mds = MaskedDataset(val, 4, EvalTransform())
     item = mds[[s.image.name for s in val].index("big.png")]
     assert item["image"].shape == (3, 20, 12) and item["mask"].dtype == torch.long
     assert item["label"].tolist() == [0.0, 0.0, 0.0, 1.0]
@@ -447,12 +448,12 @@ def test_weak_and_masked_datasets(tmp_path):
 
     # a mask of the wrong size is reported when read
     save_mask(root / "val" / "mask" / "big.png", np.zeros((5, 5), np.uint8))
-    mds = MaskedDataset(val, 4, EvalTransform(MEAN, STD))
+    mds = MaskedDataset(val, 4, EvalTransform())
     raises_naming(
         lambda: mds[[s.image.name for s in val].index("big.png")], "big.png", "5x5", "20x12"
     )
     with pytest.raises(DataError, match="no image-level label"):
-        WeakDataset([Sample(val[0].image, None, val[0].mask)], EvalTransform(MEAN, STD))[0]
+        WeakDataset([Sample(val[0].image, None, val[0].mask)], EvalTransform())[0]
 
 
 # ------------------------------------------------------------------ transforms
@@ -468,7 +469,7 @@ def coord_image(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 )
 def test_train_transform_keeps_image_and_mask_aligned(size, scale):
     image, mask_y, mask_x = coord_image(*size)
-    t = TrainTransform(AugmentConfig(crop_size=64, color_jitter=0.0, scale=scale), MEAN, STD)
+    t = TrainTransform(AugmentConfig(crop_size=64, color_jitter=0.0, scale=scale))
     tol = 0 if scale == (1.0, 1.0) else 2
     seen = set()
     for seed in range(8):
@@ -476,7 +477,7 @@ def test_train_transform_keeps_image_and_mask_aligned(size, scale):
         img_x, mx = t(image, mask_x, rng=np.random.default_rng(seed))
         assert torch.equal(img_y, img_x)
         assert img_y.shape == (3, 64, 64) and my.shape == (64, 64) and my.dtype == torch.long
-        rgb_out = denormalize(img_y, MEAN, STD).astype(int)
+        rgb_out = to_uint8(img_y).astype(int)
         valid = my.numpy() != 255
         assert np.abs(rgb_out[..., 0][valid] - my.numpy()[valid]).max() <= tol
         assert np.abs(rgb_out[..., 1][valid] - mx.numpy()[valid]).max() <= tol
@@ -488,7 +489,7 @@ def test_train_transform_keeps_image_and_mask_aligned(size, scale):
 
 def test_train_transform_reproducible_and_jitter():
     image = rgb(48, 48, seed=3)
-    t = TrainTransform(AugmentConfig(crop_size=32, color_jitter=0.3, scale=(0.9, 1.1)), MEAN, STD)
+    t = TrainTransform(AugmentConfig(crop_size=32, color_jitter=0.3, scale=(0.9, 1.1)))
     a = t(image, rng=np.random.default_rng(5))
     assert torch.equal(a, t(image, rng=np.random.default_rng(5)))
     torch.manual_seed(11)
@@ -496,29 +497,27 @@ def test_train_transform_reproducible_and_jitter():
     torch.manual_seed(11)
     assert torch.equal(b, t(image))
     assert not torch.equal(b, t(image))
-    out = denormalize(a, MEAN, STD)
+    out = to_uint8(a)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     plain = TrainTransform(
-        AugmentConfig(crop_size=48, hflip=False, vflip=False, rot90=False, color_jitter=0.0),
-        MEAN,
-        STD,
+        AugmentConfig(crop_size=48, hflip=False, vflip=False, rot90=False, color_jitter=0.0)
     )
-    assert np.array_equal(denormalize(plain(image), MEAN, STD), image)
+    assert np.array_equal(to_uint8(plain(image)), image)
     with pytest.raises(ConfigError):
         AugmentConfig(color_jitter=1.5)
     with pytest.raises(ConfigError):
         AugmentConfig(scale=(1.2, 0.8))
 
 
-def test_normalize_roundtrip_and_eval_transform():
+def test_to_tensor_roundtrip_and_eval_transform():
     image = rgb(9, 11, seed=4)
-    x = normalize(image, MEAN, STD)
+    x = to_tensor(image)
     assert x.shape == (3, 9, 11) and x.dtype == torch.float32
-    expected = (image[0, 0] / 255.0 - np.array(MEAN)) / np.array(STD)
-    assert np.allclose(x[:, 0, 0].numpy(), expected, atol=1e-5)
-    assert np.array_equal(denormalize(x, MEAN, STD), image)
-    assert np.array_equal(denormalize(torch.stack([x, x]), MEAN, STD)[1], image)
-    e = EvalTransform(MEAN, STD)
+    # the data pipeline gives RGB in [0, 1]; models normalise their own input
+    assert np.array_equal(x[:, 0, 0].numpy(), (image[0, 0] / np.float32(255.0)).astype(np.float32))
+    assert np.array_equal(to_uint8(x), image)
+    assert np.array_equal(to_uint8(torch.stack([x, x]))[1], image)
+    e = EvalTransform()
     assert torch.equal(e(image), x)
     with pytest.raises(ValueError, match="uint8"):
         e(image.astype(np.float32))
@@ -534,8 +533,7 @@ def test_real_wsss4luad_subset():
     assert labels["449636-23526-9666-[0, 0, 1].png"] == [0, 0, 1]
     val, bad = list_split(SHARED, "wsss4luad", "val")  # img/ + mask/ at the root
     assert not bad and len(val) == 31
-    fmt = get_format("wsss4luad")
-    ds = MaskedDataset(val[:3], 3, EvalTransform(fmt.mean, fmt.std))
+    ds = MaskedDataset(val[:3], 3, EvalTransform())
     for i in range(3):
         item = ds[i]
         h, w = item["mask"].shape

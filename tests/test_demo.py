@@ -25,7 +25,7 @@ def test_quick_demo_trains_both_methods_and_writes_report_and_overlays(tmp_path)
     assert res.exit_code == 0, res.output
     report = (out / "report.md").read_text()
     rows = _rows(report)
-    assert set(rows) == {(m, g) for m in ("LPD", "CAM") for g in ("pseudo", "predict")}
+    assert set(rows) == {(m, g) for m in ("LPD", "CAM") for g in ("labels", "classifier")}
     assert all(0.0 <= v <= 100.0 for v in rows.values())
     assert "efficientnet_lite0 with imagenet weights" in report
     for run in ("lpd", "cam"):

@@ -18,12 +18,11 @@ from torch import Tensor
 from lpdseg.errors import CheckpointError, ConfigError
 from lpdseg.models.backbones import build_backbone
 from lpdseg.models.efficientnet_lite import (
-    TF_LITE_MEAN,
-    TF_LITE_STD,
     EfficientNetLite,
     convert_package_state_dict,
     efficientnet_lite0,
 )
+from lpdseg.models.pretrained import TF_LITE_MEAN, TF_LITE_STD
 
 torch.set_num_threads(1)
 

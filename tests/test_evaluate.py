@@ -7,13 +7,13 @@ import torch
 from _tinyrun import cached_tiny_run
 
 from lpdseg.config import EvalConfig
-from lpdseg.engine.evaluate import (
+from lpdseg.data.glass import glass_mask
+from lpdseg.models.decode import (
     class_gate,
     force_background,
     fuse_maps,
-    glass_mask,
     infer_maps,
-    maps_to_mask,
+    label_scores,
     minmax_normalise,
     window_probs,
 )
@@ -39,20 +39,20 @@ def test_mask_background_and_gating_by_hand():
     fused = torch.tensor([[[[0.9, 0.2, 0.0]], [[0.1, 0.8, 0.05]]]])  # 1 x 2 x 1 x 3
     keep = torch.tensor([[True, True]])
     # background (1 - max)^1: [0.1, 0.2, 0.95] -> labels [0, 1, 2]
-    assert maps_to_mask(fused, keep, gamma=1.0).tolist() == [[[0, 1, 2]]]
+    assert label_scores(fused, keep, gamma=1.0).argmax(1).tolist() == [[[0, 1, 2]]]
     # class 1 gated off: pixel 1 -> bg (0.8 > 0.2)
     keep = torch.tensor([[True, False]])
-    assert maps_to_mask(fused, keep, gamma=1.0).tolist() == [[[0, 2, 2]]]
+    assert label_scores(fused, keep, gamma=1.0).argmax(1).tolist() == [[[0, 2, 2]]]
     # gamma = 10 shrinks the background: (1 - 0.2)^10 = 0.107 < 0.2
-    assert maps_to_mask(fused, keep, gamma=10.0).tolist() == [[[0, 0, 2]]]
+    assert label_scores(fused, keep, gamma=10.0).argmax(1).tolist() == [[[0, 0, 2]]]
 
 
 def test_gating_modes():
     cfg = EvalConfig(cls_threshold=0.5)
     probs = torch.tensor([[0.9, 0.3]])
     labels = torch.tensor([[0.0, 1.0]])
-    assert class_gate(cfg, probs, labels, "pseudo").tolist() == [[False, True]]
-    assert class_gate(cfg, probs, labels, "predict").tolist() == [[True, False]]
+    assert class_gate(cfg, probs, labels, "labels").tolist() == [[False, True]]
+    assert class_gate(cfg, probs, labels, "classifier").tolist() == [[True, False]]
 
 
 class _Shifty(torch.nn.Module):
@@ -79,9 +79,9 @@ def test_glass_pixels_become_background_and_tissue_is_untouched():
     rgb = torch.tensor(
         [[0.95, 0.95, 0.95], [0.85, 0.55, 0.75], [0.97, 0.90, 0.95], [0.30, 0.30, 0.32]]
     ).T.reshape(1, 3, 1, 4)  # glass | pink tissue | pale pink (spread 0.07) | dark grey
-    assert glass_mask(rgb, cfg).tolist() == [[[True, False, True, False]]]
+    assert glass_mask(rgb, cfg.glass_brightness, cfg.glass_spread).tolist() == [[[True, False, True, False]]]
     scores = torch.tensor([[[[0.9, 0.9, 0.9, 0.9]], [[0.0, 0.0, 0.0, 0.0]]]])  # class 0 wins
-    forced = force_background(scores, glass_mask(rgb, cfg))
+    forced = force_background(scores, glass_mask(rgb, cfg.glass_brightness, cfg.glass_spread))
     assert forced.argmax(1).tolist() == [[[1, 0, 1, 0]]]
     assert torch.equal(scores[:, 0], forced[:, 0])  # tissue scores are not changed
 
@@ -107,7 +107,7 @@ def test_window_gate_finds_a_class_confined_to_one_corner():
 def test_gate_window_reaches_inference(tmp_path_factory):
     # a window as large as the 32-px test images: the same probabilities as no window;
     # a smaller one changes them (through lpdseg eval's override path)
-    from lpdseg.engine.train import evaluate_checkpoint, load_model
+    from lpdseg.inference import evaluate_checkpoint, load_model
 
     run = cached_tiny_run(tmp_path_factory, evaluate_test=True)
     model, cfg = load_model(run / "best.pt")
@@ -121,17 +121,18 @@ def test_gate_window_reaches_inference(tmp_path_factory):
     res = evaluate_checkpoint(
         run / "best.pt",
         eval_overrides=["eval.gate_window=16"],
-        modes=("predict",),
+        gates=("classifier",),
         progress=False,
         out_dir=tmp_path_factory.mktemp("gw"),
     )
-    assert 0 <= res["predict"]["mIoU"] <= 1
+    assert 0 <= res["classifier"]["mIoU"] <= 1
 
 
 def test_evaluate_with_glass_rule(tmp_path_factory):
     from lpdseg.config import config_from_dict
+    from lpdseg.data.loaders import make_eval_loader, resolve_data
     from lpdseg.engine.evaluate import evaluate
-    from lpdseg.engine.train import evaluate_checkpoint, load_model, make_eval_loader, resolve_data
+    from lpdseg.inference import evaluate_checkpoint, load_model
 
     run = cached_tiny_run(tmp_path_factory, evaluate_test=True)
     ckpt = run / "best.pt"
@@ -140,26 +141,28 @@ def test_evaluate_with_glass_rule(tmp_path_factory):
     d["eval"]["glass_background"] = True
     glass_cfg = config_from_dict(d)
     off = evaluate_checkpoint(
-        ckpt, modes=("pseudo",), progress=False, out_dir=tmp_path_factory.mktemp("off")
+        ckpt, gates=("labels",), progress=False, out_dir=tmp_path_factory.mktemp("off")
     )
     on = evaluate_checkpoint(
         ckpt,
         eval_overrides=["eval.glass_background=true"],
-        modes=("pseudo",),
+        gates=("labels",),
         progress=False,
         out_dir=tmp_path_factory.mktemp("on"),
     )
     c = len(cfg.data.class_names)
     # synthetic background is white glass: the rule can only add correct background pixels there
-    assert on["pseudo"]["iou"][c] > off["pseudo"]["iou"][c]
-    cm_off = torch.tensor(off["pseudo"]["confusion"])
-    cm_on = torch.tensor(on["pseudo"]["confusion"])
+    assert on["labels"]["iou"][c] > off["labels"]["iou"][c]
+    cm_off = torch.tensor(off["labels"]["confusion"])
+    cm_on = torch.tensor(on["labels"]["confusion"])
     assert cm_on.sum() == cm_off.sum()
     assert cm_on[:, c].sum() > cm_off[:, c].sum()  # more pixels predicted background
-    # without the normalisation the rule cannot find glass: a clear error, not a silent no-op
+    # the library path scores the same as the checkpoint path (models take RGB: no side channel)
     loader = make_eval_loader(glass_cfg, resolve_data(glass_cfg, need_train=False), "test")
-    with pytest.raises(ValueError, match="glass_background needs"):
-        evaluate(model, loader, glass_cfg.eval, list(cfg.data.class_names), progress=False)
+    direct = evaluate(
+        model, loader, glass_cfg.eval, list(cfg.data.class_names), gate="labels", progress=False
+    )
+    assert direct["confusion"] == on["labels"]["confusion"]
 
 
 def test_eval_cli_takes_eval_overrides_only(tmp_path_factory):
@@ -169,7 +172,7 @@ def test_eval_cli_takes_eval_overrides_only(tmp_path_factory):
 
     ckpt = cached_tiny_run(tmp_path_factory, evaluate_test=True) / "best.pt"
     out = tmp_path_factory.mktemp("cli_eval")
-    args = ["eval", str(ckpt), "--mode", "pseudo", "--out", str(out), "-q"]
+    args = ["eval", str(ckpt), "--mode", "labels", "--out", str(out), "-q"]
     res = CliRunner().invoke(app, [*args, "eval.glass_background=true"])
     assert res.exit_code == 0, res.output
     assert "background" in res.output

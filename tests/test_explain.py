@@ -12,10 +12,11 @@ from PIL import Image
 
 from lpdseg.config import config_from_dict
 from lpdseg.data.datasets import list_split, read_image
+from lpdseg.data.transforms import to_tensor
 from lpdseg.engine.checkpoint import load_checkpoint, save_checkpoint
-from lpdseg.engine.train import load_model
 from lpdseg.errors import CheckpointError
-from lpdseg.explain import _to_tensor, explain, prototype_maps, top_patches
+from lpdseg.explain import explain, prototype_maps, top_patches
+from lpdseg.inference import load_model
 from lpdseg.models.lpd import build_model
 
 torch.set_num_threads(2)
@@ -43,7 +44,7 @@ def test_figures_for_an_lpd_checkpoint(run_dir, tmp_path):
     tall = np.asarray(Image.open(with_patches[0]))
     assert tall.shape[0] > 1.5 * plain.shape[0]
 
-    maps, probs = prototype_maps(model, read_image(tests[0]), cfg.data.mean, cfg.data.std)
+    maps, probs = prototype_maps(model, read_image(tests[0]))
     assert maps.shape == (4, 2, 32, 32) and probs.shape == (4,)
     assert torch.isfinite(maps).all() and ((probs >= 0) & (probs <= 1)).all()
 
@@ -51,15 +52,13 @@ def test_figures_for_an_lpd_checkpoint(run_dir, tmp_path):
 def test_top_patches_are_the_highest_scoring(run_dir):
     model, cfg = load_model(run_dir / "best.pt")
     samples, _ = list_split(cfg.data.root, cfg.data.format, "train")
-    top = top_patches(
-        model, samples, cfg.data.mean, cfg.data.std, per_prototype=3, batch_size=5, progress=False
-    )
+    top = top_patches(model, samples, per_prototype=3, batch_size=5, progress=False)
     assert len(top) == 4 and all(len(cls) == 2 for cls in top)  # C x k
     # reference: each patch alone through the model, peak activation per prototype
     with torch.no_grad():
         ref = torch.stack(
             [
-                model(_to_tensor(read_image(s.image), cfg.data.mean, cfg.data.std), stages=(3,))
+                model(to_tensor(read_image(s.image))[None], stages=(3,))
                 .proto_maps[3][0]
                 .float()
                 .amax((2, 3))

@@ -26,6 +26,11 @@ TINY = dict(
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
+def _norm(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """What the encoder must feed its network: RGB normalised with the encoder's statistics."""
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
 def _perturb_norms(model: torch.nn.Module) -> None:
     """Make the weights look trained (LayerNorm gains away from 1)."""
     g = torch.Generator().manual_seed(0)
@@ -80,13 +85,14 @@ def clip_trained(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
 def test_vit_dense_and_embed_match_the_model(vit_trained):
     folder, ref = vit_trained
-    enc = HFEncoder(folder, MEAN, STD)  # model normalisation == checkpoint's: no-op renorm
+    enc = HFEncoder(folder, (0.1, 0.1, 0.1), (1.0, 1.0, 1.0))  # the folder's stats win
     assert enc.embed_dim == 32 and not enc.random_weights
-    x = torch.randn(2, 3, 32, 40)  # 40 px is not a multiple of 8: resized to 40 -> 5 patches
+    x = torch.rand(2, 3, 32, 40)  # 40 px is not a multiple of 8: resized to 40 -> 5 patches
     dense = enc.dense(x)
     assert dense.shape == (2, 32, 4, 5)
     with torch.no_grad():
-        hidden = ref(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+        pix = _norm(x, MEAN, STD)
+        hidden = ref(pixel_values=pix, interpolate_pos_encoding=True).last_hidden_state
     assert torch.allclose(dense, hidden[:, 1:].transpose(1, 2).reshape(2, 32, 4, 5), atol=1e-5)
     assert torch.allclose(enc.embed(x), hidden[:, 0], atol=1e-5)
     assert not any(p.requires_grad for p in enc.parameters())
@@ -96,15 +102,12 @@ def test_renormalisation_uses_the_preprocessor_config(vit_trained):
     folder, ref = vit_trained
     model_mean, model_std = (0.7, 0.5, 0.6), (0.1, 0.2, 0.15)
     enc = HFEncoder(folder, model_mean, model_std)
-    raw = torch.rand(1, 3, 32, 32)  # pixels in [0, 1]
-    ours = (raw - torch.tensor(model_mean).view(1, 3, 1, 1)) / torch.tensor(model_std).view(
-        1, 3, 1, 1
-    )
-    theirs = (raw - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    assert torch.allclose(enc.renormalise(ours), theirs, atol=1e-5)
+    raw = torch.rand(1, 3, 32, 32)  # pixels in [0, 1], what every lpdseg model takes
+    theirs = _norm(raw, MEAN, STD)  # the preprocessor config's statistics, not the model's
+    assert torch.allclose(enc.renormalise(raw), theirs, atol=1e-6)
     with torch.no_grad():
         expect = ref(pixel_values=theirs).last_hidden_state[:, 0]
-    assert torch.allclose(enc.embed(ours), expect, atol=1e-4)
+    assert torch.allclose(enc.embed(raw), expect, atol=1e-4)
 
 
 def test_clip_uses_the_vision_tower_and_projection(clip_trained):
@@ -112,9 +115,9 @@ def test_clip_uses_the_vision_tower_and_projection(clip_trained):
     enc = HFEncoder(folder, MEAN, STD)
     assert enc.embed_dim == 24 and not enc.random_weights
     assert not hasattr(enc, "text_model")
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        expect = ref.get_image_features(pixel_values=x)
+        expect = ref.get_image_features(pixel_values=_norm(x, MEAN, STD))
         if not isinstance(expect, torch.Tensor):  # newer transformers return an output object
             expect = expect.pooler_output
     assert torch.allclose(enc.embed(x), expect, atol=1e-5)
@@ -127,9 +130,9 @@ def test_dinov2_drops_cls_token(tmp_path):
     _perturb_norms(model)
     folder = _save(model, tmp_path / "dino", stats=False)  # no preprocessor: ImageNet default
     enc = HFEncoder(folder, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        out = model.eval()(pixel_values=x)
+        out = model.eval()(pixel_values=_norm(x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     assert torch.allclose(enc.embed(x), out.pooler_output, atol=1e-5)
     assert torch.allclose(enc.dense(x).flatten(2).transpose(1, 2), out.last_hidden_state[:, 1:])
 

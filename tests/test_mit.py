@@ -10,14 +10,13 @@ import torch
 from lpdseg.errors import CheckpointError, ConfigError
 from lpdseg.models.backbones import build_backbone
 from lpdseg.models.mit import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     MIT_CONFIGS,
     DWConv,
     EfficientSelfAttention,
     build_mit,
     mit_b0,
 )
+from lpdseg.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
 torch.set_num_threads(1)
 

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from lpdseg.bank import WhiteRule, build_bank, cluster_purity, load_bank, save_bank
 from lpdseg.config import load_config
 from lpdseg.data.datasets import Sample
 from lpdseg.data.synthetic import CLASS_NAMES, generate_patch, write_dataset
 from lpdseg.data.transforms import EvalTransform
-from lpdseg.engine.pseudo import write_pseudo_masks
-from lpdseg.engine.train import evaluate_checkpoint, load_model, train
+from lpdseg.engine.bank import WhiteRule, build_bank, cluster_purity
+from lpdseg.engine.train import train
 from lpdseg.errors import DataError
+from lpdseg.inference import evaluate_checkpoint, load_model, write_pseudo_masks
+from lpdseg.models.bank import load_bank, save_bank
 from lpdseg.models.encoders import build_encoder
 from lpdseg.viz import save_png
 
@@ -52,8 +53,8 @@ def subtype_patches(tmp_path_factory):
 def test_bank_is_deterministic_and_clusters_follow_subtypes(encoder, subtype_patches, tmp_path):
     samples, truth = subtype_patches
     kw = dict(encoder_name="efficientnet-lite0", clusters=2, n_keep=5, seed=0, progress=False)
-    bank = build_bank(samples, CLASS_NAMES, encoder, EvalTransform(MEAN, STD), **kw)
-    again = build_bank(samples, CLASS_NAMES, encoder, EvalTransform(MEAN, STD), **kw)
+    bank = build_bank(samples, CLASS_NAMES, encoder, EvalTransform(), **kw)
+    again = build_bank(samples, CLASS_NAMES, encoder, EvalTransform(), **kw)
     assert bank.prototypes.shape == (4, 2, encoder.embed_dim)
     assert torch.equal(bank.prototypes, again.prototypes)
     assert bank.members == again.members
@@ -74,7 +75,7 @@ def test_bank_refuses_too_few_patches_and_says_how_many(encoder, subtype_patches
         samples,
         CLASS_NAMES,
         encoder,
-        EvalTransform(MEAN, STD),
+        EvalTransform(),
         encoder_name="e",
         clusters=3,
         n_keep=10,
@@ -112,7 +113,7 @@ def test_pbip_stage1_then_stage2_end_to_end(tmp_path: Path):
         "eval.tta_scales=[1.0]",
         "eval.tta_flip=false",
     ]
-    from lpdseg.bank import build_bank_from_config
+    from lpdseg.engine.bank import build_bank_from_config
 
     bank_path = build_bank_from_config(
         "pbip_demo",

@@ -4,7 +4,7 @@ The seam acceptance (a 2000 x 2000 image tiled at 224 with overlap, a model
 whose output is a smooth function of position: no discontinuity at tile
 borders, same scores as one full-image forward) is
 ``tests/test_wsi.py::test_sliding_window_reproduces_full_image_without_seams``;
-here the same holds through ``predict_array``, the function ``predict`` calls.
+here the same holds through ``image_scores``, the function ``predict`` calls.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 from lpdseg.cli import app
 from lpdseg.config import load_config
 from lpdseg.engine.checkpoint import load_checkpoint
-from lpdseg.engine.predict import predict_array, predict_images
 from lpdseg.errors import CheckpointError, DataError
+from lpdseg.exports.predictions import predict_images
+from lpdseg.inference.predictor import image_scores
 
 torch.set_num_threads(2)
 
@@ -110,12 +111,12 @@ def _altered(run_dir: Path, tmp_path: Path, name: str, change) -> Path:
             lambda ck: ck["config"]["data"].update(
                 class_names=["A", "B", "C"], colors=[[1, 1, 1]] * 4
             ),
-            "weights do not match",
+            "wrong shape",
         ),
         (
             "other_arch.pt",
             lambda ck: ck["config"]["model"].update(backbone="mit_b1"),
-            "weights do not match",
+            "wrong shape",
         ),
         ("old_format.pt", lambda ck: ck.update(format_version=99), "format 99"),
     ],
@@ -149,10 +150,10 @@ def test_large_image_by_sliding_window_equals_full_forward():
 
     tiled_cfg = load_config("demo", ["eval.max_side=1024", "eval.tile=224", "eval.overlap=0.25"])
     whole_cfg = load_config("demo", ["eval.max_side=4096"])
-    tiled = predict_array(image, pointwise, tiled_cfg, 4, batch_size=32)
+    tiled = image_scores(image, pointwise, tiled_cfg.eval, 4, batch_size=32).argmax(0).numpy()
     assert all(s[-1] == 224 for s in calls) and sum(s[0] for s in calls) > 80
     calls.clear()
-    whole = predict_array(image, pointwise, whole_cfg, 4)
+    whole = image_scores(image, pointwise, whole_cfg.eval, 4).argmax(0).numpy()
     assert calls == [(1, 3, h, w)]
     assert tiled.shape == whole.shape == (h, w)
     assert (tiled == whole).mean() > 0.9999  # only exact ties may differ

@@ -13,8 +13,9 @@ from lpdseg.cli import app
 from lpdseg.config import load_config
 from lpdseg.data.synthetic import write_dataset
 from lpdseg.engine.checkpoint import load_checkpoint
-from lpdseg.engine.train import Trainer, load_model, lr_factor, train
+from lpdseg.engine.train import Trainer, lr_factor, train
 from lpdseg.errors import DataError, TrainingError
+from lpdseg.inference import load_model
 
 torch.set_num_threads(2)
 
@@ -99,7 +100,7 @@ def test_lpd_training_lowers_the_loss_and_writes_the_run(tiny_data, tmp_path):
         "test_metrics.md",
     ):
         assert (out / name).is_file(), name
-    test = summary["test"]["predict"]
+    test = summary["test"]["classifier"]
     assert 0.0 <= test["mIoU"] <= 1.0 and 0.0 <= test["bIoU"] <= 1.0
     model, cfg = load_model(out / "best.pt")
     assert cfg.data.class_names == ["TUM", "STR", "LYM", "NEC"]
@@ -210,12 +211,16 @@ def test_pretrained_similarity_encoder_sets_the_prototype_space(tiny_data, tmp_p
 def test_input_scale_resizes_inside_the_model_and_maps_come_back_finer(tiny_data, tmp_path):
     # model.input_scale=2: the backbone sees 64 px for a 32-px input, so every stage map
     # has twice the side; the trained checkpoint keeps the setting (load_model rebuilds it)
+    from lpdseg.data.loaders import resolve_data
+    from lpdseg.engine.train import prepare_config
+    from lpdseg.errors import ConfigError
     from lpdseg.models.lpd import build_model
 
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32)
     sides = {}
     for scale in (1.0, 2.0):
         cfg = tiny_cfg(tiny_data, tmp_path / f"s{scale}", f"model.input_scale={scale}")
+        cfg = prepare_config(cfg, resolve_data(cfg))
         model = build_model(cfg, num_classes=4).eval()
         with torch.no_grad():
             sides[scale] = model(x).class_maps[3].shape[-1]
@@ -223,8 +228,8 @@ def test_input_scale_resizes_inside_the_model_and_maps_come_back_finer(tiny_data
     cfg = tiny_cfg(tiny_data, tmp_path / "run", "model.input_scale=2", "train.max_steps=2")
     train(cfg, progress=False, evaluate_test=False)
     model, loaded = load_model(tmp_path / "run" / "best.pt")
-    assert loaded.model.input_scale == 2.0 and model.input_scale == 2.0
-    with pytest.raises(Exception, match="input_scale"):
+    assert loaded.model.input_scale == 2.0 and model.preprocess.input_scale == 2.0
+    with pytest.raises(ConfigError, match="input_scale"):
         tiny_cfg(tiny_data, tmp_path / "bad", "model.input_scale=8")
 
 

@@ -1,20 +1,18 @@
 """WSSS4LUAD layout end to end: patches -> train -> `lpdseg eval` at full image size.
 
 The synthetic part always runs; the part on ../shared/data/wsss4luad-val skips
-when that folder is absent.
+when that folder is absent. The tests of benchmarks/wsss4luad.py are in
+benchmarks/tests/ (`make bench-test`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _tinyrun import cached_tiny_run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -116,63 +114,6 @@ def test_patch_split_reads_back_in_wsss4luad_layout(trained):
     val, _ = list_split(data, "wsss4luad", "val")
     assert train_samples and all(s.image.stem[:2] in ("00", "01", "02") for s in train_samples)
     assert [s.image.stem for s in val] == ["03", "04", "05"]
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location(
-        "wsss4luad_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "wsss4luad.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_benchmark_rescores_a_finished_run_with_eval_overrides(tmp_path, tmp_path_factory):
-    bench = _bench_module()
-    out = tmp_path / "run"
-    shutil.copytree(cached_tiny_run(tmp_path_factory, evaluate_test=True), out)
-    stamp = (out / "best.pt").stat().st_mtime_ns
-    plain = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=false"])
-    glass = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=true"])
-    assert plain["train_s"] is None and glass["train_s"] is None  # nothing retrained
-    assert (out / "best.pt").stat().st_mtime_ns == stamp
-    scored = sorted(out.glob("eval_*/test_metrics.json"))
-    assert len(scored) == 2  # one folder per set of eval overrides
-    accs = {json.loads(f.read_text())["pseudo"]["pixel_acc"] for f in scored}
-    assert accs == {plain["scores"]["pseudo"]["pixel_acc"], glass["scores"]["pseudo"]["pixel_acc"]}
-    # synthetic background is white glass: the rule finds background the maps miss
-    bg_plain = plain["scores"]["pseudo"]["per_class_IoU"][-1]
-    bg_glass = glass["scores"]["pseudo"]["per_class_IoU"][-1]
-    assert bg_glass > bg_plain
-    stamps = [f.stat().st_mtime_ns for f in scored]
-    again = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=true"])
-    assert again["scores"]["pseudo"]["mIoU"] == glass["scores"]["pseudo"]["mIoU"]
-    assert [f.stat().st_mtime_ns for f in scored] == stamps  # cached, not scored twice
-
-
-def test_benchmark_refuses_a_finished_run_trained_with_other_settings(tmp_path, tmp_path_factory):
-    # runs are reused by folder name: another --input-scale/--steps into the same --work
-    # must stop, naming the folder and the key, instead of scoring the old checkpoint
-    import yaml
-
-    bench = _bench_module()
-    out = tmp_path / "run"
-    shutil.copytree(cached_tiny_run(tmp_path_factory, evaluate_test=True), out)
-    steps = yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"]
-    bench.check_finished_run(out, [f"train.max_steps={steps}", "train.threads=1"])  # same run
-    with pytest.raises(SystemExit, match="model.input_scale=1.0.*2.0"):
-        bench.run_one(["model.input_scale=2"], out, ("pseudo",), False)
-    with pytest.raises(SystemExit, match=f"train.max_steps={steps}"):
-        bench.check_finished_run(out, [f"train.max_steps={steps + 1}"])
-
-
-def test_benchmark_folds_are_disjoint_by_image():
-    bench = _bench_module()
-    stems = [f"{i:02d}" for i in range(31)]
-    folds = bench.make_folds(stems, 3, seed=0)
-    assert sorted(s for f in folds for s in f) == stems
-    assert [len(f) for f in folds] == [11, 10, 10]
-    assert folds == bench.make_folds(stems, 3, seed=0)
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared WSSS4LUAD data not found at {SHARED}")

@@ -72,21 +72,68 @@ def config(preset: PresetArg = "demo", overrides: OverridesArg = None) -> None:
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write (BCSS-WSSS layout).")],
     n_train: Annotated[
-        int, typer.Option(help="Training patches (image-level labels in the name).")
-    ] = 600,
-    n_val: Annotated[int, typer.Option(help="Validation patches with masks.")] = 60,
-    n_test: Annotated[int, typer.Option(help="Test patches with masks.")] = 120,
-    size: Annotated[int, typer.Option(help="Patch side in pixels.")] = 224,
+        int | None,
+        typer.Option(
+            help="Training patches (image-level labels in the name) "
+            "(default: the preset's synthetic.train, else 600)."
+        ),
+    ] = None,
+    n_val: Annotated[
+        int | None,
+        typer.Option(
+            help="Validation patches with masks (default: the preset's synthetic.val, else 60)."
+        ),
+    ] = None,
+    n_test: Annotated[
+        int | None,
+        typer.Option(
+            help="Test patches with masks (default: the preset's synthetic.test, else 120)."
+        ),
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(help="Patch side in pixels (default: the preset's synthetic.size, else 224)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes identical files.")] = 0,
+    min_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="A class is in a patch's label if it covers this fraction of it "
+            "(default: the preset's data.label_min_fraction, else 0.02)."
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Preset or YAML config (e.g. demo) whose synthetic: section gives the counts "
+            "and size and whose data.label_min_fraction gives the label rule."
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Write a synthetic H&E dataset (patches + exact masks) in the BCSS-WSSS layout."""
     _setup_logging(quiet)
+    from lpdseg.catalog import LABEL_MIN_FRACTION
+    from lpdseg.config import SyntheticConfig, load_config, load_synthetic_config
     from lpdseg.data.synthetic import write_dataset
 
-    summary = _run(
-        write_dataset, out, n_train, n_val, n_test, size=size, seed=seed, progress=not quiet
-    )
+    def make() -> dict:
+        syn = load_synthetic_config(preset) if preset else SyntheticConfig()
+        fraction = min_fraction
+        if fraction is None:
+            fraction = load_config(preset).data.label_min_fraction if preset else LABEL_MIN_FRACTION
+        return write_dataset(
+            out,
+            syn.train if n_train is None else n_train,
+            syn.val if n_val is None else n_val,
+            syn.test if n_test is None else n_test,
+            size=syn.size if size is None else size,
+            seed=seed,
+            progress=not quiet,
+            min_label_fraction=fraction,
+        )
+
+    summary = _run(make)
     typer.echo(f"wrote {out}: {summary}")
 
 
@@ -123,7 +170,11 @@ def evaluate_cmd(
     ] = None,
     split: Annotated[str, typer.Option(help="Split to score: val or test.")] = "test",
     mode: Annotated[
-        str, typer.Option(help="Gating: pseudo (labels), predict (classifier) or both.")
+        str,
+        typer.Option(
+            help="Class gate: labels (the image-level labels), classifier (its probabilities) "
+            "or both."
+        ),
     ] = "both",
     tta: Annotated[bool, typer.Option(help="Test-time augmentation (scales x flip).")] = True,
     out: Annotated[
@@ -141,17 +192,18 @@ def evaluate_cmd(
 ) -> None:
     """Score a checkpoint: mIoU, mDice, FwIoU, pixel accuracy and boundary IoU."""
     _setup_logging(quiet)
-    from lpdseg.engine.train import evaluate_checkpoint
+    from lpdseg.config import gate_name
+    from lpdseg.inference import evaluate_checkpoint
 
     if split not in ("val", "test"):
         typer.secho("error: --split must be val or test", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    modes = ("pseudo", "predict") if mode == "both" else (mode,)
+    gates = ("labels", "classifier") if mode == "both" else (_run(gate_name, mode),)
     res = _run(
         evaluate_checkpoint,
         checkpoint,
         split=split,
-        modes=modes,
+        gates=gates,
         tta=tta,
         progress=not quiet,
         out_dir=out or checkpoint.parent,
@@ -181,7 +233,7 @@ def predict(
 ) -> None:
     """Segment images of any size: index mask PNG, overlay with legend, per-class areas."""
     _setup_logging(quiet)
-    from lpdseg.engine.predict import predict_images
+    from lpdseg.exports.predictions import predict_images
 
     written = _run(
         predict_images,
@@ -211,7 +263,7 @@ def pseudo(
 ) -> None:
     """Write pseudo masks of the training set for stage 2 (train.task=seg data.pseudo=OUT)."""
     _setup_logging(quiet)
-    from lpdseg.engine.pseudo import write_pseudo_masks
+    from lpdseg.inference import write_pseudo_masks
 
     summary = _run(
         write_pseudo_masks,
@@ -245,7 +297,7 @@ def bank(
 ) -> None:
     """Build PBIP's prototype bank (K-Means of frozen-encoder embeddings of single-label patches)."""
     _setup_logging(quiet)
-    from lpdseg.bank import build_bank_from_config
+    from lpdseg.engine.bank import build_bank_from_config
 
     path = _run(
         build_bank_from_config,
@@ -301,7 +353,9 @@ def slide(
             metavar="SLIDE", help="Whole-slide image (SVS, NDPI, MRXS, pyramidal TIFF...) or image."
         ),
     ],
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("slide_out"),
+    out: Annotated[
+        Path, typer.Option(help="Output folder (created; one run at a time: it is locked).")
+    ] = Path("slide_out"),
     mpp: Annotated[
         float | None,
         typer.Option(help="Working resolution in micrometres per pixel (default 2.0 if known)."),
@@ -310,7 +364,10 @@ def slide(
         float | None,
         typer.Option(help="Working resolution as level-0 pixels per pixel (instead of --mpp)."),
     ] = None,
-    tile: Annotated[int, typer.Option(help="Tile side in working pixels.")] = 224,
+    tile: Annotated[
+        int | None,
+        typer.Option(help="Tile side in working pixels [default: the checkpoint's eval.tile]."),
+    ] = None,
     overlap: Annotated[float, typer.Option(help="Fraction of a tile shared by neighbours.")] = 0.25,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
     output_downsample: Annotated[
@@ -322,28 +379,58 @@ def slide(
         typer.Option(help="Class probability threshold (default: the checkpoint's)."),
     ] = None,
     read_workers: Annotated[int, typer.Option(help="Threads reading tiles ahead.")] = 0,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace a finished run of this slide in --out (else refused)."
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment a whole slide: QuPath GeoJSON, overlay PNG, class map, areas in um^2, summary."""
     _setup_logging(quiet)
-    from lpdseg.engine.slide import segment_slide
+    from lpdseg.wsi.job import SlideJob, SlideJobError
+    from lpdseg.wsi.pipeline import run_slide_job
 
-    summary = _run(
-        segment_slide,
-        checkpoint,
-        slide_path,
-        out,
-        mpp=mpp,
-        downsample=downsample,
-        tile=tile,
-        overlap=overlap,
-        batch_size=batch_size,
-        output_downsample=output_downsample,
-        tta=tta,
-        threshold=threshold,
-        read_workers=read_workers,
-        progress=not quiet,
-    )
+    # SlideJob field -> the flag (or argument) that sets it, for error messages.
+    flags = {
+        "checkpoint": "CHECKPOINT",
+        "slide": "SLIDE",
+        "out_dir": "--out",
+        "mpp_um_per_px": "--mpp",
+        "downsample_level0_px": "--downsample",
+        "tile_working_px": "--tile",
+        "overlap": "--overlap",
+        "batch_tiles": "--batch-size",
+        "map_downsample_working_px": "--output-downsample",
+        "tta": "--tta",
+        "threshold": "--threshold",
+        "read_workers": "--read-workers",
+        "overwrite": "--overwrite",
+    }
+
+    def run() -> dict:
+        try:
+            job = SlideJob(
+                checkpoint=checkpoint,
+                slide=slide_path,
+                out_dir=out,
+                mpp_um_per_px=mpp,
+                downsample_level0_px=downsample,
+                tile_working_px=tile,
+                overlap=overlap,
+                batch_tiles=batch_size,
+                map_downsample_working_px=output_downsample,
+                tta=tta,
+                threshold=threshold,
+                read_workers=read_workers,
+                overwrite=overwrite,
+            )
+            return run_slide_job(job, progress=not quiet)
+        except SlideJobError as exc:
+            raise LpdsegError(exc.for_names(flags)) from None
+
+    summary = _run(run)
     if "rank" in summary:  # a non-zero torchrun rank: rank 0 merges, writes and reports
         return
     typer.echo(
@@ -384,9 +471,19 @@ def patches(
         int, typer.Option(help="Distance between patch origins (< size overlaps).")
     ] = 224,
     min_fraction: Annotated[
-        float,
-        typer.Option(help="A class is in a patch's label if it covers this fraction of it."),
-    ] = 0.02,
+        float | None,
+        typer.Option(
+            help="A class is in a patch's label if it covers this fraction of it "
+            "(default: the preset's data.label_min_fraction, else 0.02)."
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Preset or YAML config of the run you will train: its data.label_min_fraction "
+            "gives the label rule."
+        ),
+    ] = None,
     max_background: Annotated[
         float, typer.Option(help="Drop patches whose background fraction exceeds this.")
     ] = 0.5,
@@ -420,10 +517,16 @@ def patches(
     OUT/patches.json. Train with `lpdseg train <preset> data.root=OUT data.format=FORMAT`.
     """
     _setup_logging(quiet)
+    from lpdseg.config import load_config
     from lpdseg.data.patches import PatchRule, build_patch_dataset, pair_files, split_stems
 
     def make() -> dict:
-        rule = PatchRule(size, stride, min_fraction, max_background)
+        kwargs: dict = {"size": size, "stride": stride, "max_background": max_background}
+        if min_fraction is not None:
+            kwargs["min_fraction"] = min_fraction
+        rule = (
+            PatchRule.from_config(load_config(preset), **kwargs) if preset else PatchRule(**kwargs)
+        )
         stems = [img.stem for img, _ in pair_files(img_dir, mask_dir)]
         train_s, val_s, test_s = split_stems(stems, val_fraction, test_fraction, seed)
         return build_patch_dataset(

@@ -3,15 +3,36 @@
 A run is described by one :class:`Config`. It is built from a preset in
 ``lpdseg/configs/*.yaml`` (or any YAML file), then ``section.key=value``
 overrides from the command line. Unknown keys are rejected with the closest
-valid key suggested; values are validated when the dataclasses are built. The
-resolved config is saved in every run folder and every checkpoint.
+valid key suggested; values are validated when the dataclasses are built:
+every option with a fixed set of values lists the valid ones, every number is
+checked against its range, and each error names the key and the bad value.
+The resolved config is saved in every run folder and every checkpoint.
+
+Settings that only say how much synthetic data ``lpdseg demo`` / ``lpdseg
+synth`` write are not part of a run: they are a :class:`SyntheticConfig`, read
+from the top-level ``synthetic:`` section of the demo presets by
+:func:`load_synthetic_config`, and never saved with a run.
+
+Old keys still load, with a logged deprecation warning (:func:`config_from_dict`
+is also how checkpoints' saved configs are rebuilt):
+
+- ``data.synthetic_train|val|test|size`` -> dropped from the run config
+  (``synthetic.train|val|test|size`` for the demo);
+- ``eval.gating`` -> ``eval.gate``, values ``pseudo`` -> ``labels`` and
+  ``predict`` -> ``classifier`` (see :func:`gate_name`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib
 import importlib.resources
+import importlib.util
+import logging
+import math
+import re
 import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,25 +40,172 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lpdseg import catalog
+from lpdseg.catalog import LABEL_MIN_FRACTION
 from lpdseg.errors import ConfigError
 
+log = logging.getLogger(__name__)
 
-def _check_choice(section: str, key: str, value: Any, choices: tuple) -> None:
+# Class gating of maps -> masks (eval.gate): the image's labels, or the model's classifier.
+GATES: tuple[str, ...] = ("labels", "classifier")
+# Old eval.gating values -> eval.gate values.
+OLD_GATES: dict[str, str] = {"pseudo": "labels", "predict": "classifier"}
+# Old data.* keys -> SyntheticConfig fields (demo-only settings, no longer in a run's config).
+OLD_SYNTHETIC_KEYS: dict[str, str] = {
+    "synthetic_train": "train",
+    "synthetic_val": "val",
+    "synthetic_test": "test",
+    "synthetic_size": "size",
+}
+CROP_RANGE = (16, 4096)  # data.crop_size, eval.tile, eval.gate_window (px)
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _deprecated(old: str, new: str) -> None:
+    log.warning("config: %s is deprecated; use %s (read as such this time)", old, new)
+
+
+# ------------------------------------------------------------------ validation helpers
+def _check_choice(section: str, key: str, value: Any, choices: tuple, hint: str = "") -> None:
+    """Raise unless ``value`` is one of ``choices``; the message lists them all."""
     if value not in choices:
+        close = (
+            difflib.get_close_matches(value, [str(c) for c in choices], n=1)
+            if isinstance(value, str)
+            else []
+        )
+        suggestion = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"{section}.{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}"
+            f"{section}.{key}={value!r} is not valid; choose one of: "
+            f"{', '.join(map(str, choices))}{suggestion}{hint}"
         )
 
 
+def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return "a finite number"
+
+
+def _check_range(
+    section: str,
+    key: str,
+    value: float | None,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    allow_none: bool = False,
+    hint: str = "",
+) -> None:
+    """Raise unless ``value`` is finite and within the range (``None`` only if allowed)."""
+    if value is None and allow_none:
+        return
+    text = _range_text(lo, hi, lo_open, hi_open)
+    if allow_none:
+        text += " or null"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{section}.{key}={value!r} must be a number {text}{hint}")
+    bad = not math.isfinite(value)
+    if lo is not None:
+        bad = bad or value < lo or (lo_open and value == lo)
+    if hi is not None:
+        bad = bad or value > hi or (hi_open and value == hi)
+    if bad:
+        finite = "" if math.isfinite(value) else " (and finite)"
+        raise ConfigError(f"{section}.{key}={value!r} must be {text}{finite}{hint}")
+
+
 def _check_positive(section: str, key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{section}.{key}={value!r} must be {bound}")
+    _check_range(section, key, value, 0, lo_open=not allow_zero)
 
 
+def _check_values(
+    section: str,
+    key: str,
+    values: list | None,
+    length: int | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    positive_sum: bool = False,
+) -> None:
+    """A list of numbers: its length, every item in range, optionally a sum > 0."""
+    if values is None:
+        return
+    if length is not None and len(values) != length:
+        raise ConfigError(f"{section}.{key} needs {length} values, got {values!r}")
+    if not values:
+        raise ConfigError(f"{section}.{key} needs at least one value, got {values!r}")
+    for i, v in enumerate(values):
+        _check_range(section, f"{key}[{i}]", v, lo, hi, lo_open=lo_open)
+    if positive_sum and not sum(values) > 0:
+        raise ConfigError(f"{section}.{key}={values!r} needs a positive sum")
+
+
+# ------------------------------------------------------------------ registries (no torch)
+@functools.cache
+def backbone_names() -> tuple[str, ...]:
+    """Valid ``model.backbone`` values (the registry in ``lpdseg.catalog``)."""
+    return tuple(sorted(catalog.BACKBONES))
+
+
+def encoder_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Valid ``loss.encoder`` values from ``lpdseg.catalog.ENCODERS``.
+
+    Returns:
+        ``(names, prefixes)``: exact names (``backbone-ema``, ...) and prefixes of
+        the entries written with a placeholder (``hf:<local folder>`` -> ``hf:``).
+    """
+    entries = catalog.ENCODERS
+    names = tuple(e for e in entries if "<" not in e)
+    prefixes = tuple(e.split("<", 1)[0] for e in entries if "<" in e)
+    return names, prefixes
+
+
+def gate_name(value: str, key: str = "eval.gate") -> str:
+    """The class gate a value names: ``labels`` or ``classifier``.
+
+    ``labels`` keeps the image's labelled classes; ``classifier`` keeps the
+    classes whose probability exceeds ``eval.cls_threshold``. The old names
+    ``pseudo`` (-> ``labels``) and ``predict`` (-> ``classifier``) are accepted
+    with a logged deprecation warning.
+
+    Args:
+        value: a new or old gate name.
+        key: how to name the setting in messages (e.g. ``--mode``).
+
+    Returns:
+        ``"labels"`` or ``"classifier"``.
+
+    Raises:
+        ConfigError: anything else; the message lists the valid values.
+    """
+    if isinstance(value, str) and value in GATES:
+        return value
+    if isinstance(value, str) and value in OLD_GATES:
+        new = OLD_GATES[value]
+        _deprecated(f"{key}={value}", f"{key}={new}")
+        return new
+    old = ", ".join(f"{o} = {n}" for o, n in OLD_GATES.items())
+    close = difflib.get_close_matches(value, GATES, n=1) if isinstance(value, str) else []
+    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"{key}={value!r} is not valid; choose one of: {', '.join(GATES)}{suggestion} "
+        f"(old names: {old})"
+    )
+
+
+# ------------------------------------------------------------------ sections
 @dataclass
 class DataConfig:
-    """Where the data is and how it is augmented."""
+    """Where the data is, how it is augmented and how labels are derived from masks."""
 
     format: str = "bcss_wsss"  # bcss_wsss | luad_histoseg | wsss4luad | csv
     root: str | None = None  # dataset folder (for csv: folder the CSV paths are relative to)
@@ -49,32 +217,40 @@ class DataConfig:
     )
     mean: list[float] | None = None  # RGB normalisation; None: backbone pretraining, else format
     std: list[float] | None = None
-    crop_size: int = 224  # training crop (px)
+    crop_size: int = 224  # training crop (px), in [16, 4096]
     color_jitter: float = 0.1  # strength of colour jitter; 0 disables
     scale_min: float = 1.0  # random-resize range before cropping
     scale_max: float = 1.0
     num_workers: int = 2  # DataLoader workers
     skip_bad: bool = False  # skip (and list) bad files instead of stopping
-    label_min_fraction: float = 0.02  # class present in a patch if it covers this fraction
-    synthetic_train: int = 600  # patch counts when `lpdseg synth` / the demo writes data
-    synthetic_val: int = 60
-    synthetic_test: int = 120
-    synthetic_size: int = 224
+    # A class is in the image-level label of a patch derived from a mask (`lpdseg patches`,
+    # synthetic data) when it covers at least this fraction of the labelled pixels.
+    label_min_fraction: float = LABEL_MIN_FRACTION
 
     def __post_init__(self) -> None:
         _check_choice(
             "data", "format", self.format, ("bcss_wsss", "luad_histoseg", "wsss4luad", "csv")
         )
-        _check_positive("data", "crop_size", self.crop_size)
-        _check_positive("data", "num_workers", self.num_workers, allow_zero=True)
-        if not 0 <= self.color_jitter <= 1:
-            raise ConfigError(f"data.color_jitter={self.color_jitter} must be in [0, 1]")
-        if not 0 < self.scale_min <= self.scale_max:
-            raise ConfigError("data.scale_min must be > 0 and <= data.scale_max")
-        for key in ("mean", "std"):
-            value = getattr(self, key)
-            if value is not None and len(value) != 3:
-                raise ConfigError(f"data.{key} needs 3 values (RGB), got {value!r}")
+        _check_range("data", "crop_size", self.crop_size, *CROP_RANGE)
+        _check_range("data", "num_workers", self.num_workers, 0)
+        _check_range("data", "color_jitter", self.color_jitter, 0, 1)
+        _check_range("data", "scale_min", self.scale_min, 0, 4, lo_open=True)
+        _check_range("data", "scale_max", self.scale_max, 0, 4, lo_open=True)
+        if self.scale_min > self.scale_max:
+            raise ConfigError(
+                f"data.scale_min={self.scale_min} must be <= data.scale_max={self.scale_max}"
+            )
+        _check_range("data", "label_min_fraction", self.label_min_fraction, 0, 1, hi_open=True)
+        _check_values("data", "mean", self.mean, 3, 0, 1)
+        _check_values("data", "std", self.std, 3, 0, 1, lo_open=True)
+        if self.class_names is not None:
+            if not self.class_names or len(set(self.class_names)) != len(self.class_names):
+                raise ConfigError(
+                    f"data.class_names={self.class_names!r} needs distinct names, at least one"
+                )
+        for i, rgb in enumerate(self.colors or []):
+            if len(rgb) != 3 or any(not 0 <= v <= 255 for v in rgb):
+                raise ConfigError(f"data.colors[{i}]={rgb!r} must be 3 RGB values in [0, 255]")
 
 
 @dataclass
@@ -99,12 +275,24 @@ class ModelConfig:
     drop_path: float = 0.1
 
     def __post_init__(self) -> None:
+        _check_choice("model", "backbone", self.backbone, backbone_names())
         _check_choice("model", "head", self.head, ("lpd", "pbip", "cam"))
         _check_choice("model", "merge", self.merge, ("mean", "softmax"))
         _check_choice("model", "last_stride", self.last_stride, (1, 2))
-        _check_positive("model", "prototypes_per_class", self.prototypes_per_class)
-        if not 0.25 <= self.input_scale <= 4:
-            raise ConfigError(f"model.input_scale={self.input_scale} must be in [0.25, 4]")
+        if isinstance(self.weights, str) and self.weights.lower() == "imagenet":
+            packaged = sorted(catalog.PACKAGED_IMAGENET)
+            if self.backbone not in packaged:
+                raise ConfigError(
+                    f"model.weights=imagenet is only available for model.backbone "
+                    f"{' or '.join(packaged)}, not {self.backbone}; give a local weights file "
+                    "or null (random init)"
+                )
+        _check_range("model", "prototypes_per_class", self.prototypes_per_class, 1)
+        _check_range("model", "input_scale", self.input_scale, 0.25, 4)
+        _check_range("model", "embed_dim", self.embed_dim, 1, allow_none=True)
+        _check_range("model", "proj_hidden", self.proj_hidden, 1)
+        _check_range("model", "scale_init", self.scale_init, 0, lo_open=True)
+        _check_range("model", "drop_path", self.drop_path, 0, 1, hi_open=True)
         if self.head == "pbip" and not self.bank:
             raise ConfigError(
                 "model.head=pbip needs model.bank=<bank file>; build one with `lpdseg bank`"
@@ -135,18 +323,30 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _check_choice("loss", "sim_mode", self.sim_mode, ("feature", "image", "off"))
-        if len(self.stage_weights) != 4:
-            raise ConfigError(f"loss.stage_weights needs 4 values, got {self.stage_weights!r}")
-        for key in ("sim_weight", "div_weight", "sim_fg_weight", "sim_bg_weight"):
-            _check_positive("loss", key, getattr(self, key), allow_zero=True)
-        if not 0.25 <= self.encoder_scale <= 1:
-            raise ConfigError(f"loss.encoder_scale={self.encoder_scale} must be in [0.25, 1]")
+        names, prefixes = encoder_names()
+        if not any(self.encoder.startswith(p) and len(self.encoder) > len(p) for p in prefixes):
+            _check_choice(
+                "loss",
+                "encoder",
+                self.encoder,
+                names,
+                hint="".join(f", or {p}<local folder>" for p in prefixes),
+            )
+        _check_values("loss", "stage_weights", self.stage_weights, 4, 0, positive_sum=True)
+        for key in (
+            "sim_weight",
+            "div_weight",
+            "sim_fg_weight",
+            "sim_bg_weight",
+            "sim_activation_reg",
+        ):
+            _check_range("loss", key, getattr(self, key), 0)
         for key in ("sim_temperature", "div_temperature"):
-            _check_positive("loss", key, getattr(self, key))
-        if not 0 <= self.div_warmup < 1:
-            raise ConfigError(f"loss.div_warmup={self.div_warmup} must be in [0, 1)")
-        if not 0 < self.sim_threshold < 1:
-            raise ConfigError(f"loss.sim_threshold={self.sim_threshold} must be in (0, 1)")
+            _check_range("loss", key, getattr(self, key), 0, lo_open=True)
+        _check_range("loss", "encoder_ema_decay", self.encoder_ema_decay, 0, 1, hi_open=True)
+        _check_range("loss", "encoder_scale", self.encoder_scale, 0.25, 1)
+        _check_range("loss", "div_warmup", self.div_warmup, 0, 1, hi_open=True)
+        _check_range("loss", "sim_threshold", self.sim_threshold, 0, 1, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -176,19 +376,42 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("train", "task", self.task, ("wsss", "seg"))
         _check_choice("train", "amp", self.amp, ("auto", "bf16", "fp16", "off"))
-        for key in ("epochs", "batch_size", "lr", "max_nonfinite"):
-            _check_positive("train", key, getattr(self, key))
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"train.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(
+                f"train.device={self.device!r} is not valid; choose one of: auto, cpu, cuda, "
+                "cuda:N (N = GPU index)"
+            )
+        for key in ("epochs", "batch_size", "max_nonfinite", "val_every"):
+            _check_range("train", key, getattr(self, key), 1)
+        _check_range(
+            "train",
+            "max_steps",
+            self.max_steps,
+            1,
+            allow_none=True,
+            hint="; use null for the full epochs",
+        )
+        for key in ("val_limit", "ckpt_every", "threads"):
+            _check_range("train", key, getattr(self, key), 1, allow_none=True)
+        _check_range("train", "lr", self.lr, 0, lo_open=True)
+        _check_range("train", "head_lr_mult", self.head_lr_mult, 0, lo_open=True)
+        for key in ("weight_decay", "poly_power", "grad_clip"):
+            _check_range("train", key, getattr(self, key), 0)
+        _check_range("train", "warmup_fraction", self.warmup_fraction, 0, 1, hi_open=True)
+        _check_range("train", "seed", self.seed, 0)
+        if not self.out_dir:
+            raise ConfigError("train.out_dir must name a folder, e.g. runs/lpd")
 
 
 @dataclass
 class EvalConfig:
     """Maps to masks (METHOD.md, "Turning maps into masks")."""
 
-    gating: str = "pseudo"  # pseudo (label-gated) | predict (classifier-gated)
-    cls_threshold: float = 0.5  # predict mode: keep a class when its probability exceeds this
-    # predict mode: a class's probability is the max over sliding windows of this many input
+    # which classes may appear in a mask: labels (the image's labelled classes) |
+    # classifier (classes whose probability exceeds cls_threshold)
+    gate: str = "labels"
+    cls_threshold: float = 0.5  # classifier gate: keep a class when its probability exceeds this
+    # classifier gate: a class's probability is the max over sliding windows of this many input
     # px (e.g. the training crop) of the window's pooled logit, instead of the whole
     # image's; null: the whole image (the training definition)
     gate_window: int | None = None
@@ -209,14 +432,21 @@ class EvalConfig:
     glass_spread: float = 0.12
 
     def __post_init__(self) -> None:
-        _check_choice("eval", "gating", self.gating, ("pseudo", "predict"))
+        self.gate = gate_name(self.gate, "eval.gate")
         _check_choice("eval", "inference_merge", self.inference_merge, ("mean", "softmax"))
-        if len(self.fuse_weights) != 4:
-            raise ConfigError(f"eval.fuse_weights needs 4 values, got {self.fuse_weights!r}")
+        _check_range("eval", "cls_threshold", self.cls_threshold, 0, 1)
+        _check_range("eval", "gate_window", self.gate_window, *CROP_RANGE, allow_none=True)
         if not self.tta_scales:
             raise ConfigError("eval.tta_scales needs at least one scale, e.g. [1.0]")
-        if self.gate_window is not None:
-            _check_positive("eval", "gate_window", self.gate_window)
+        _check_values("eval", "tta_scales", self.tta_scales, None, 0.25, 4)
+        _check_values("eval", "fuse_weights", self.fuse_weights, 4, 0, positive_sum=True)
+        _check_range("eval", "bg_gamma", self.bg_gamma, 0, lo_open=True)
+        _check_range("eval", "tile", self.tile, *CROP_RANGE)
+        _check_range("eval", "max_side", self.max_side, CROP_RANGE[0])
+        _check_range("eval", "overlap", self.overlap, 0, 1, hi_open=True)
+        _check_range("eval", "boundary_ratio", self.boundary_ratio, 0, 0.5, lo_open=True)
+        _check_range("eval", "glass_brightness", self.glass_brightness, 0, 1)
+        _check_range("eval", "glass_spread", self.glass_spread, 0, 1)
 
 
 @dataclass
@@ -230,11 +460,36 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"name={self.name!r} must be a non-empty run name")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (what is saved to YAML and checkpoints)."""
         return asdict(self)
 
 
+@dataclass
+class SyntheticConfig:
+    """How much synthetic data ``lpdseg demo`` (and ``lpdseg synth --preset``) writes.
+
+    Not part of a run's :class:`Config`: the demo presets keep it in a top-level
+    ``synthetic:`` section, read by :func:`load_synthetic_config`. The label rule
+    of the patches is the run config's ``data.label_min_fraction``.
+    """
+
+    train: int = 600  # training patches (image-level labels in the file names)
+    val: int = 60  # validation patches with masks
+    test: int = 120  # test patches with masks
+    size: int = 224  # patch side (px)
+
+    def __post_init__(self) -> None:
+        for key in ("train", "val", "test"):
+            _check_range("synthetic", key, getattr(self, key), 0)
+        _check_range("synthetic", "size", self.size, 32, 4096)
+
+
+# ------------------------------------------------------------------ building
 def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise a ConfigError."""
     is_union = get_origin(hint) in (Union, types.UnionType)
@@ -254,6 +509,8 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if base in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # true/false is not a number
         if base is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
@@ -263,13 +520,15 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
         if base is str:
             if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
                 return "on" if value else "off"
+            if isinstance(value, (dict, list, tuple)):
+                raise ValueError(value)
             return str(value)
         if origin is list:
             if not isinstance(value, (list, tuple)):
                 raise ValueError(value)
             (inner,) = get_args(base)
             return [_coerce(section, key, v, inner) for v in value]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(
             f"{section}.{key}={value!r} has the wrong type; expected {getattr(base, '__name__', base)}"
         ) from None
@@ -301,9 +560,84 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def _section(values: dict[str, Any], name: str) -> dict[str, Any] | None:
+    node = values.get(name)
+    if node is not None and not isinstance(node, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping, got {node!r}")
+    return node
+
+
+def _migrate(values: dict[str, Any]) -> dict[str, Any]:
+    """Old keys -> current ones, each with a logged deprecation warning (input untouched).
+
+    - the top-level ``synthetic`` section (demo presets) is validated and set aside;
+    - ``data.synthetic_*`` are dropped (demo-only settings, now ``synthetic.*``);
+    - ``eval.gating`` becomes ``eval.gate``, ``pseudo`` -> ``labels`` and
+      ``predict`` -> ``classifier``; when both keys are given, the later one wins.
+    """
+    values = dict(values)
+    synthetic = _section(values, "synthetic")
+    values.pop("synthetic", None)
+    if synthetic is not None:
+        _build(SyntheticConfig, "synthetic", synthetic)  # typos fail here too
+    data = _section(values, "data")
+    if data is not None and any(k in data for k in OLD_SYNTHETIC_KEYS):
+        data = dict(data)
+        dropped = [k for k in OLD_SYNTHETIC_KEYS if k in data]
+        for key in dropped:
+            data.pop(key, None)
+        log.warning(
+            "config: %s deprecated and no longer part of a run's config: dropped (the demo "
+            "reads %s from the synthetic: section of its preset)",
+            ", ".join(f"data.{k}" for k in dropped) + (" is" if len(dropped) == 1 else " are"),
+            ", ".join(f"synthetic.{OLD_SYNTHETIC_KEYS[k]}" for k in dropped),
+        )
+        values["data"] = data
+    ev = _section(values, "eval")
+    if ev is not None and "gating" in ev:
+        order = list(ev)
+        ev = dict(ev)
+        old = ev.pop("gating")
+        if "gate" in ev and order.index("gate") > order.index("gating"):
+            log.warning(
+                "config: eval.gating is deprecated and ignored here: eval.gate, given after it, wins"
+            )
+        else:
+            ev["gate"] = _old_gate(old)
+        values["eval"] = ev
+    return values
+
+
+def _old_gate(value: Any) -> Any:
+    """Value of the deprecated ``eval.gating`` key -> ``eval.gate`` value (warned once)."""
+    new = OLD_GATES.get(value, value) if isinstance(value, str) else value
+    _deprecated(f"eval.gating={value}", f"eval.gate={new}")
+    return new
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Build and validate a Config from a (possibly partial) nested dict."""
-    return _build(Config, "", values or {})
+    """Build and validate a Config from a (possibly partial) nested dict.
+
+    Also how checkpoints' saved configs are rebuilt: deprecated keys are
+    accepted with a logged warning (see the module docstring).
+    """
+    return _build(Config, "", _migrate(values or {}))
+
+
+def synthetic_from_dict(values: dict[str, Any]) -> SyntheticConfig:
+    """The :class:`SyntheticConfig` of a preset's nested dict (its ``synthetic`` section).
+
+    Old ``data.synthetic_*`` keys are read too (with a deprecation warning) and
+    win over the section, as they can only come from the user's own files or
+    overrides.
+    """
+    section = dict(_section(values or {}, "synthetic") or {})
+    data = _section(values or {}, "data") or {}
+    for old, new in OLD_SYNTHETIC_KEYS.items():
+        if old in data:
+            _deprecated(f"data.{old}", f"synthetic.{new}")
+            section[new] = data[old]
+    return _build(SyntheticConfig, "synthetic", section)
 
 
 def preset_names() -> list[str]:
@@ -351,7 +685,10 @@ def _deep_update(target: dict, updates: dict) -> None:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict.
+
+    ``eval.gating=...`` (deprecated) is written as ``eval.gate``.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -366,6 +703,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        if parts == ["eval", "gating"]:
+            parts, value = ["eval", "gate"], _old_gate(value)
+        if parts == ["eval", "gate"]:
+            node.pop("gating", None)  # an override beats the old key of the file
         node[parts[-1]] = value
     return values
 
@@ -378,7 +719,8 @@ def load_config(preset: str = "demo", overrides: list[str] | None = None) -> Con
         overrides: ``section.key=value`` strings, e.g. ``["train.epochs=2"]``.
 
     Returns:
-        The validated config.
+        The validated config (a preset's ``synthetic:`` section is validated
+        but not part of it: see :func:`load_synthetic_config`).
 
     Raises:
         ConfigError: unknown preset, file, key or invalid value.
@@ -386,6 +728,24 @@ def load_config(preset: str = "demo", overrides: list[str] | None = None) -> Con
     values = _read_yaml(preset)
     apply_overrides(values, list(overrides or []))
     return config_from_dict(values)
+
+
+def load_synthetic_config(
+    preset: str = "demo", overrides: list[str] | None = None
+) -> SyntheticConfig:
+    """The synthetic-data settings of a preset (its ``synthetic:`` section) + overrides.
+
+    Args:
+        preset: a preset name or YAML path (e.g. ``demo``).
+        overrides: dotted overrides; only ``synthetic.*`` (and the deprecated
+            ``data.synthetic_*``) matter here.
+
+    Raises:
+        ConfigError: unknown preset, file, key or invalid value.
+    """
+    values = _read_yaml(preset)
+    apply_overrides(values, list(overrides or []))
+    return synthetic_from_dict(values)
 
 
 def save_config(config: Config, path: str | Path) -> None:

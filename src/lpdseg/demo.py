@@ -18,25 +18,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lpdseg.config import load_config
+from lpdseg.config import load_config, load_synthetic_config
 from lpdseg.data.datasets import read_image, read_mask
-from lpdseg.engine.evaluate import predict_masks
-from lpdseg.engine.train import load_model, train
+from lpdseg.engine.train import train
+from lpdseg.inference import load_model
 from lpdseg.io import atomic_write_text
 from lpdseg.metrics import format_table
+from lpdseg.models.decode import predict_masks
 
 log = logging.getLogger(__name__)
 
 
 def _overlays(data_root: Path, runs: dict[str, Path], out: Path, n: int = 6) -> list[Path]:
     """Write image | truth | prediction-of-each-run panels for the first n test images."""
-    from lpdseg.viz import colorize, legend_strip, save_png
+    from lpdseg.viz import add_legend, colorize, save_png, side_by_side, text_strip
 
     models = {name: load_model(path) for name, path in runs.items()}
     cfg = next(iter(models.values()))[1]
     names, colors = list(cfg.data.class_names), [tuple(c) for c in cfg.data.colors]
-    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
     written = []
     images = sorted((data_root / "test" / "img").glob("*.png"))[:n]
     rows = []
@@ -44,21 +43,14 @@ def _overlays(data_root: Path, runs: dict[str, Path], out: Path, n: int = 6) -> 
         image = read_image(path)
         truth = read_mask(data_root / "test" / "mask" / path.name, len(names))
         rgb = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-        x = (rgb - mean) / std
         panels = [image, colorize(truth, colors)]
         for model, mcfg in models.values():
-            pred, _ = predict_masks(model, x, mcfg.eval, mode="predict", tta=True, rgb=rgb)
+            pred, _ = predict_masks(model, rgb, mcfg.eval, gate="classifier", tta=True)
             panels.append(colorize(pred[0].numpy().astype(np.uint8), colors))
-        gap = np.full((image.shape[0], 3, 3), 255, np.uint8)
-        rows.append(np.concatenate(sum(([p, gap] for p in panels), [])[:-1], axis=1))
+        rows.append(side_by_side(panels, gap=3))
     grid = np.concatenate(rows, axis=0)
-    title = "image | truth | " + " | ".join(models)
-    legend = legend_strip(names + ["background"], colors, grid.shape[1])
-    from PIL import Image, ImageDraw
-
-    head = Image.new("RGB", (grid.shape[1], 16), (255, 255, 255))
-    ImageDraw.Draw(head).text((4, 2), title, fill=(0, 0, 0))
-    sheet = np.concatenate([np.asarray(head), grid, legend], axis=0)
+    title = text_strip("image | truth | " + " | ".join(models), grid.shape[1])
+    sheet = add_legend(np.concatenate([title, grid], axis=0), [*names, "background"], colors)
     target = out / "overlays.png"
     save_png(target, sheet)
     written.append(target)
@@ -91,13 +83,18 @@ def run_demo(
     overrides = list(overrides or [])
     base = load_config(preset, overrides)
     data_root = out / "data"
-    d = base.data
-    n_train, n_val, n_test = (
-        (40, 8, 8) if quick else (d.synthetic_train, d.synthetic_val, d.synthetic_test)
-    )
+    syn = load_synthetic_config(preset, overrides)  # the preset's synthetic: section
+    n_train, n_val, n_test = (40, 8, 8) if quick else (syn.train, syn.val, syn.test)
     if not (data_root / "synthetic.json").exists():
         write_dataset(
-            data_root, n_train, n_val, n_test, size=d.synthetic_size, seed=0, progress=progress
+            data_root,
+            n_train,
+            n_val,
+            n_test,
+            size=syn.size,
+            seed=0,
+            progress=progress,
+            min_label_fraction=base.data.label_min_fraction,
         )
     common = [*overrides, f"data.root={data_root}"]
     if quick:
@@ -125,15 +122,15 @@ def run_demo(
         "# lpdseg demo",
         "",
         f"Synthetic H&E ({n_train} train / {n_val} val / {n_test} test patches, "
-        f"{d.synthetic_size} px), backbone {base.model.backbone} {weights}, "
+        f"{syn.size} px), backbone {base.model.backbone} {weights}, "
         f"{base.train.max_steps or f'{base.train.epochs} epochs'} per method, "
         f"{elapsed / 60:.1f} min in all. Command: `{command}`.",
         "",
-        "| method | gating | mIoU | mDice | FwIoU | bIoU | pixel acc |",
+        "| method | gate | mIoU | mDice | FwIoU | bIoU | pixel acc |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in summaries.items():
-        for mode in ("pseudo", "predict"):
+        for mode in ("labels", "classifier"):
             r = s["test"][mode]
             lines.append(
                 f"| {name} | {mode} | {100 * r['mIoU']:.2f} | {100 * r['mDice']:.2f} | "
@@ -142,14 +139,14 @@ def run_demo(
             )
     lines += [
         "",
-        "`pseudo`: classes gated by the image-level labels (how the papers score "
-        "stage-1 pseudo masks); `predict`: gated by the model's own classifier.",
+        "`labels`: classes gated by the image-level labels (how the papers score "
+        "stage-1 pseudo masks); `classifier`: gated by the model's own classifier.",
         "",
         f"Overlays (image | truth | LPD | CAM): {overlays[0]}",
         "",
-        "## LPD per class (test, predict gating)",
+        "## LPD per class (test, classifier gate)",
         "",
-        format_table(summaries["LPD"]["test"]["predict"]),
+        format_table(summaries["LPD"]["test"]["classifier"]),
     ]
     report = "\n".join(lines) + "\n"
     atomic_write_text(out / "report.md", report)

@@ -19,15 +19,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lpdseg.data.datasets import read_image
+from lpdseg.data.transforms import to_tensor
 from lpdseg.errors import CheckpointError
 from lpdseg.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
-
-
-def _to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def require_prototypes(model, source: str | Path = "this checkpoint") -> None:
@@ -44,10 +40,10 @@ def require_prototypes(model, source: str | Path = "this checkpoint") -> None:
 
 
 @torch.no_grad()
-def prototype_maps(model, image: np.ndarray, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+def prototype_maps(model, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage-4 prototype maps at image size (C x k x H x W), and class probabilities (C)."""
     require_prototypes(model)
-    x = _to_tensor(image, mean, std)
+    x = to_tensor(image)[None]
     out = model(x, stages=(3,))
     a = F.interpolate(
         out.proto_maps[3][0].float(), size=image.shape[:2], mode="bilinear", align_corners=False
@@ -59,8 +55,6 @@ def prototype_maps(model, image: np.ndarray, mean, std) -> tuple[torch.Tensor, t
 def top_patches(
     model,
     samples: Sequence,
-    mean,
-    std,
     per_prototype: int = 4,
     batch_size: int = 16,
     progress: bool = True,
@@ -70,12 +64,7 @@ def top_patches(
     for start in tqdm(
         range(0, len(samples), batch_size), desc="score patches", disable=not progress, unit="batch"
     ):
-        x = torch.cat(
-            [
-                _to_tensor(read_image(s.image), mean, std)
-                for s in samples[start : start + batch_size]
-            ]
-        )
+        x = torch.stack([to_tensor(read_image(s.image)) for s in samples[start : start + batch_size]])
         a = model(x, stages=(3,)).proto_maps[3].float()
         scores.append(a.amax((3, 4)))  # peak activation: where the prototype fires at all
     s = torch.cat(scores)  # N x C x k
@@ -141,8 +130,8 @@ def explain(
         train_dir: dataset folder of training patches; enables "top patches" rows.
         per_prototype: patches shown per prototype.
     """
-    from lpdseg.engine.predict import expand_inputs
-    from lpdseg.engine.train import load_model
+    from lpdseg.imageio import expand_inputs
+    from lpdseg.inference import load_model
 
     model, cfg = load_model(checkpoint)
     require_prototypes(model, checkpoint)
@@ -154,9 +143,7 @@ def explain(
         from lpdseg.data.datasets import list_split
 
         samples, _ = list_split(train_dir, cfg.data.format, "train", skip_bad=True)
-        top = top_patches(
-            model, samples, cfg.data.mean, cfg.data.std, per_prototype, progress=progress
-        )
+        top = top_patches(model, samples, per_prototype, progress=progress)
         thumb = 64
         patches = [
             [[np.asarray(_thumb(read_image(samples[i].image), thumb)) for i in idx] for idx in cls]
@@ -166,7 +153,7 @@ def explain(
     mean_maps = None
     for path in tqdm(expand_inputs(images), desc="explain", disable=not progress, unit="img"):
         image = read_image(path)
-        maps, probs = prototype_maps(model, image, cfg.data.mean, cfg.data.std)
+        maps, probs = prototype_maps(model, image)
         target = out / f"{path.stem}_prototypes.png"
         atomic_write_bytes(target, explain_figure(image, maps, probs, names, patches))
         written.append(target)

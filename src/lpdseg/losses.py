@@ -221,6 +221,7 @@ def similarity_loss(
     dense_features: Tensor | None = None,
     images: Tensor | None = None,
     embed_images=None,
+    fill: Tensor | None = None,
     threshold: float = 0.5,
     temperature: float = 0.07,
     fg_weight: float = 1.0,
@@ -238,8 +239,10 @@ def similarity_loss(
         mode: ``feature`` (masked pooling of one dense encoder map per image)
             or ``image`` (the encoder embeds every masked image).
         dense_features: feature mode: B x D x h x w from the frozen encoder.
-        images: image mode: B x 3 x H x W normalised input images.
+        images: image mode: B x 3 x H x W input images (RGB in [0, 1]).
         embed_images: image mode: callable ``(M x 3 x H x W) -> M x D`` embeddings.
+        fill: image mode: colour (1 x 3 x 1 x 1) of masked-out pixels; with RGB
+            inputs the model's mean colour keeps them neutral (0 after normalising).
         threshold, temperature, fg_weight, bg_weight, activation_reg: METHOD.md's
             delta, T, theta_fg, theta_bg and the 5e-4 activation penalty.
         image_chunk: image mode: masked images embedded per encoder call.
@@ -281,8 +284,13 @@ def similarity_loss(
                 mode="bilinear",
                 align_corners=False,
             )
-            fg_parts.append(F.normalize(embed_images(mfg * imgs).float(), dim=-1))
-            bg_parts.append(F.normalize(embed_images(mbg * imgs).float(), dim=-1))
+            if fill is not None:  # masked-out pixels take the fill colour, not black
+                mfg_imgs = mfg * imgs + (1 - mfg) * fill
+                mbg_imgs = mbg * imgs + (1 - mbg) * fill
+            else:
+                mfg_imgs, mbg_imgs = mfg * imgs, mbg * imgs
+            fg_parts.append(F.normalize(embed_images(mfg_imgs).float(), dim=-1))
+            bg_parts.append(F.normalize(embed_images(mbg_imgs).float(), dim=-1))
         fg, bg = torch.cat(fg_parts), torch.cat(bg_parts)
     else:
         raise ValueError(f"unknown similarity mode {mode!r}; use 'feature' or 'image'")

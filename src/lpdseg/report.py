@@ -55,14 +55,6 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _array_png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
-
-
 def _img(png: bytes, caption: str) -> str:
     return (
         f'<figure><img src="{png_data_uri(png)}" alt="{html.escape(caption)}">'
@@ -224,12 +216,11 @@ def _overlay_and_explain_sections(run_dir: Path, n_images: int, progress: bool) 
         msg = _note(f"no best.pt or last.pt in {run_dir}")
         return msg, msg
     from lpdseg.data.datasets import read_image, read_mask
-    from lpdseg.engine.predict import make_tile_predictor, predict_array
-    from lpdseg.engine.train import load_model, resolve_device
-    from lpdseg.viz import triptych
+    from lpdseg.inference import Predictor
+    from lpdseg.viz import png_bytes, triptych
 
-    device = resolve_device("auto")
-    model, cfg = load_model(ckpt, device)
+    predictor = Predictor.from_checkpoint(ckpt)
+    model, cfg = predictor.model, predictor.cfg
     names = list(cfg.data.class_names)
     colors = [list(c) for c in cfg.data.colors]
     try:
@@ -240,12 +231,11 @@ def _overlay_and_explain_sections(run_dir: Path, n_images: int, progress: bool) 
     if not samples:
         msg = _note(f"{cfg.data.root} has no test images")
         return msg, msg
-    predict_fn = make_tile_predictor(model, cfg, tta=False, threshold=None, device=device)
     figures, images = [], []
     for s in samples:
         image = read_image(s.image)
         truth = read_mask(s.mask, len(names), expected_hw=image.shape[:2]) if s.mask else None
-        pred = predict_array(image, predict_fn, cfg, len(names) + 1)
+        pred = predictor.mask(image)
         k = int(math.ceil(120 / image.shape[1]))  # small patches: enlarge (nearest) to see them
         if k > 1:
             image_k, pred_k = image.repeat(k, 0).repeat(k, 1), pred.repeat(k, 0).repeat(k, 1)
@@ -253,7 +243,8 @@ def _overlay_and_explain_sections(run_dir: Path, n_images: int, progress: bool) 
         else:
             image_k, truth_k, pred_k = image, truth, pred
         panel = triptych(image_k, truth_k, pred_k, names, colors)
-        figures.append(_img(_array_png(panel), f"{s.image.name}: image | truth | prediction"))
+        png = png_bytes(panel, compress_level=9)  # smallest: the page embeds it
+        figures.append(_img(png, f"{s.image.name}: image | truth | prediction"))
         images.append((s.image.name, image))
     overlays = f'<div class="grid">{"".join(figures)}</div>'
 
@@ -265,7 +256,7 @@ def _overlay_and_explain_sections(run_dir: Path, n_images: int, progress: bool) 
         )
     heat = []
     for name, image in images[:2]:
-        maps, probs = prototype_maps(model.cpu(), image, cfg.data.mean, cfg.data.std)
+        maps, probs = prototype_maps(model.cpu(), image)
         heat.append(
             _img(
                 explain_figure(image, maps, probs, names),

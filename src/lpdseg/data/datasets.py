@@ -40,11 +40,11 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from lpdseg.errors import ConfigError, DataError
+from lpdseg.imageio import IMAGE_SUFFIXES, read_image, read_mask  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 SPLITS = ("train", "val", "test")
 # Columns of a CSV manifest that are not classes.
 CSV_RESERVED = ("image", "mask", "split")
@@ -575,161 +575,23 @@ def _list_csv(
 
 
 # ----------------------------------------------------------------- reading
-def _open(path: Path, what: str) -> Image.Image:
-    """Open and fully decode ``path`` with PIL, or raise a DataError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} file does not exist")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: {what} file is empty (0 bytes); re-export or remove it")
-    try:
-        im = Image.open(path)
-    except UnidentifiedImageError as exc:
-        raise DataError(
-            f"{path}: not a readable image (PIL cannot identify it); expected "
-            f"PNG/JPEG/TIFF, re-export or remove it"
-        ) from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot open {what} ({exc})") from exc
-    try:
-        im.load()
-    except (OSError, ValueError, SyntaxError) as exc:
-        im.close()
-        raise DataError(
-            f"{path}: {what} is truncated or corrupt ({exc}); re-export or remove it"
-        ) from exc
-    return im
-
-
-def _to_uint8_gray(arr: np.ndarray) -> np.ndarray:
-    """16/32-bit integer grey values (0..65535) to 0..255."""
-    arr = np.clip(arr.astype(np.float64), 0, 65535)
-    return np.round(arr / 257.0).astype(np.uint8)
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as ``H x W x 3`` uint8 RGB.
-
-    Conversions:
-
-    - greyscale (``L``, ``1``): the grey channel is replicated to R, G, B;
-    - 16-bit greyscale (``I;16``, ``I``): values 0..65535 scaled to 0..255
-      (divided by 257, rounded), then replicated;
-    - 16-bit RGB: reduced to 8 bits by PIL (high byte);
-    - alpha (``RGBA``, ``LA``, ``PA`` or a palette with transparency):
-      composited on white, ``out = a * rgb + (1 - a) * 255``;
-    - palette (``P``): the palette colours;
-    - other modes (``CMYK``, ``YCbCr``...): PIL's conversion to RGB.
-
-    Args:
-        path: image file.
-
-    Returns:
-        ``H x W x 3`` uint8 array.
-
-    Raises:
-        DataError: the file is missing, empty, truncated, corrupt or not an image.
-    """
-    path = Path(path)
-    with _open(path, "image") as im:
-        mode = im.mode
-        if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-            gray = _to_uint8_gray(np.asarray(im))
-            return np.repeat(gray[:, :, None], 3, axis=2)
-        if mode == "F":
-            raise DataError(
-                f"{path}: floating-point images are not supported; save it as 8-bit RGB"
-            )
-        has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-        if has_alpha:
-            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
-            a = rgba[:, :, 3:4] / 255.0
-            out = rgba[:, :, :3] * a + 255.0 * (1.0 - a)
-            return np.round(out).astype(np.uint8)
-        if mode == "RGB":
-            return np.asarray(im, dtype=np.uint8).copy()
-        if mode in ("L", "1"):
-            gray = np.asarray(im.convert("L"), dtype=np.uint8)
-            return np.repeat(gray[:, :, None], 3, axis=2)
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-
-
-def read_mask(
-    path: str | Path, num_classes: int, expected_hw: tuple[int, int] | None = None
-) -> np.ndarray:
-    """Read a single-channel index mask as ``H x W`` uint8.
-
-    Palette (``P``) PNGs give their indices, ``L``/``1``/16-bit greyscale their
-    values. Valid values are ``0..num_classes-1`` (classes), ``num_classes``
-    (background) and 255 (ignore).
-
-    Args:
-        path: mask file.
-        num_classes: number of tissue classes ``C``.
-        expected_hw: the image's ``(H, W)``; the mask must match it.
-
-    Returns:
-        ``H x W`` uint8 index mask.
-
-    Raises:
-        DataError: unreadable file, RGB(A) mask, values outside the valid range
-            (listed) or a size other than ``expected_hw`` (both named).
-    """
-    path = Path(path)
-    with _open(path, "mask") as im:
-        mode = im.mode
-        if mode == "P":
-            arr = np.asarray(im)
-        elif mode in ("L", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"):
-            arr = np.asarray(im)
-        else:
-            rgb = np.asarray(im.convert("RGB"))
-            hint = ""
-            if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
-                hint = " (its channels are equal: Image.open(p).convert('L').save(p) does it)"
-            raise DataError(
-                f"{path}: mask is a {mode} colour image; convert it to a single-channel index "
-                f"PNG (mode L or P) with values 0..{num_classes - 1} for classes, {num_classes} "
-                f"for background and 255 for ignore{hint}"
-            )
-    arr = np.asarray(arr)
-    if arr.ndim != 2:
-        raise DataError(
-            f"{path}: mask has shape {arr.shape}; expected a single-channel H x W image"
-        )
-    values = np.unique(arr).astype(np.int64)
-    bad = values[((values > num_classes) & (values != IGNORE_INDEX)) | (values < 0)]
-    if bad.size:
-        shown = ", ".join(str(int(v)) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
-        hint = (
-            " (JPEG masks are lossy: save masks as PNG)"
-            if path.suffix.lower() in (".jpg", ".jpeg")
-            else ""
-        )
-        raise DataError(
-            f"{path}: mask has values {shown} outside the valid range 0..{num_classes - 1} "
-            f"(classes), {num_classes} (background) and 255 (ignore){hint}; remap them"
-        )
-    mask = arr.astype(np.uint8)
-    if expected_hw is not None and tuple(mask.shape) != tuple(expected_hw):
-        raise DataError(
-            f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} (H x W) but its image is "
-            f"{expected_hw[0]}x{expected_hw[1]}; masks must have their image's size"
-        )
-    return mask
+# read_image / read_mask live in lpdseg.imageio (imported above) and are re-exported here.
 
 
 def mask_to_label(mask: np.ndarray, num_classes: int, min_fraction: float = 0.0) -> np.ndarray:
     """Image-level label of a mask: the tissue classes present.
 
-    A class is present if it covers more than ``min_fraction`` of the labelled
-    (non-255) pixels; with ``min_fraction=0`` any pixel counts. Background
-    (``num_classes``) is never part of the label.
+    A class is present if it covers at least ``min_fraction`` of the labelled
+    (non-255) pixels, background included; with ``min_fraction=0`` any pixel
+    counts. Background (``num_classes``) is never part of the label.
 
     Args:
         mask: ``H x W`` integer index mask (numpy array or tensor).
         num_classes: number of tissue classes ``C``.
-        min_fraction: minimum area fraction, in ``[0, 1)``.
+        min_fraction: minimum area fraction, in ``[0, 1)``; 0 (the default here:
+            the classes of a ground-truth mask) or, for labels of training
+            patches, a run config's ``data.label_min_fraction`` (default
+            :data:`lpdseg.catalog.LABEL_MIN_FRACTION`).
 
     Returns:
         ``(C,)`` uint8 array of 0/1.

@@ -57,7 +57,9 @@ class DataBundle:
         root: dataset folder.
         format: dataset format name.
         class_names: tissue class names (background is index ``len(class_names)``).
-        mean, std: RGB normalisation used by the model.
+        mean, std: the dataset's RGB statistics (``data.mean/std``, else the
+            format's); pretrained weights may override them for the model, see
+            ``models.preprocess.choose_statistics``.
         colors: RGB per class, background last.
         train: training samples (image-level labels).
         bad: files skipped with ``data.skip_bad``.
@@ -89,22 +91,6 @@ class DataBundle:
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, len(self.train) // batch_size)
-
-
-def _normalisation(cfg: Config, fmt_mean, fmt_std) -> tuple[tuple, tuple]:
-    if cfg.data.mean is not None and cfg.data.std is not None:
-        return tuple(cfg.data.mean), tuple(cfg.data.std)
-    if cfg.model.weights:
-        # pretrained weights expect the statistics they were trained with
-        from lpdseg.models.backbones import build_backbone
-
-        pre = build_backbone(
-            cfg.model.backbone, weights=cfg.model.weights, last_stride=cfg.model.last_stride
-        ).pretrained_cfg
-        if pre.mean is not None:
-            log.info("normalising with the backbone's pretraining statistics (%s)", pre.source)
-            return tuple(pre.mean), tuple(pre.std)
-    return tuple(fmt_mean), tuple(fmt_std)
 
 
 def resolve_data(cfg: Config, need_train: bool = True) -> DataBundle:
@@ -158,7 +144,13 @@ def resolve_data(cfg: Config, need_train: bool = True) -> DataBundle:
         )
     fmt_mean = fmt.mean if fmt else (0.5, 0.5, 0.5)
     fmt_std = fmt.std if fmt else (0.25, 0.25, 0.25)
-    mean, std = _normalisation(cfg, fmt_mean, fmt_std)
+    # explicit data.mean/std, else the format's; the model layer may prefer its
+    # pretrained weights' statistics (models.preprocess.choose_statistics)
+    mean, std = (
+        (tuple(cfg.data.mean), tuple(cfg.data.std))
+        if cfg.data.mean is not None and cfg.data.std is not None
+        else (tuple(fmt_mean), tuple(fmt_std))
+    )
     colors = (
         [tuple(c) for c in d.colors]
         if d.colors
@@ -289,7 +281,7 @@ def make_train_loader(
     With ``world_size > 1`` each rank takes every ``world_size``-th sample of the
     same permutation (a distributed sampler that stays resumable).
     """
-    transform = TrainTransform(augment_config(cfg), bundle.mean, bundle.std)
+    transform = TrainTransform(augment_config(cfg))
     if cfg.train.task == "seg":
         dataset: SeededWeakDataset = SeededMaskDataset(
             bundle.train, transform, cfg.train.seed, epoch
@@ -355,7 +347,7 @@ def make_eval_loader(
             "; ".join(f"{b.path}: {b.reason}" for b in bad[:20]),
         )
     dataset = MaskedDataset(
-        samples, len(bundle.class_names), EvalTransform(bundle.mean, bundle.std)
+        samples, len(bundle.class_names), EvalTransform()
     )
     return DataLoader(
         dataset,

@@ -18,7 +18,9 @@ The rule (recorded in ``DIR/patches.json`` with every count):
   255 (ignore);
 - a tissue class is in the label when it covers at least ``min_fraction`` of
   the patch's labelled (non-ignore) pixels
-  (:func:`lpdseg.data.datasets.mask_to_label`);
+  (:func:`lpdseg.data.datasets.mask_to_label`); the default is the package's
+  :data:`lpdseg.catalog.LABEL_MIN_FRACTION` (2 %), and
+  :meth:`PatchRule.from_config` takes a run config's ``data.label_min_fraction``;
 - a patch is dropped when background + padding cover more than
   ``max_background`` of it, or when no class reaches ``min_fraction``.
 
@@ -40,21 +42,20 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from lpdseg.data.datasets import (
-    FORMATS,
-    IGNORE_INDEX,
-    IMAGE_SUFFIXES,
-    mask_to_label,
-    read_image,
-    read_mask,
-)
+from lpdseg.catalog import LABEL_MIN_FRACTION
+from lpdseg.data.datasets import FORMATS, IGNORE_INDEX, mask_to_label
 from lpdseg.errors import ConfigError, DataError
+from lpdseg.imageio import IMAGE_SUFFIXES, read_image, read_mask
 from lpdseg.io import atomic_write_json, atomic_write_text
+from lpdseg.viz import save_png
+
+if TYPE_CHECKING:
+    from lpdseg.config import Config, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,28 @@ class PatchRule:
         size: patch side (px).
         stride: distance between tile origins (px); ``< size`` overlaps.
         min_fraction: a class is present if it covers at least this fraction of
-            the patch's labelled pixels.
+            the patch's labelled pixels (default ``LABEL_MIN_FRACTION``; a run
+            config's is ``data.label_min_fraction``, see :meth:`from_config`).
         max_background: drop a patch whose background + padding fraction exceeds this.
     """
 
     size: int = 224
     stride: int = 224
-    min_fraction: float = 0.02
+    min_fraction: float = LABEL_MIN_FRACTION
     max_background: float = 0.5
+
+    @classmethod
+    def from_config(cls, config: Config | DataConfig, **kwargs: Any) -> PatchRule:
+        """The rule with a config's ``data.label_min_fraction`` (other fields from kwargs).
+
+        Args:
+            config: a run :class:`~lpdseg.config.Config` or its ``data`` section.
+            **kwargs: ``size``, ``stride``, ``max_background`` (and ``min_fraction``
+                to override the config's value).
+        """
+        data = getattr(config, "data", config)
+        kwargs.setdefault("min_fraction", data.label_min_fraction)
+        return cls(**kwargs)
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.stride <= 0:
@@ -174,12 +189,6 @@ def tile_pair(
                 yield x, y, im, m, None, "no_class"
                 continue
             yield x, y, im, m, label, ""
-
-
-def _save_png(path: Path, array: np.ndarray) -> None:
-    from lpdseg.viz import save_png
-
-    save_png(path, array)
 
 
 def _write_csv(path: Path, rows: list[list[str]]) -> None:
@@ -280,9 +289,9 @@ def build_patch_dataset(
                 dropped[reason] += 1
                 continue
             name = patch_name(stem, x, y, label, fmt)
-            _save_png(train_dir / name, im)
+            save_png(train_dir / name, im)
             if write_masks:
-                _save_png(sup_dir / "masks" / f"{Path(name).stem}.png", m)
+                save_png(sup_dir / "masks" / f"{Path(name).stem}.png", m)
                 manifest.append(
                     [
                         str((train_dir / name).resolve()),

@@ -22,10 +22,13 @@ weakly supervised segmentation hard in the ways LPD is about:
 
 Each patch holds 1-3 classes in irregular regions (argmax of smooth random
 fields); a region uses one sub-type, two regions of one class may differ.
-Label rule (``MIN_LABEL_FRACTION``): a class is in the image-level label iff
-it covers at least 2 % of the patch pixels (background pixels count in the
-total). Regions of a class below that fraction are handed to the
-neighbouring tissue regions before rendering, so mask and label always agree.
+Label rule: a class is in the image-level label iff it covers at least
+``min_label_fraction`` of the patch pixels (background pixels count in the
+total); the default is ``MIN_LABEL_FRACTION`` (2 %, the package-wide
+:data:`lpdseg.catalog.LABEL_MIN_FRACTION`), and the demo passes its config's
+``data.label_min_fraction``. Regions of a class below that fraction are handed
+to the neighbouring tissue regions before rendering, so mask and label always
+agree.
 
 Everything is vectorised numpy/OpenCV: nuclei are impulses (random or on a
 jittered lattice) blurred into blobs and soft-thresholded; fibres are noise on
@@ -56,6 +59,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from lpdseg.catalog import LABEL_MIN_FRACTION as MIN_LABEL_FRACTION
 from lpdseg.errors import ConfigError, DataError
 from lpdseg.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -63,7 +67,10 @@ log = logging.getLogger(__name__)
 
 CLASS_NAMES: tuple[str, ...] = ("TUM", "STR", "LYM", "NEC")
 BACKGROUND_INDEX: int = 4
-MIN_LABEL_FRACTION: float = 0.02
+# Largest label fraction allowed: tissue covers about >= 30 % of a patch (glass is capped
+# at 70 %) in at most 3 classes, so the largest class keeps about >= 10 % and a patch
+# (almost) never loses every class to the rule.
+MAX_LABEL_FRACTION: float = 0.1
 SUBTYPES: dict[str, tuple[str, ...]] = {
     "TUM": ("glands", "solid"),
     "STR": ("wavy_fibres", "dense_collagen"),
@@ -71,11 +78,19 @@ SUBTYPES: dict[str, tuple[str, ...]] = {
     "NEC": ("pale_debris", "nuclear_dust"),
 }
 GENERATOR_VERSION: str = "1.0"
-LABEL_RULE: str = (
-    f"a class is in the image-level label iff its mask pixels cover >= {MIN_LABEL_FRACTION:g} "
-    "of all patch pixels (background included); regions of classes below that fraction are "
-    "reassigned to neighbouring tissue regions, so mask and label agree"
-)
+
+
+def label_rule(min_label_fraction: float = MIN_LABEL_FRACTION) -> str:
+    """The label rule in words (recorded in ``synthetic.json``)."""
+    return (
+        f"a class is in the image-level label iff its mask pixels cover >= "
+        f"{min_label_fraction:g} of all patch pixels (background included); regions of "
+        "classes below that fraction are reassigned to neighbouring tissue regions, so mask "
+        "and label agree"
+    )
+
+
+LABEL_RULE: str = label_rule()
 # Mask colours for pictures: TUM, STR, LYM, NEC, background.
 MASK_COLORS: tuple[tuple[int, int, int], ...] = (
     (220, 40, 40),
@@ -103,7 +118,7 @@ class SyntheticPatch:
     Attributes:
         image: H x W x 3 uint8 RGB.
         mask: H x W uint8; 0..3 tissue class (``CLASS_NAMES`` order), 4 background.
-        label: (4,) uint8 0/1; class present iff it covers >= ``MIN_LABEL_FRACTION``
+        label: (4,) uint8 0/1; class present iff it covers >= ``min_label_fraction``
             of the patch (always consistent with ``mask``).
         subtypes: (4,) int8; sub-type index (into ``SUBTYPES[name]``) of each present
             class, the one covering most pixels if its regions differ; -1 if absent.
@@ -417,6 +432,19 @@ _TEXTURES: dict[tuple[int, int], Callable[[np.random.Generator, tuple[int, int]]
 # --------------------------------------------------------------------------- layout
 
 
+def _check_fraction(min_label_fraction: float) -> float:
+    if (
+        isinstance(min_label_fraction, bool)
+        or not isinstance(min_label_fraction, (int, float, np.floating))
+        or not 0.0 <= min_label_fraction <= MAX_LABEL_FRACTION
+    ):
+        raise ConfigError(
+            f"min_label_fraction={min_label_fraction!r} (data.label_min_fraction) must be in "
+            f"[0, {MAX_LABEL_FRACTION:g}] for synthetic data (default {MIN_LABEL_FRACTION:g})"
+        )
+    return float(min_label_fraction)
+
+
 def _check_args(size: int, classes: Sequence[int] | None, subtype: int | None) -> list[int] | None:
     if not isinstance(size, (int, np.integer)) or size < _MIN_SIZE:
         raise ConfigError(
@@ -490,7 +518,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _resolve(
-    fields: list[np.ndarray], region_cls: np.ndarray, bg: np.ndarray
+    fields: list[np.ndarray], region_cls: np.ndarray, bg: np.ndarray, min_fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Region index per pixel (R = background) after dropping classes below the label rule.
 
@@ -511,11 +539,12 @@ def _resolve(
         np.copyto(region, np.uint8(n), where=bg)
         counts = np.array([np.count_nonzero(region == r) for r in range(n + 1)])
         class_px = np.bincount(region_cls, weights=counts[:n], minlength=_NUM_CLASSES)
-        small = (class_px > 0) & (class_px < MIN_LABEL_FRACTION * bg.size)
+        small = (class_px > 0) & (class_px < min_fraction * bg.size)
         if not small.any():
             return region, counts
         alive &= ~small[region_cls]
-        # With glass capped at 70 % some class always keeps >= 2 %; if not, all glass.
+        # With glass capped at 70 % some class (almost) always keeps >= MAX_LABEL_FRACTION;
+        # if not, all glass.
         if not alive.any():
             region[:] = n
             counts = np.zeros(n + 1, np.int64)
@@ -581,6 +610,7 @@ def generate_patch(
     classes: Sequence[int] | None = None,
     subtype: int | None = None,
     background: bool = True,
+    min_label_fraction: float = MIN_LABEL_FRACTION,
 ) -> SyntheticPatch:
     """Draw one H&E-like patch with its exact mask, image-level label and sub-types.
 
@@ -591,24 +621,26 @@ def generate_patch(
         classes: ``None`` for 1-3 random classes; a list of class indices (0 TUM,
             1 STR, 2 LYM, 3 NEC) for exactly those, e.g. ``[c]`` for a single-class
             patch (prototype banks). A listed class that ends up below
-            ``MIN_LABEL_FRACTION`` is reassigned and absent from the label.
+            ``min_label_fraction`` is reassigned and absent from the label.
         subtype: force this sub-type index for every region; ``None`` draws one per region.
         background: ``False`` for no glass and no holes (all pixels tissue).
+        min_label_fraction: label rule, in ``[0, MAX_LABEL_FRACTION]``; 0: any pixel.
 
     Returns:
-        The patch; ``label`` follows ``MIN_LABEL_FRACTION`` exactly.
+        The patch; ``label`` follows ``min_label_fraction`` exactly.
 
     Raises:
         ConfigError: on a negative seed, a size below 32, an unknown class index or
-            sub-type.
+            sub-type, or a label fraction out of range.
     """
     cls = _check_args(size, classes, subtype)
+    fraction = _check_fraction(min_label_fraction)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed={seed!r} is invalid; use an int >= 0")
     rng = np.random.default_rng(int(seed))
     fields, region_cls, region_sub = _layout(rng, size, cls, subtype)
     bg = _background(rng, size) if background else np.zeros((size, size), bool)
-    region, counts = _resolve(fields, region_cls, bg)
+    region, counts = _resolve(fields, region_cls, bg, fraction)
     n = len(region_cls)
     bg = region == n
 
@@ -633,7 +665,7 @@ def generate_patch(
     lut = np.append(region_cls, BACKGROUND_INDEX).astype(np.uint8)
     mask = lut[region]
     class_px = np.bincount(region_cls, weights=counts[:n], minlength=_NUM_CLASSES)
-    label = (class_px >= MIN_LABEL_FRACTION * mask.size).astype(np.uint8)
+    label = ((class_px > 0) & (class_px >= fraction * mask.size)).astype(np.uint8)
     # Sub-type per class: the one covering most pixels (regions of a class may differ).
     area = np.zeros((_NUM_CLASSES, _NUM_SUBTYPES), np.int64)
     np.add.at(area, (region_cls, region_sub), counts[:n])
@@ -671,6 +703,7 @@ def write_dataset(
     seed: int = 0,
     single_class_fraction: float = 0.3,
     progress: bool = True,
+    min_label_fraction: float = MIN_LABEL_FRACTION,
 ) -> dict:
     """Write a synthetic dataset in the BCSS-WSSS folder layout.
 
@@ -700,6 +733,8 @@ def write_dataset(
         seed: dataset seed.
         single_class_fraction: fraction of training patches with exactly one class.
         progress: show a tqdm progress bar.
+        min_label_fraction: label rule (a run config's ``data.label_min_fraction``),
+            in ``[0, MAX_LABEL_FRACTION]``; recorded in ``synthetic.json``.
 
     Returns:
         A summary: root, counts, seed, size, version, training label frequency per
@@ -717,6 +752,7 @@ def write_dataset(
     if not 0.0 <= single_class_fraction <= 1.0:
         raise ConfigError(f"single_class_fraction={single_class_fraction!r} must be in [0, 1]")
     _check_args(size, None, None)
+    fraction = _check_fraction(min_label_fraction)
     root = Path(root)
     start = time.perf_counter()
 
@@ -732,8 +768,8 @@ def write_dataset(
         "class_names": list(CLASS_NAMES),
         "background_index": BACKGROUND_INDEX,
         "subtypes": {k: list(v) for k, v in SUBTYPES.items()},
-        "min_label_fraction": MIN_LABEL_FRACTION,
-        "label_rule": LABEL_RULE,
+        "min_label_fraction": fraction,
+        "label_rule": label_rule(fraction),
         "label_order": "TUM STR LYM NEC (BCSS-WSSS)",
         "seed_rule": "patch i of split s (training=0, val=1, test=2) uses "
         "SeedSequence([seed, s, i, attempt]); attempt > 0 only for redrawn "
@@ -758,7 +794,12 @@ def write_dataset(
     for i in range(n_train):
         cls = None if single_class[i] < 0 else [int(single_class[i])]
         for attempt in range(100):  # glass is capped at 70 %: a redraw is (almost) never needed
-            patch = generate_patch(_patch_seed(seed, "training", i, attempt), size, classes=cls)
+            patch = generate_patch(
+                _patch_seed(seed, "training", i, attempt),
+                size,
+                classes=cls,
+                min_label_fraction=fraction,
+            )
             if patch.label.any():
                 break
         assert patch.label.any(), "no tissue class in 100 draws"
@@ -769,7 +810,7 @@ def write_dataset(
         bar.update()
     for split, n in (("val", n_val), ("test", n_test)):
         for i in range(n):
-            patch = generate_patch(_patch_seed(seed, split, i), size)
+            patch = generate_patch(_patch_seed(seed, split, i), size, min_label_fraction=fraction)
             atomic_write_bytes(root / split / "img" / f"{i:06d}.png", _png_bytes(patch.image))
             atomic_write_bytes(root / split / "mask" / f"{i:06d}.png", _png_bytes(patch.mask))
             bar.update()
@@ -823,7 +864,14 @@ def _refuse_foreign(root: Path, meta: dict) -> None:
             old = json.loads(json_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = None
-    keys = ("generator_version", "seed", "size", "counts", "single_class_fraction")
+    keys = (
+        "generator_version",
+        "seed",
+        "size",
+        "counts",
+        "single_class_fraction",
+        "min_label_fraction",
+    )
     if old is None or any(old.get(k) != meta[k] for k in keys):
         found = (
             "no readable synthetic.json"

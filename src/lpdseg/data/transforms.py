@@ -9,7 +9,6 @@ reproducible.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -61,14 +60,6 @@ class AugmentConfig:
         self.scale = (float(lo), float(hi))
 
 
-def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    m = np.asarray(mean, dtype=np.float32).reshape(3)
-    s = np.asarray(std, dtype=np.float32).reshape(3)
-    if (s <= 0).any():
-        raise ConfigError(f"normalisation std must be > 0, got {tuple(std)}")
-    return m, s
-
-
 def _check_image(image: np.ndarray) -> None:
     if (
         not isinstance(image, np.ndarray)
@@ -84,38 +75,20 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {desc}")
 
 
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``H x W x 3`` uint8 (or float in [0, 1]) RGB to a normalised ``3 x H x W`` float tensor.
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``H x W x 3`` uint8 (or float in [0, 1]) RGB -> ``3 x H x W`` float32 in [0, 1].
 
-    Args:
-        image: RGB image; uint8 is divided by 255.
-        mean: RGB mean in [0, 1] units.
-        std: RGB std in [0, 1] units.
-
-    Returns:
-        ``(image / 255 - mean) / std`` as float32, channels first.
+    Models normalise their own input (``lpdseg.models.preprocess``), so this is
+    all the data pipeline does to pixel values.
     """
-    m, s = _check_stats(mean, std)
     x = np.asarray(image)
     x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-    x = (x - m) / s
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-def denormalize(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Inverse of :func:`normalize`: ``[B x] 3 x H x W`` tensor to ``[B x] H x W x 3`` uint8.
-
-    Args:
-        tensor: normalised image(s), channels first.
-        mean: RGB mean used to normalise.
-        std: RGB std used to normalise.
-
-    Returns:
-        uint8 RGB, rounded and clipped to 0..255.
-    """
-    m, s = _check_stats(mean, std)
-    x = tensor.detach().float().cpu().numpy()
-    x = np.moveaxis(x, -3, -1) * s + m
+def to_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`to_tensor`: ``[B x] 3 x H x W`` in [0, 1] -> ``[B x] H x W x 3`` uint8."""
+    x = np.moveaxis(tensor.detach().float().cpu().numpy(), -3, -1)
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -169,21 +142,18 @@ def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -
 
 
 class TrainTransform:
-    """Random resize, crop/pad to ``crop_size``, flips, rot90, colour jitter, normalise.
+    """Random resize, crop/pad to ``crop_size``, flips, rot90, colour jitter -> [0, 1] tensor.
 
     Called as ``t(image)`` it returns the ``3 x S x S`` float tensor; called as
     ``t(image, mask)`` it returns ``(image_tensor, mask_tensor)`` with the same
     geometry applied to the mask (nearest neighbour, padding = 255 ignore).
     """
 
-    def __init__(self, cfg: AugmentConfig, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, cfg: AugmentConfig) -> None:
         """Args:
         cfg: augmentation settings.
-        mean: RGB normalisation mean in [0, 1] units.
-        std: RGB normalisation std in [0, 1] units.
         """
         self.cfg = cfg
-        self.mean, self.std = _check_stats(mean, std)
 
     def __call__(
         self,
@@ -255,26 +225,19 @@ class TrainTransform:
             out_mask = None if out_mask is None else np.rot90(out_mask, k)
 
         x = color_jitter(np.ascontiguousarray(out_img), cfg.color_jitter, rng)
-        tensor = normalize(x, self.mean, self.std)
+        tensor = to_tensor(x)
         if mask is None:
             return tensor
         return tensor, torch.from_numpy(np.ascontiguousarray(out_mask).astype(np.int64))
 
 
 class EvalTransform:
-    """Normalisation only (full size); ``t(image, mask)`` also returns the mask as a long tensor."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Args:
-        mean: RGB normalisation mean in [0, 1] units.
-        std: RGB normalisation std in [0, 1] units.
-        """
-        self.mean, self.std = _check_stats(mean, std)
+    """Full size, [0, 1] tensor only; ``t(image, mask)`` also returns the mask as a long tensor."""
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Normalise ``image`` (``H x W x 3`` uint8) to a ``3 x H x W`` float tensor.
+        """``image`` (``H x W x 3`` uint8) as a ``3 x H x W`` float tensor in [0, 1].
 
         Args:
             image: RGB image.
@@ -284,7 +247,7 @@ class EvalTransform:
             The tensor, or ``(tensor, mask)`` when a mask is given.
         """
         _check_image(image)
-        tensor = normalize(image, self.mean, self.std)
+        tensor = to_tensor(image)
         if mask is None:
             return tensor
         return tensor, torch.from_numpy(np.asarray(mask).astype(np.int64))

@@ -137,6 +137,17 @@ def cleanup(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.device={name} but no CUDA device is available; use train.device=cpu"
+        )
+    return torch.device(name)
+
+
 def training_device(name: str, ctx: DistContext) -> str:
     """The device name for this rank: ``cuda``/``auto`` on a GPU machine -> ``cuda:LOCAL_RANK``."""
     if ctx.enabled and torch.cuda.is_available() and name in ("auto", "cuda"):

@@ -39,30 +39,22 @@ from lpdseg.engine.distributed import (
     broadcast_object,
     cleanup,
     init_distributed,
+    resolve_device,
     training_device,
     wrap_model,
 )
-from lpdseg.engine.evaluate import evaluate
+from lpdseg.engine.evaluate import evaluate, score_split
 from lpdseg.errors import ConfigError, TrainingError
 from lpdseg.io import atomic_write_json
 from lpdseg.losses import classification_loss, diversity_loss, diversity_ramp, similarity_loss
-from lpdseg.models.encoders import FrozenEncoder, build_encoder
+from lpdseg.models.encoders import build_encoder
+from lpdseg.models.frozen_encoder import FrozenEncoder
 from lpdseg.models.lpd import WSSSModel, build_model, needed_stages
+from lpdseg.models.preprocess import choose_statistics, rescale
 from lpdseg.models.prototypes import PrototypeHead
 from lpdseg.models.segnet import build_segnet
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"train.device={name} but no CUDA device is available; use train.device=cpu"
-        )
-    return torch.device(name)
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -128,8 +120,13 @@ class Trainer:
         bundle: DataBundle,
         device: torch.device,
         ctx: DistContext | None = None,
+        *,
+        load_weights: bool = True,
     ) -> None:
+        """``load_weights=False`` (resuming): the checkpoint supplies every weight, so
+        the pretrained file named by ``model.weights`` need not exist any more."""
         self.ctx = ctx or DistContext()
+        cfg = prepare_config(cfg, bundle)  # idempotent: _train has usually done it
         self.cfg = cfg
         self.bundle = bundle
         self.device = device
@@ -149,7 +146,8 @@ class Trainer:
                 d = cfg.to_dict()
                 d["model"]["embed_dim"] = int(self.encoder.embed_dim)
                 cfg = self.cfg = config_from_dict(d)
-        self.model = (build_segnet(cfg, c) if self.seg else build_model(cfg, c)).to(device)
+        build = build_segnet if self.seg else build_model
+        self.model = build(cfg, c, load_weights=load_weights).to(device)
         head = getattr(self.model, "head", None)
         self.is_proto = isinstance(head, PrototypeHead)
         if wants_sim and self.encoder is None:
@@ -182,8 +180,8 @@ class Trainer:
         return build_encoder(
             cfg.loss.encoder,
             backbone=backbone,
-            model_mean=bundle.mean,
-            model_std=bundle.std,
+            model_mean=cfg.data.mean,
+            model_std=cfg.data.std,
             ema_decay=cfg.loss.encoder_ema_decay,
             allow_random=cfg.loss.allow_random_encoder,
         )
@@ -211,12 +209,8 @@ class Trainer:
             out = self.net(images, stages=self.stages)
             dense = None
             if self.encoder is not None and lc.sim_mode == "feature":
-                enc_in = images
-                if lc.encoder_scale != 1.0:  # a cheaper encoder pass (benchmarks, figure 3)
-                    enc_in = F.interpolate(
-                        images, scale_factor=lc.encoder_scale, mode="bilinear", align_corners=False
-                    )
-                dense = self.encoder.dense(enc_in)
+                # encoder_scale < 1: a cheaper encoder pass (benchmarks, figure 3)
+                dense = self.encoder.dense(rescale(images, lc.encoder_scale))
         terms: dict[str, Tensor] = {
             "cls": classification_loss(out.logits, labels, lc.stage_weights)
         }
@@ -236,6 +230,7 @@ class Trainer:
                     dense_features=dense,
                     images=images,
                     embed_images=self.encoder.embed,
+                    fill=self.model.preprocess.mean,
                     threshold=lc.sim_threshold,
                     temperature=lc.sim_temperature,
                     fg_weight=lc.sim_fg_weight,
@@ -343,11 +338,12 @@ class Trainer:
 
 
 def prepare_config(cfg: Config, bundle: DataBundle) -> Config:
-    """Record what the data resolved (class names, normalisation) in the config."""
+    """Record what the data resolved (class names, the model's normalisation) in the config."""
     d = cfg.to_dict()
+    mean, std = choose_statistics(cfg, bundle.mean, bundle.std)
     d["data"]["class_names"] = list(bundle.class_names)
-    d["data"]["mean"] = list(bundle.mean)
-    d["data"]["std"] = list(bundle.std)
+    d["data"]["mean"] = mean
+    d["data"]["std"] = std
     d["data"]["colors"] = [list(c) for c in bundle.colors]
     return config_from_dict(d)
 
@@ -404,7 +400,7 @@ def _train(
     run_dir = Path(cfg.train.out_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, bundle, device, ctx)
+    trainer = Trainer(cfg, bundle, device, ctx, load_weights=not resume)
     if ctx.enabled:  # same initial weights (seeded above), then per-rank dropout/drop-path
         torch.manual_seed(cfg.train.seed + 1_000_003 * ctx.rank)
         log.info(
@@ -515,7 +511,6 @@ def _validate(
         device=device,
         progress=False,
         desc="val",
-        normalisation=(cfg.data.mean, cfg.data.std),
     )
     miou = res["mIoU"]
     _log_jsonl(
@@ -554,108 +549,16 @@ def _finish(
         "skipped_steps": trainer.skipped_steps,
     }
     if evaluate_test and bundle.has_split("test"):
-        summary["test"] = evaluate_checkpoint(
-            run_dir / "best.pt", split="test", progress=progress, out_dir=run_dir
+        best = run_dir / "best.pt"
+        trainer.model.load_state_dict(load_checkpoint(best, map_location=trainer.device)["model"])
+        summary["test"] = score_split(
+            trainer.model,
+            trainer.cfg,
+            make_eval_loader(trainer.cfg, bundle, "test"),
+            "test",
+            progress=progress,
+            out_dir=run_dir,
+            source=str(best),
         )
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    """Rebuild a model from a checkpoint's own config and load its weights.
-
-    Raises:
-        CheckpointError: unreadable file or weights that do not fit the config.
-    """
-    from lpdseg.errors import CheckpointError
-
-    ckpt = load_checkpoint(path, map_location=device)
-    cfg = config_from_dict(ckpt["config"])
-    names = cfg.data.class_names
-    if not names:
-        raise CheckpointError(f"{path} has no class names in its config")
-    if cfg.train.task == "seg":
-        model: nn.Module = build_segnet(cfg, len(names))
-    else:
-        bank = ckpt["model"]["head.prototypes"] if cfg.model.head == "pbip" else None
-        model = build_model(cfg, len(names), bank=bank)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path}: weights do not match the model its config describes "
-            f"({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
-        ) from None
-    return model.to(device).eval(), cfg
-
-
-def evaluate_checkpoint(
-    path: str | Path,
-    *,
-    split: str = "test",
-    eval_overrides: list[str] | None = None,
-    modes: tuple[str, ...] = ("pseudo", "predict"),
-    tta: bool = True,
-    progress: bool = True,
-    out_dir: str | Path | None = None,
-    data_root: str | None = None,
-) -> dict[str, Any]:
-    """Score a checkpoint on a split in each gating mode; write JSON + Markdown tables.
-
-    Args:
-        path: checkpoint.
-        split: ``val`` or ``test``.
-        eval_overrides: ``eval.key=value`` strings applied to the checkpoint's own
-            config (e.g. ``eval.glass_background=true``).
-        modes: gating modes to score.
-        tta: test-time augmentation.
-        out_dir: where ``<split>_metrics.json`` and ``<split>_metrics.md`` go.
-        data_root: evaluate on this folder instead of the training data.
-
-    Raises:
-        ConfigError: an override outside the ``eval`` section, or an invalid value.
-    """
-    from lpdseg.config import apply_overrides
-    from lpdseg.metrics import format_table
-
-    bad = [o for o in eval_overrides or [] if not o.startswith("eval.")]
-    if bad:
-        raise ConfigError(f"only eval.* settings can change at evaluation, got {' '.join(bad)}")
-    device = next(iter([resolve_device("auto")]))
-    model, cfg = load_model(path, device)
-    if eval_overrides or data_root is not None:
-        d = apply_overrides(cfg.to_dict(), list(eval_overrides or []))
-        if data_root is not None:
-            d["data"]["root"] = str(data_root)
-        cfg = config_from_dict(d)
-    bundle = resolve_data(cfg, need_train=False)
-    loader = make_eval_loader(cfg, bundle, split)
-    results: dict[str, Any] = {"checkpoint": str(path), "split": split}
-    tables = []
-    if cfg.train.task == "seg":
-        modes = ("seg",)  # a segmentation network needs no class gating
-    for mode in modes:
-        res = evaluate(
-            model,
-            loader,
-            cfg.eval,
-            list(cfg.data.class_names),
-            mode=mode,
-            tta=tta,
-            device=device,
-            progress=progress,
-            desc=f"{split} ({mode})",
-            normalisation=(cfg.data.mean, cfg.data.std),
-        )
-        results[mode] = res
-        tables.append(f"### {split}, {mode} gating ({res['images']} images)\n\n{format_table(res)}")
-    results["table"] = "\n\n".join(tables)
-    if out_dir is not None:
-        out = Path(out_dir)
-        atomic_write_json(
-            out / f"{split}_metrics.json", {k: v for k, v in results.items() if k != "table"}
-        )
-        from lpdseg.io import atomic_write_text
-
-        atomic_write_text(out / f"{split}_metrics.md", results["table"] + "\n")
-    return results

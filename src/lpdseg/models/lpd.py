@@ -3,31 +3,39 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lpdseg.config import Config
 from lpdseg.models.backbones import build_backbone
+from lpdseg.models.preprocess import Preprocess, model_statistics
 from lpdseg.models.prototypes import CamHead, HeadOutput, PrototypeHead
 
 log = logging.getLogger(__name__)
 
 
 class WSSSModel(nn.Module):
-    """Backbone features -> head maps (METHOD.md LPD steps 1-3).
+    """RGB images -> head maps (METHOD.md LPD steps 1-3).
 
     Attributes:
+        preprocess: normalisation + ``input_scale`` (see ``models.preprocess``).
         backbone: multi-scale feature extractor (see ``models.backbones``).
         head: :class:`PrototypeHead` (LPD/PBIP) or :class:`CamHead`.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, input_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        input_scale: float = 1.0,
+    ) -> None:
         super().__init__()
+        self.preprocess = Preprocess(mean, std, input_scale)
         self.backbone = backbone
         self.head = head
-        self.input_scale = input_scale
 
     @property
     def num_classes(self) -> int:
@@ -36,33 +44,39 @@ class WSSSModel(nn.Module):
     def forward(
         self, images: Tensor, stages: tuple[int, ...] = (0, 1, 2, 3), inference_merge: str = "mean"
     ) -> HeadOutput:
-        """Images (B x 3 x H x W, normalised) -> maps and logits of ``stages``.
+        """Images (B x 3 x H x W, RGB in [0, 1]) -> maps and logits of ``stages``.
 
-        With ``input_scale != 1`` the images are resized first (bilinear), so the maps
-        have ``input_scale`` times the resolution they would have at 1.
+        With ``input_scale != 1`` the maps have ``input_scale`` times the resolution
+        they would have at 1.
         """
-        if self.input_scale != 1.0:
-            images = F.interpolate(
-                images, scale_factor=self.input_scale, mode="bilinear", align_corners=False
-            )
-        feats = self.backbone(images)
+        feats = self.backbone(self.preprocess(images))
         return self.head(feats, stages=stages, inference_merge=inference_merge)
 
 
 def build_model(
-    config: Config, num_classes: int, embed_dim: int | None = None, bank: Tensor | None = None
+    config: Config,
+    num_classes: int,
+    embed_dim: int | None = None,
+    bank: Tensor | None = None,
+    *,
+    load_weights: bool = True,
 ) -> WSSSModel:
     """Build the model a config describes.
 
     Args:
-        config: the run config (``model`` section).
+        config: the run config (``model`` section; ``data.mean/std`` must be resolved).
         num_classes: C, number of tissue classes.
         embed_dim: prototype space size D; falls back to ``config.model.embed_dim``,
             then the backbone's last-stage width.
-        bank: fixed prototypes for ``head=pbip`` (C x k x D).
+        bank: fixed prototypes for ``head=pbip`` (C x k x D); read from
+            ``model.bank`` when not given.
+        load_weights: read ``model.weights`` (``False``: a checkpoint will supply
+            every weight, so the pretrained file need not exist).
     """
     m = config.model
-    backbone = build_backbone(m.backbone, weights=m.weights, last_stride=m.last_stride)
+    backbone = build_backbone(
+        m.backbone, weights=m.weights, last_stride=m.last_stride, load_weights=load_weights
+    )
     if hasattr(backbone, "set_drop_path"):
         backbone.set_drop_path(m.drop_path)
     channels = tuple(backbone.stage_channels)
@@ -72,7 +86,7 @@ def build_model(
         dim = embed_dim or m.embed_dim or channels[-1]
         if m.head == "pbip":
             if bank is None:
-                from lpdseg.bank import load_bank
+                from lpdseg.models.bank import load_bank
 
                 bank = load_bank(m.bank).prototypes
             dim = bank.shape[-1]
@@ -87,7 +101,8 @@ def build_model(
             bank=bank,
             logit_bias=m.logit_bias,
         )
-    return WSSSModel(backbone, head, input_scale=m.input_scale)
+    mean, std = model_statistics(config)
+    return WSSSModel(backbone, head, mean, std, input_scale=m.input_scale)
 
 
 def needed_stages(
@@ -95,8 +110,3 @@ def needed_stages(
 ) -> tuple[int, ...]:
     """Stages with a non-zero weight, plus ``always`` (stage 4 feeds the other losses)."""
     return tuple(sorted({i for i, w in enumerate(weights) if w} | set(always)))
-
-
-@torch.no_grad()
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

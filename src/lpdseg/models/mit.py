@@ -52,13 +52,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lpdseg.errors import CheckpointError, ConfigError
-from lpdseg.models.backbones import PretrainedCfg
+from lpdseg.models.pretrained import PretrainedCfg, pretrained_cfg
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHTS_LICENCE = "NVIDIA Source Code License for SegFormer (non-commercial), if the release file"
 BLOCK_NORM_EPS = 1e-6  # blocks' norm1/norm2 and the stage norms; patch_embed and attn.norm: 1e-5
 
 
@@ -407,6 +404,7 @@ def build_mit(
     last_stride: int = 1,
     *,
     drop_path_rate: float = 0.1,
+    load_weights: bool = True,
 ) -> MixTransformer:
     """Build a registered MiT size, random or from a local weights file.
 
@@ -418,6 +416,8 @@ def build_mit(
             normalised with ``pretrained_cfg.mean/std`` (ImageNet statistics).
         last_stride: stride of stage 4's patch embedding (1 or 2).
         drop_path_rate: stochastic-depth rate of the last block.
+        load_weights: ``False`` builds the network ``weights`` describes without
+            reading the file (a checkpoint supplies the weights).
 
     Returns:
         The backbone.
@@ -434,6 +434,9 @@ def build_mit(
     )
     if weights is None:
         return model
+    if not load_weights:
+        model.pretrained_cfg = pretrained_cfg(name, weights)
+        return model
     path = Path(weights).expanduser() if isinstance(weights, (str, Path)) else None
     if path is None or not path.is_file():
         raise ConfigError(
@@ -442,49 +445,47 @@ def build_mit(
             "release (ImageNet-1k MiT weights), or None for random init"
         )
     load_mit_weights(model, path, name)
-    model.pretrained_cfg = PretrainedCfg(
-        source=str(path), mean=IMAGENET_MEAN, std=IMAGENET_STD, licence=WEIGHTS_LICENCE
-    )
+    model.pretrained_cfg = pretrained_cfg(name, path)
     return model
 
 
 def mit_b0(
-    weights: str | Path | None = None, last_stride: int = 1, *, drop_path_rate: float = 0.1
+    weights: str | Path | None = None, last_stride: int = 1, **kwargs
 ) -> MixTransformer:
     """MiT-B0: 32-64-160-256 channels, depths 2-2-2-2 (3.3M parameters). See :func:`build_mit`."""
-    return build_mit("mit_b0", weights, last_stride, drop_path_rate=drop_path_rate)
+    return build_mit("mit_b0", weights, last_stride, **kwargs)
 
 
 def mit_b1(
-    weights: str | Path | None = None, last_stride: int = 1, *, drop_path_rate: float = 0.1
+    weights: str | Path | None = None, last_stride: int = 1, **kwargs
 ) -> MixTransformer:
     """MiT-B1: 64-128-320-512 channels, depths 2-2-2-2 (13.1M parameters). See :func:`build_mit`."""
-    return build_mit("mit_b1", weights, last_stride, drop_path_rate=drop_path_rate)
+    return build_mit("mit_b1", weights, last_stride, **kwargs)
 
 
 def mit_b2(
-    weights: str | Path | None = None, last_stride: int = 1, *, drop_path_rate: float = 0.1
+    weights: str | Path | None = None, last_stride: int = 1, **kwargs
 ) -> MixTransformer:
     """MiT-B2: 64-128-320-512 channels, depths 3-4-6-3 (24.2M parameters). See :func:`build_mit`."""
-    return build_mit("mit_b2", weights, last_stride, drop_path_rate=drop_path_rate)
+    return build_mit("mit_b2", weights, last_stride, **kwargs)
 
 
 def mit_b3(
-    weights: str | Path | None = None, last_stride: int = 1, *, drop_path_rate: float = 0.1
+    weights: str | Path | None = None, last_stride: int = 1, **kwargs
 ) -> MixTransformer:
     """MiT-B3: 64-128-320-512 channels, depths 3-4-18-3 (44.0M parameters). See :func:`build_mit`."""
-    return build_mit("mit_b3", weights, last_stride, drop_path_rate=drop_path_rate)
+    return build_mit("mit_b3", weights, last_stride, **kwargs)
 
 
 def mit_b4(
-    weights: str | Path | None = None, last_stride: int = 1, *, drop_path_rate: float = 0.1
+    weights: str | Path | None = None, last_stride: int = 1, **kwargs
 ) -> MixTransformer:
     """MiT-B4: 64-128-320-512 channels, depths 3-8-27-3 (60.8M parameters). See :func:`build_mit`."""
-    return build_mit("mit_b4", weights, last_stride, drop_path_rate=drop_path_rate)
+    return build_mit("mit_b4", weights, last_stride, **kwargs)
 
 
 def mit_b5(
-    weights: str | Path | None = None, last_stride: int = 1, *, drop_path_rate: float = 0.1
+    weights: str | Path | None = None, last_stride: int = 1, **kwargs
 ) -> MixTransformer:
     """MiT-B5: 64-128-320-512 channels, depths 3-6-40-3 (81.4M parameters). See :func:`build_mit`."""
-    return build_mit("mit_b5", weights, last_stride, drop_path_rate=drop_path_rate)
+    return build_mit("mit_b5", weights, last_stride, **kwargs)

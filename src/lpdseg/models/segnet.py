@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lpdseg.config import Config
 from lpdseg.models.backbones import build_backbone
+from lpdseg.models.preprocess import Preprocess, model_statistics
 
 
 class MLPDecoder(nn.Module):
@@ -47,33 +48,33 @@ class MLPDecoder(nn.Module):
 
 
 class SegNet(nn.Module):
-    """Backbone + MLP decoder -> B x (C + 1) x H x W logits."""
+    """RGB images -> B x (C + 1) x H x W logits: backbone + MLP decoder."""
 
     def __init__(
         self,
         backbone: nn.Module,
         num_classes: int,
+        mean,
+        std,
         decoder_dim: int = 256,
         input_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self.preprocess = Preprocess(mean, std, input_scale)
         self.backbone = backbone
-        self.input_scale = input_scale  # as WSSSModel: resize before the backbone
         self.num_classes = num_classes
         self.decoder = MLPDecoder(tuple(backbone.stage_channels), num_classes + 1, decoder_dim)
 
     def forward(self, images: Tensor) -> Tensor:
-        x = images
-        if self.input_scale != 1.0:
-            x = F.interpolate(
-                x, scale_factor=self.input_scale, mode="bilinear", align_corners=False
-            )
-        logits = self.decoder(self.backbone(x))
+        logits = self.decoder(self.backbone(self.preprocess(images)))
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def build_segnet(config: Config, num_classes: int) -> SegNet:
-    """Stage-2 network of a config (``model.backbone``, ``model.weights``)."""
+def build_segnet(config: Config, num_classes: int, *, load_weights: bool = True) -> SegNet:
+    """Stage-2 network of a config (``model.backbone``, ``model.weights``, ``data.mean/std``)."""
     m = config.model
-    backbone = build_backbone(m.backbone, weights=m.weights, last_stride=m.last_stride)
-    return SegNet(backbone, num_classes, input_scale=m.input_scale)
+    backbone = build_backbone(
+        m.backbone, weights=m.weights, last_stride=m.last_stride, load_weights=load_weights
+    )
+    mean, std = model_statistics(config)
+    return SegNet(backbone, num_classes, mean, std, input_scale=m.input_scale)

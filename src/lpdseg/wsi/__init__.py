@@ -2,11 +2,16 @@
 
 * ``reader``: ``open_image`` -> an ``ImageReader`` (OpenSlide or plain image);
 * ``tissue``: ``detect_tissue`` on a thumbnail;
-* ``tiling``: tile grids, sliding-window inference with smooth blending, and
-  bounded-memory slide stitching split over ranks;
-* ``export``: polygons, QuPath GeoJSON, area tables, overlays.
+* ``tiling``: tissue tiles and bounded-memory slide stitching split over
+  ranks (the tile grid, blending and the sliding window over an image are
+  the inference layer's: ``lpdseg.inference.sliding``);
+* ``export``: polygons, QuPath GeoJSON, area tables, overlays;
+* ``job`` / ``pipeline`` / ``lock``: ``lpdseg slide`` as one validated
+  ``SlideJob`` and the steps that run it (choose level, find tissue, infer,
+  merge ranks, write outputs), guarded by a lock on the output folder.
 
-The model enters only as a ``predict_fn`` (RGB tiles in [0, 1] -> label scores).
+``stitch_slide`` takes the model as a ``predict_fn`` (RGB tiles in [0, 1] ->
+label scores); ``run_slide_job`` loads it from a checkpoint.
 """
 
 from lpdseg.wsi.export import (
@@ -21,36 +26,31 @@ from lpdseg.wsi.export import (
     write_geojson,
     write_png,
 )
+from lpdseg.wsi.job import SlideJob, SlideJobError
+from lpdseg.wsi.lock import OutputLock, OutputLockedError
+from lpdseg.wsi.pipeline import run_slide_job
 from lpdseg.wsi.reader import ImageReader, open_image
-from lpdseg.wsi.tiling import (
-    SlideCanvas,
-    TileGrid,
-    blend_window,
-    grid_for,
-    merge_partial,
-    select_tissue_tiles,
-    sliding_window_predict,
-    stitch_slide,
-)
+from lpdseg.wsi.tiling import SlideCanvas, merge_partial, select_tissue_tiles, stitch_slide
 from lpdseg.wsi.tissue import detect_tissue
 
 __all__ = [
     "ImageReader",
+    "OutputLock",
+    "OutputLockedError",
     "SlideCanvas",
-    "TileGrid",
+    "SlideJob",
+    "SlideJobError",
     "add_legend",
     "area_table",
-    "blend_window",
     "detect_tissue",
-    "grid_for",
     "mask_to_polygons",
     "merge_partial",
     "open_image",
     "overlay",
     "pixel_area_um2",
     "read_geojson_to_mask",
+    "run_slide_job",
     "select_tissue_tiles",
-    "sliding_window_predict",
     "stitch_slide",
     "write_area_csv",
     "write_area_json",

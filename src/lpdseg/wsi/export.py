@@ -1,4 +1,4 @@
-"""Exports of a label map: polygons / QuPath GeoJSON, area tables, overlays.
+"""Exports of a label map: polygons / QuPath GeoJSON (area tables and overlays re-exported).
 
 Geometry convention: pixel ``(row i, col j)`` of a class map covers the
 square ``[j, j + 1] x [i, i + 1]`` of map coordinates; level-0 coordinates
@@ -27,8 +27,6 @@ Every file is written atomically (temporary file in the same folder, then
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import uuid
@@ -43,7 +41,18 @@ from shapely.geometry import LineString, MultiPolygon, Point, Polygon, mapping, 
 from shapely.geometry.base import BaseGeometry
 
 from lpdseg.errors import DataError
-from lpdseg.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+# Area tables (lpdseg.exports.areas) and pictures (lpdseg.viz) have one
+# implementation each; re-exported here for the slide pipeline.
+from lpdseg.exports.areas import (  # noqa: F401 - re-exported
+    area_table,
+    pixel_area_um2,
+    write_area_csv,
+    write_area_json,
+)
+from lpdseg.io import atomic_write_text
+from lpdseg.viz import add_legend, overlay  # noqa: F401 - re-exported
+from lpdseg.viz import save_png as write_png  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -374,185 +383,3 @@ def read_geojson_to_mask(
         )
     return out
 
-
-# ---------------------------------------------------------------- areas
-def pixel_area_um2(mpp: float | tuple[float, float] | None, downsample: float) -> float | None:
-    """Area of one map pixel in square micrometres.
-
-    Args:
-        mpp: micrometres per level-0 pixel, ``(x, y)`` or one number; None if unknown.
-        downsample: level-0 pixels per map pixel.
-
-    Returns:
-        ``mpp_x * mpp_y * downsample**2``, or None when ``mpp`` is None.
-    """
-    if mpp is None:
-        return None
-    mx, my = (mpp, mpp) if isinstance(mpp, (int, float)) else mpp
-    return float(mx) * float(my) * float(downsample) ** 2
-
-
-def area_table(
-    class_map: np.ndarray,
-    class_names: Sequence[str],
-    pixel_area_um2: float | None = None,
-    tissue_only: bool = True,
-) -> list[dict]:
-    """Pixels, fraction of tissue and area of every class.
-
-    Args:
-        class_map: label map, classes ``0..C-1``, background ``C``.
-        class_names: the C class names.
-        pixel_area_um2: area of one map pixel in um^2 (``pixel_area_um2(mpp,
-            downsample)``); None leaves ``area_um2`` empty.
-        tissue_only: leave out the background row (fractions are of tissue
-            pixels either way; the background row has fraction None).
-
-    Returns:
-        Rows ``{"class", "class_id", "pixels", "fraction_of_tissue", "area_um2"}``.
-    """
-    c = len(class_names)
-    counts = np.bincount(class_map.ravel().astype(np.int64), minlength=c + 1)
-    tissue = int(counts[:c].sum())
-    if counts.size > c + 1 and counts[c + 1 :].any():
-        log.warning("class map holds labels above background (%d); counted as neither", c)
-
-    def area(n: int) -> float | None:
-        return None if pixel_area_um2 is None else n * pixel_area_um2
-
-    rows = [
-        {
-            "class": name,
-            "class_id": i,
-            "pixels": int(counts[i]),
-            "fraction_of_tissue": (int(counts[i]) / tissue) if tissue else 0.0,
-            "area_um2": area(int(counts[i])),
-        }
-        for i, name in enumerate(class_names)
-    ]
-    if not tissue_only:
-        rows.append(
-            {
-                "class": "background",
-                "class_id": c,
-                "pixels": int(counts[c]),
-                "fraction_of_tissue": None,
-                "area_um2": area(int(counts[c])),
-            }
-        )
-    return rows
-
-
-def write_area_csv(path: str | Path, rows: Sequence[dict]) -> None:
-    """Write area rows as CSV (header from the first row; None as an empty cell)."""
-    if not rows:
-        raise ValueError("no rows to write")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def write_area_json(path: str | Path, rows: Sequence[dict]) -> None:
-    """Write area rows as a JSON list."""
-    atomic_write_json(path, list(rows))
-
-
-# ---------------------------------------------------------------- pictures
-def overlay(
-    image_rgb: np.ndarray, class_map: np.ndarray, colors: Sequence[Color], alpha: float = 0.4
-) -> np.ndarray:
-    """Blend class colours over an image.
-
-    Args:
-        image_rgb: ``H x W x 3`` uint8 RGB.
-        class_map: label map, resized (nearest) to ``H x W`` if it differs
-            (e.g. a slide canvas over a thumbnail).
-        colors: one ``(r, g, b)`` per label to colour; labels without a
-            colour (e.g. background when only C colours are given) are left
-            as they are.
-        alpha: colour opacity in [0, 1].
-
-    Returns:
-        ``H x W x 3`` uint8 RGB.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    h, w = image_rgb.shape[:2]
-    labels = class_map
-    if labels.shape != (h, w):
-        labels = cv2.resize(labels.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-    lut = np.zeros((256, 3), np.float32)
-    painted = np.zeros(256, bool)
-    for i, col in enumerate(colors[:256]):
-        lut[i] = col[:3]
-        painted[i] = True
-    idx = labels.astype(np.uint8)
-    a = (alpha * painted[idx]).astype(np.float32)[..., None]
-    out = image_rgb.astype(np.float32) * (1.0 - a) + lut[idx] * a
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def add_legend(
-    img: np.ndarray,
-    class_names: Sequence[str],
-    colors: Sequence[Color],
-    font_scale: float | None = None,
-) -> np.ndarray:
-    """Append a legend strip (colour swatch + name per class) below an image.
-
-    Args:
-        img: ``H x W x 3`` uint8 RGB.
-        class_names: names to list.
-        colors: one ``(r, g, b)`` per name.
-        font_scale: OpenCV font scale; None picks one from the image width.
-
-    Returns:
-        ``(H + legend) x W x 3`` uint8 RGB.
-    """
-    _check_colors(class_names, colors)
-    w = img.shape[1]
-    scale = font_scale if font_scale is not None else float(np.clip(w / 900, 0.35, 1.2))
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    thick = max(1, round(scale * 1.5))
-    (_, text_h), base = cv2.getTextSize("Ag", font, scale, thick)
-    row_h = text_h + base + 8
-    sw = row_h - 6  # swatch side
-    # Lay out entries left to right, wrapping to new rows.
-    entries, x, y = [], 6, 0
-    for name in class_names:
-        (tw, _), _ = cv2.getTextSize(name, font, scale, thick)
-        width = sw + 6 + tw + 14
-        if x + width > w and x > 6:
-            x, y = 6, y + row_h
-        entries.append((x, y, name))
-        x += width
-    strip = np.full((y + row_h + 4, w, 3), 255, np.uint8)
-    for (ex, ey, name), col in zip(entries, colors, strict=False):
-        color = tuple(int(v) for v in col[:3])
-        cv2.rectangle(strip, (ex, ey + 3), (ex + sw, ey + 3 + sw), color, -1)
-        cv2.rectangle(strip, (ex, ey + 3), (ex + sw, ey + 3 + sw), (0, 0, 0), 1)
-        cv2.putText(
-            strip,
-            name,
-            (ex + sw + 6, ey + 3 + text_h + 1),
-            font,
-            scale,
-            (0, 0, 0),
-            thick,
-            cv2.LINE_AA,
-        )
-    return np.concatenate([img, strip], axis=0)
-
-
-def write_png(path: str | Path, array: np.ndarray) -> None:
-    """Write an RGB (``H x W x 3``) or label/gray (``H x W``) uint8 array as PNG atomically."""
-    if array.dtype != np.uint8:
-        raise ValueError(f"PNG export needs uint8, got {array.dtype}")
-    bgr = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
-    ok, encoded = cv2.imencode(".png", bgr)
-    if not ok:
-        raise ValueError(f"OpenCV could not encode an array of shape {array.shape} as PNG")
-    atomic_write_bytes(path, encoded.tobytes())

@@ -28,6 +28,12 @@ import cv2
 import numpy as np
 
 from lpdseg.errors import DataError
+from lpdseg.imageio import (
+    IMAGE_SUFFIXES,
+    composite_on_white,
+    read_image_with_dpi,
+    to_rgb_uint8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +51,6 @@ SLIDE_FORMATS = (
     ".bif",
     ".dcm",
 )
-#: Suffixes of the plain (single-level) images the plain backend reads.
-IMAGE_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # Resolution tags of ordinary images often hold an editor default (72 or 96 dpi,
 # i.e. ~265-350 um/px) rather than a microscope calibration: ignore anything
@@ -59,26 +63,8 @@ _LEVEL_TOLERANCE = 1e-2
 
 def _supported() -> str:
     slides = ", ".join(SLIDE_FORMATS)
-    images = ", ".join(IMAGE_FORMATS)
+    images = ", ".join(IMAGE_SUFFIXES)
     return f"slides read by OpenSlide ({slides}) or images ({images})"
-
-
-def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite a non-premultiplied ``H x W x 4`` uint8 image on white.
-
-    Args:
-        rgba: RGBA pixels (alpha 0 = transparent).
-
-    Returns:
-        ``H x W x 3`` uint8 RGB.
-    """
-    if (rgba[..., 3] == 255).all():  # opaque (the usual case): no arithmetic needed
-        return np.ascontiguousarray(rgba[..., :3])
-    rgb = rgba[..., :3].astype(np.uint16)
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    # rgb * a + 255 * (255 - a), divided by 255 with rounding (exact for a in {0, 255}).
-    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
-    return out.astype(np.uint8)
 
 
 class ImageReader(ABC):
@@ -235,10 +221,14 @@ class ImageReader(ABC):
         else:
             raise ValueError("pass target_mpp (micrometres per pixel) or downsample")
         if wanted < 1.0:
-            log.warning(
-                "%s: requested downsample %.3f is finer than level 0; using level 0 upsampled",
+            # Reading cannot go finer than level 0: the caller decides whether to
+            # upsample by extra_scale (> 1) or to work at level 0 as it is.
+            log.debug(
+                "%s: requested downsample %.3g is finer than level 0; returning level 0 "
+                "with extra_scale %.3g > 1",
                 self.path,
                 wanted,
+                1.0 / wanted,
             )
         level = 0
         for i, ds in enumerate(self.level_downsamples):
@@ -394,7 +384,7 @@ def open_image(path: str | Path) -> ImageReader:
     if vendor is not None:
         log.debug("%s: OpenSlide format %s", p, vendor)
         return OpenSlideReader(p)
-    if p.suffix.lower() not in IMAGE_FORMATS:
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
         raise DataError(
             f"{p} is not a readable slide or image (OpenSlide does not recognise "
             f"it and {p.suffix or 'no suffix'} is not an image type); expected "
@@ -435,58 +425,18 @@ def _mpp_from_resolution(xres: float, yres: float, unit: str) -> tuple[float, fl
 
 
 def _to_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
-    """Gray / RGB / RGBA, 8- or 16-bit -> H x W x 3 uint8."""
-    if arr.dtype == np.uint16:
-        arr = (arr.astype(np.uint32) * 255 // 65535).astype(np.uint8)
-    elif arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype != np.uint8:
-        raise DataError(
-            f"{path} has {arr.dtype} pixels; only 8- or 16-bit images are "
-            "supported - convert it to 8-bit RGB"
-        )
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
-        raise DataError(
-            f"{path} has pixel array shape {arr.shape}; expected a gray, RGB or "
-            "RGBA image (H x W [x C])"
-        )
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif arr.shape[2] == 2:  # gray + alpha
-        arr = composite_on_white(np.concatenate([np.repeat(arr[..., :1], 3, 2), arr[..., 1:]], 2))
-    elif arr.shape[2] == 4:
-        arr = composite_on_white(arr)
-    return np.ascontiguousarray(arr)
+    """Gray / RGB / RGBA, 8- or 16-bit -> H x W x 3 uint8 (``lpdseg.imageio``'s rules)."""
+    try:
+        return to_rgb_uint8(arr)
+    except ValueError as exc:
+        raise DataError(f"{path} {exc}") from exc
 
 
 def _load_pil(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now so a truncated file fails here, not mid-run
-            dpi = img.info.get("dpi")
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                pixels = composite_on_white(np.asarray(img.convert("RGBA")))
-            else:
-                pixels = np.asarray(img.convert("RGB"))
-    except Image.DecompressionBombError as exc:
-        raise DataError(
-            f"{path} is too large to read as a plain image ({exc}); convert it to "
-            "a pyramidal tiled TIFF (e.g. vips tiffsave --tile --pyramid) so it "
-            "is read level by level"
-        ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(
-            f"{path} cannot be decoded as an image ({exc}); the file is corrupt, "
-            f"truncated or not an image. Supported: {_supported()}"
-        ) from exc
-    mpp = None
-    if dpi and len(dpi) == 2:
-        mpp = _mpp_from_resolution(float(dpi[0]), float(dpi[1]), "inch")
-    return np.ascontiguousarray(pixels), mpp
+    # lpdseg.imageio decodes (16-bit, alpha, palette, EXIF orientation, size limit).
+    pixels, dpi = read_image_with_dpi(path, min_side=1)
+    mpp = _mpp_from_resolution(dpi[0], dpi[1], "inch") if dpi else None
+    return pixels, mpp
 
 
 def _load_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:

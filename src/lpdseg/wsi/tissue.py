@@ -4,9 +4,10 @@ H&E-stained tissue is coloured (pink/purple, i.e. saturated) while glass is
 white or light grey (unsaturated and bright). The mask is
 
 1. ``saturation > max(Otsu(saturation), min_saturation)`` (HSV, 0..255) and
-   ``gray < max_brightness`` (the brightness guard: bright, faintly tinted
-   glass is never tissue, whatever Otsu picks on a slide that is nearly all
-   glass or nearly all tissue),
+   not glass by the white-glass rule of :mod:`lpdseg.data.glass` (bright,
+   faintly tinted glass is never tissue, whatever Otsu picks on a slide that
+   is nearly all glass or nearly all tissue; the same rule evaluation and the
+   prototype bank use),
 2. a morphological closing (elliptical kernel) that bridges small gaps,
 3. connected fragments smaller than ``min_area_fraction`` of the image
    removed (dust, specks, debris), and holes smaller than
@@ -21,6 +22,8 @@ import logging
 import cv2
 import numpy as np
 
+from lpdseg.data.glass import DEFAULT_BRIGHTNESS, DEFAULT_SPREAD, glass_mask_np
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +33,8 @@ def detect_tissue(
     min_area_fraction: float = 1e-3,
     hole_area_fraction: float = 1e-3,
     min_saturation: int = 15,
-    max_brightness: int = 235,
+    glass_brightness: float = DEFAULT_BRIGHTNESS,
+    glass_spread: float = DEFAULT_SPREAD,
     closing_radius_px: int | None = None,
 ) -> np.ndarray:
     """Foreground (tissue) mask of an RGB thumbnail.
@@ -44,8 +48,10 @@ def detect_tissue(
             thumbnail area are filled.
         min_saturation: lower bound on the saturation threshold (0..255), so
             that Otsu cannot split the noise of blank glass into "tissue".
-        max_brightness: pixels whose gray value is at or above this (0..255)
-            are glass, whatever their saturation.
+        glass_brightness, glass_spread: the white-glass rule
+            (``lpdseg.data.glass.glass_mask_np``): pixels whose mean RGB is
+            above ``glass_brightness`` and whose channels differ by less than
+            ``glass_spread`` (both in [0, 1]) are glass, whatever their saturation.
         closing_radius_px: radius of the closing kernel in thumbnail pixels;
             None = ``max(1, round(min(H, W) / 200))``.
 
@@ -70,11 +76,10 @@ def detect_tissue(
     h, w = thumbnail_rgb.shape[:2]
     rgb = np.ascontiguousarray(thumbnail_rgb)
     saturation = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
 
     otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = max(float(otsu), float(min_saturation))
-    mask = (saturation > threshold) & (gray < max_brightness)
+    mask = (saturation > threshold) & ~glass_mask_np(rgb, glass_brightness, glass_spread)
     log.debug(
         "tissue: Otsu saturation %.0f, threshold %.0f, raw fraction %.3f",
         otsu,

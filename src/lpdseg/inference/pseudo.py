@@ -1,6 +1,6 @@
 """``lpdseg pseudo``: stage-1 checkpoint -> pseudo masks of the training set.
 
-The masks are made in ``pseudo`` mode (gated by each patch's image-level
+The masks are made with the ``labels`` gate (each patch's image-level
 labels, with TTA), exactly how the papers make stage-2 training targets, and
 written as index PNGs with a ``manifest.csv`` (image, mask, label) that
 ``lpdseg train ... train.task=seg data.pseudo=<folder>`` reads.
@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from lpdseg.data.datasets import read_image
 from lpdseg.data.loaders import resolve_data
-from lpdseg.engine.evaluate import predict_masks
+from lpdseg.inference.loading import load_model, resolve_device
 from lpdseg.io import atomic_write_json, atomic_write_text
+from lpdseg.models.decode import predict_masks
 from lpdseg.viz import save_png
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ def write_pseudo_masks(
         Summary (count, class pixel fractions, settings).
     """
     from lpdseg.config import config_from_dict
-    from lpdseg.engine.train import load_model, resolve_device
 
     device = resolve_device("auto")
     model, cfg = load_model(checkpoint, device)
@@ -61,8 +61,6 @@ def write_pseudo_masks(
     bundle = resolve_data(cfg)
     out = Path(out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1)
     c = len(bundle.class_names)
     counts = np.zeros(c + 1, np.int64)
     rows = [["image", "mask", "label"]]
@@ -81,9 +79,7 @@ def write_pseudo_masks(
             x = torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2).float().to(device) / 255
             lab = labels_all[offset : offset + len(chunk)].to(device)
             offset += len(chunk)
-            pred, _ = predict_masks(
-                model, (x - mean) / std, cfg.eval, lab, mode="pseudo", tta=tta, rgb=x
-            )
+            pred, _ = predict_masks(model, x, cfg.eval, lab, gate="labels", tta=tta)
             preds.extend(pred.cpu().numpy().astype(np.uint8))
         for s, pred in zip(group, preds):
             name = f"{s.image.stem}.png"

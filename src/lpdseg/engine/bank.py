@@ -1,4 +1,4 @@
-"""PBIP's prototype bank: K-Means clusters of frozen-encoder embeddings.
+"""Building PBIP's prototype bank: K-Means clusters of frozen-encoder embeddings.
 
 METHOD.md, "PBIP baseline": take the training patches whose label has exactly
 one class, drop mostly-white ones, embed them with a frozen encoder, run
@@ -13,59 +13,40 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from lpdseg.data.datasets import Sample, read_image
-from lpdseg.errors import CheckpointError, DataError
-from lpdseg.io import atomic_save_with
+from lpdseg.data.glass import DEFAULT_BRIGHTNESS, DEFAULT_SPREAD, glass_mask_np
+from lpdseg.errors import DataError
+from lpdseg.models.bank import PrototypeBank, save_bank
 
 log = logging.getLogger(__name__)
-
-BANK_FORMAT = 1
 
 
 @dataclass(frozen=True)
 class WhiteRule:
-    """A patch is dropped when more than ``max_fraction`` of its pixels are white glass:
-    HSV saturation below ``saturation`` and value above ``value`` (both in [0, 1])."""
+    """A patch is dropped when more than ``max_fraction`` of its pixels are white glass.
 
-    saturation: float = 0.08
-    value: float = 0.85
+    Glass is the white-glass rule of :mod:`lpdseg.data.glass` (mean RGB above
+    ``brightness``, channel spread below ``spread``, both in [0, 1]): the rule
+    evaluation and slide tissue detection use, so the three agree on a pixel.
+    """
+
+    brightness: float = DEFAULT_BRIGHTNESS
+    spread: float = DEFAULT_SPREAD
     max_fraction: float = 0.5
 
     def white_fraction(self, image: np.ndarray) -> float:
-        rgb = image.astype(np.float32) / 255.0
-        mx, mn = rgb.max(-1), rgb.min(-1)
-        sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-        return float(((sat < self.saturation) & (mx > self.value)).mean())
+        """Fraction of the glass pixels of an ``H x W x 3`` uint8 RGB image."""
+        return float(glass_mask_np(image, self.brightness, self.spread).mean())
 
     def is_white(self, image: np.ndarray) -> bool:
         return self.white_fraction(image) > self.max_fraction
-
-
-@dataclass
-class PrototypeBank:
-    """Fixed prototypes for PBIP.
-
-    Attributes:
-        prototypes: C x K x D mean embeddings (L2-normalised).
-        members: per class, per cluster, the file names of the kept patches.
-        class_names: tissue classes.
-        encoder: name of the frozen encoder that embedded them.
-        settings: K, n_keep, seed, the white rule, counts per class.
-    """
-
-    prototypes: torch.Tensor
-    members: list[list[list[str]]]
-    class_names: list[str]
-    encoder: str
-    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -177,39 +158,6 @@ def build_bank(
     )
 
 
-def save_bank(bank: PrototypeBank, path: str | Path) -> None:
-    """Write the bank atomically (plain tensors and values: loads with weights_only)."""
-    payload = {
-        "bank_format": BANK_FORMAT,
-        "prototypes": bank.prototypes,
-        "members": bank.members,
-        "class_names": bank.class_names,
-        "encoder": bank.encoder,
-        "settings": bank.settings,
-    }
-    atomic_save_with(path, lambda handle: torch.save(payload, handle))
-
-
-def load_bank(path: str | Path) -> PrototypeBank:
-    """Read a bank written by :func:`save_bank`.
-
-    Raises:
-        CheckpointError: missing or malformed file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"prototype bank {path} does not exist; build it with `lpdseg bank`")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable prototype bank ({exc})") from None
-    if not isinstance(d, dict) or d.get("bank_format") != BANK_FORMAT:
-        raise CheckpointError(f"{path} is not a prototype bank of format {BANK_FORMAT}")
-    return PrototypeBank(
-        d["prototypes"], d["members"], d["class_names"], d["encoder"], d["settings"]
-    )
-
-
 def contact_sheet(
     bank: PrototypeBank,
     image_dir: str | Path,
@@ -218,17 +166,15 @@ def contact_sheet(
     thumb: int = 48,
 ) -> None:
     """PNG: one row per (class, cluster) with the first member patches."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
-    from lpdseg.viz import save_png
+    from lpdseg.viz import save_png, text_strip
 
     rows = []
     image_dir = Path(image_dir)
     for ci, name in enumerate(bank.class_names):
         for k, files in enumerate(bank.members[ci]):
-            label = Image.new("RGB", (90, thumb), (255, 255, 255))
-            ImageDraw.Draw(label).text((4, thumb // 2 - 6), f"{name} #{k}", fill=(0, 0, 0))
-            tiles = [np.asarray(label)]
+            tiles = [text_strip(f"{name} #{k}", 90, thumb)]
             for f in files[:per_cluster]:
                 img = Image.fromarray(read_image(image_dir / f)).resize((thumb, thumb))
                 tiles.append(np.asarray(img))
@@ -282,7 +228,7 @@ def build_bank_from_config(
         bundle.train,
         bundle.class_names,
         encoder,
-        EvalTransform(bundle.mean, bundle.std),
+        EvalTransform(),
         encoder_name=cfg.loss.encoder,
         clusters=clusters,
         n_keep=n_keep,

@@ -1,0 +1,77 @@
+"""benchmarks/wsss4luad.py: re-scoring finished runs, refusing mismatched ones, folds by image.
+
+Moved from tests/test_wsss4luad.py (tests/ does not import benchmarks/).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _tiny import load_script, tiny_run
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("wsss4luad")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    return tiny_run(tmp_path_factory.mktemp("tinyrun"))
+
+
+def test_benchmark_rescores_a_finished_run_with_eval_overrides(bench, finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    stamp = (out / "best.pt").stat().st_mtime_ns
+    plain = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=false"])
+    glass = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=true"])
+    assert plain["train_s"] is None and glass["train_s"] is None  # nothing retrained
+    assert (out / "best.pt").stat().st_mtime_ns == stamp
+    scored = sorted(out.glob("eval_*/test_metrics.json"))
+    assert len(scored) == 2  # one folder per set of eval overrides
+    accs = {json.loads(f.read_text())["pseudo"]["pixel_acc"] for f in scored}
+    assert accs == {plain["scores"]["pseudo"]["pixel_acc"], glass["scores"]["pseudo"]["pixel_acc"]}
+    # synthetic background is white glass: the rule finds background the maps miss
+    bg_plain = plain["scores"]["pseudo"]["per_class_IoU"][-1]
+    bg_glass = glass["scores"]["pseudo"]["per_class_IoU"][-1]
+    assert bg_glass > bg_plain
+    stamps = [f.stat().st_mtime_ns for f in scored]
+    again = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=true"])
+    assert again["scores"]["pseudo"]["mIoU"] == glass["scores"]["pseudo"]["mIoU"]
+    assert [f.stat().st_mtime_ns for f in scored] == stamps  # cached, not scored twice
+
+
+def test_benchmark_refuses_a_finished_run_trained_with_other_settings(
+    bench, finished_run, tmp_path
+):
+    # runs are reused by folder name: another --input-scale/--steps into the same --work
+    # must stop, naming the folder and the key, instead of scoring the old checkpoint
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    steps = yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"]
+    bench.check_finished_run(out, [f"train.max_steps={steps}", "train.threads=1"])  # same run
+    with pytest.raises(SystemExit, match="model.input_scale=1.0.*2.0"):
+        bench.run_one(["model.input_scale=2"], out, ("pseudo",), False)
+    with pytest.raises(SystemExit, match=f"train.max_steps={steps}"):
+        bench.check_finished_run(out, [f"train.max_steps={steps + 1}"])
+
+
+def test_benchmark_folds_are_disjoint_by_image(bench):
+    stems = [f"{i:02d}" for i in range(31)]
+    folds = bench.make_folds(stems, 3, seed=0)
+    assert sorted(s for f in folds for s in f) == stems
+    assert [len(f) for f in folds] == [11, 10, 10]
+    assert folds == bench.make_folds(stems, 3, seed=0)
+
+
+def test_results_default_to_the_results_folder(bench):
+    args = bench.parse_args([])
+    assert args.results.parent == Path(bench.__file__).resolve().parent / "results"

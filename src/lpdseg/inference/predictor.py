@@ -1,0 +1,131 @@
+"""A trained model as a function of RGB images: scores and masks at any size.
+
+:class:`Predictor` is what ``eval`` at full size, ``predict``, ``report`` and
+``slide`` use: RGB in [0, 1] (or uint8) in, per-label scores (classes, then
+background) or an index mask out. Images up to ``eval.max_side`` go through
+the model whole; larger ones by the one sliding-window path, overlapping
+tiles blended by a smooth window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lpdseg.config import Config, EvalConfig
+from lpdseg.inference.loading import load_model, resolve_device
+from lpdseg.models.decode import predict_scores
+
+
+class Predictor:
+    """Scores and masks of a model on RGB images.
+
+    Args:
+        model: a loaded model (see :func:`lpdseg.inference.load_model`).
+        cfg: the config it was trained with (class names, colours, ``eval``).
+        tta: test-time augmentation.
+        threshold: classifier-gate probability threshold (default: the config's).
+        gate: ``classifier`` (no labels needed) or ``labels`` (with ``labels=``).
+        device: where the model runs (default: where its weights are).
+        batch_size: tiles per forward for large images.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        *,
+        tta: bool = False,
+        threshold: float | None = None,
+        gate: str = "classifier",
+        device: torch.device | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        self.model = model.eval()
+        self.cfg = cfg
+        self.eval_cfg = (
+            cfg.eval if threshold is None else dataclasses.replace(cfg.eval, cls_threshold=threshold)
+        )
+        self.tta = tta
+        self.gate = gate
+        self.device = device or next(model.parameters()).device
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", **kwargs) -> Predictor:
+        """Load ``path`` on ``device`` (``auto``: CUDA when available) and wrap it."""
+        dev = resolve_device(device)
+        model, cfg = load_model(path, dev)
+        return cls(model, cfg, device=dev, **kwargs)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.cfg.data.class_names)
+
+    @property
+    def colors(self) -> list[tuple[int, int, int]]:
+        return [tuple(int(v) for v in c[:3]) for c in self.cfg.data.colors]
+
+    @property
+    def num_labels(self) -> int:
+        """Classes + background."""
+        return len(self.class_names) + 1
+
+    @torch.no_grad()
+    def __call__(self, tiles: Tensor, labels: Tensor | None = None) -> Tensor:
+        """RGB tiles in [0, 1] (B x 3 x h x w) -> label scores (B x L x h x w) on the CPU."""
+        lab = None if labels is None else labels.to(self.device)
+        return predict_scores(
+            self.model,
+            tiles.to(self.device).float(),
+            self.eval_cfg,
+            lab,
+            gate=self.gate,
+            tta=self.tta,
+        ).cpu()
+
+    def scores(self, image: np.ndarray, progress: bool = False) -> Tensor:
+        """One ``H x W x 3`` uint8 RGB image -> label scores (L x H x W)."""
+        return image_scores(
+            image, self, self.eval_cfg, self.num_labels, self.batch_size, progress=progress
+        )
+
+    def mask(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
+        """One ``H x W x 3`` uint8 RGB image -> index mask (H x W uint8, background = C)."""
+        return self.scores(image, progress).argmax(0).numpy().astype(np.uint8)
+
+
+def image_scores(
+    image: np.ndarray,
+    predict_fn: Callable[[Tensor], Tensor],
+    cfg: EvalConfig,
+    num_labels: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Tensor:
+    """Label scores (L x H x W) of one uint8 RGB image: whole, or by sliding window.
+
+    Images up to ``cfg.max_side`` go through ``predict_fn`` (RGB in [0, 1],
+    B x 3 x h x w -> B x L x h x w) at once; larger ones by overlapping
+    ``cfg.tile`` windows blended smoothly (``cfg.overlap``).
+    """
+    h, w = image.shape[:2]
+    if max(h, w) <= cfg.max_side:
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        return predict_fn(t / 255.0)[0]
+    from lpdseg.inference.sliding import sliding_window_predict
+
+    return sliding_window_predict(
+        image,
+        predict_fn,
+        num_labels,
+        tile=cfg.tile,
+        overlap=cfg.overlap,
+        batch_size=batch_size,
+        progress=progress,
+    )

@@ -1,0 +1,70 @@
+"""PBIP's prototype bank as stored: the prototypes and where each came from.
+
+Storage only (no data or encoder code): :mod:`lpdseg.engine.bank` builds a
+bank from training patches; models and explanations read it from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpdseg.errors import CheckpointError
+from lpdseg.io import atomic_save_with
+
+BANK_FORMAT = 1
+
+
+@dataclass
+class PrototypeBank:
+    """Fixed prototypes for PBIP.
+
+    Attributes:
+        prototypes: C x K x D mean embeddings (L2-normalised).
+        members: per class, per cluster, the file names of the kept patches.
+        class_names: tissue classes.
+        encoder: name of the frozen encoder that embedded them.
+        settings: K, n_keep, seed, the white rule, counts per class.
+    """
+
+    prototypes: torch.Tensor
+    members: list[list[list[str]]]
+    class_names: list[str]
+    encoder: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def save_bank(bank: PrototypeBank, path: str | Path) -> None:
+    """Write the bank atomically (plain tensors and values: loads with weights_only)."""
+    payload = {
+        "bank_format": BANK_FORMAT,
+        "prototypes": bank.prototypes,
+        "members": bank.members,
+        "class_names": bank.class_names,
+        "encoder": bank.encoder,
+        "settings": bank.settings,
+    }
+    atomic_save_with(path, lambda handle: torch.save(payload, handle))
+
+
+def load_bank(path: str | Path) -> PrototypeBank:
+    """Read a bank written by :func:`save_bank`.
+
+    Raises:
+        CheckpointError: missing or malformed file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"prototype bank {path} does not exist; build it with `lpdseg bank`")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable prototype bank ({exc})") from None
+    if not isinstance(d, dict) or d.get("bank_format") != BANK_FORMAT:
+        raise CheckpointError(f"{path} is not a prototype bank of format {BANK_FORMAT}")
+    return PrototypeBank(
+        d["prototypes"], d["members"], d["class_names"], d["encoder"], d["settings"]
+    )

@@ -1,0 +1,285 @@
+"""Model outputs -> label scores and masks (METHOD.md, "Turning maps into masks").
+
+1. Test-time augmentation (:func:`with_tta`, the one TTA loop): every scale x
+   (flip or not); maps are resized back to the input size, un-flipped and
+   averaged.
+2. Each stage's class maps are min-max normalised per image and class, fused
+   with ``eval.fuse_weights`` (0.3 M_2 + 0.3 M_3 + 0.4 M_4) and normalised again.
+3. Class gate: ``labels`` keeps the image's labelled classes, ``classifier``
+   keeps classes whose classifier probability exceeds ``eval.cls_threshold``.
+4. Background channel ``(1 - max_c M_c)^gamma``; argmax over C + 1 channels.
+5. With ``eval.glass_background``, white-glass pixels become background.
+
+Images are RGB in [0, 1] (models normalise their own input). One forward pass
+serves every gate (:func:`decode_scores`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lpdseg.config import EvalConfig
+from lpdseg.data.glass import glass_mask
+from lpdseg.models.lpd import WSSSModel, needed_stages
+
+GATES = ("labels", "classifier")
+
+
+@dataclass
+class MapOutput:
+    """TTA-averaged outputs for a batch.
+
+    Attributes:
+        stage_maps: per stage, B x C x H x W raw class maps at input size (``None``
+            for stages with fuse weight 0).
+        probs: B x C classifier probabilities (sigmoid of stage-4 logits; with
+            ``eval.gate_window``, the max over windows, see :func:`window_probs`).
+    """
+
+    stage_maps: list[Tensor | None]
+    probs: Tensor
+
+
+def _flip(x: Tensor, flip: bool) -> Tensor:
+    return x.flip(-1) if flip else x
+
+
+def with_tta(
+    images: Tensor,
+    cfg: EvalConfig,
+    tta: bool,
+    forward: Callable[[Tensor, float], tuple[Sequence[Tensor | None], Sequence[Tensor]]],
+) -> tuple[list[Tensor | None], list[Tensor]]:
+    """Average ``forward`` over the TTA views of ``images``.
+
+    Args:
+        images: B x 3 x H x W.
+        cfg: ``tta_scales`` and ``tta_flip``.
+        tta: ``False``: scale 1 without flip only (fast validation).
+        forward: ``(view, scale) -> (maps, vectors)``; maps (B x K x h x w, or
+            ``None``) are resized to H x W and un-flipped before averaging,
+            vectors (B x K) are averaged as they are.
+
+    Returns:
+        The averaged maps and vectors.
+    """
+    h, w = images.shape[-2:]
+    scales = cfg.tta_scales if tta else [1.0]
+    flips = [False, True] if (tta and cfg.tta_flip) else [False]
+    map_sums: list[Tensor | None] | None = None
+    vec_sums: list[Tensor] | None = None
+    count = 0
+    for scale in scales:
+        x = images
+        if scale != 1.0:
+            size = (max(32, round(h * scale)), max(32, round(w * scale)))
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        for flip in flips:
+            maps, vectors = forward(_flip(x, flip), scale)
+            maps = [
+                None
+                if m is None
+                else _flip(
+                    F.interpolate(m.float(), size=(h, w), mode="bilinear", align_corners=False),
+                    flip,
+                )
+                for m in maps
+            ]
+            if map_sums is None:
+                map_sums, vec_sums = list(maps), list(vectors)
+            else:
+                map_sums = [None if s is None else s + m for s, m in zip(map_sums, maps)]
+                vec_sums = [s + v for s, v in zip(vec_sums, vectors)]
+            count += 1
+    return (
+        [None if s is None else s / count for s in map_sums],
+        [v / count for v in vec_sums],
+    )
+
+
+@torch.no_grad()
+def infer_maps(
+    model: WSSSModel,
+    images: Tensor,
+    cfg: EvalConfig,
+    tta: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> MapOutput:
+    """Run the model with TTA and return raw per-stage maps at input size.
+
+    Args:
+        model: a trained model (put in eval mode by the caller).
+        images: B x 3 x H x W RGB in [0, 1].
+        cfg: evaluation settings (scales, flip, fuse weights, merge).
+        tta: ``False`` runs scale 1.0 without flip only (fast validation).
+        amp_dtype: autocast dtype, or ``None`` for fp32.
+    """
+    stages = needed_stages(cfg.fuse_weights)
+
+    def forward(x: Tensor, scale: float) -> tuple[list[Tensor | None], list[Tensor]]:
+        with torch.autocast(
+            x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            out = model(x, stages=stages, inference_merge=cfg.inference_merge)
+        maps = [out.class_maps[i] if cfg.fuse_weights[i] else None for i in range(4)]
+        if cfg.gate_window:
+            p = window_probs(model, out, cfg.gate_window * scale, x.shape[-2:])
+        else:
+            p = torch.sigmoid(out.logits[3].float())
+        return maps, [p]
+
+    maps, (probs,) = with_tta(images, cfg, tta, forward)
+    return MapOutput(maps, probs)
+
+
+def window_probs(model: WSSSModel, out, window: float, size: tuple[int, int]) -> Tensor:
+    """Class probabilities (B x C): max over sliding windows of ``window`` input px.
+
+    Each window's logit is the model's own (GAP, merge, bias) over that window of
+    the stage-4 maps, the windows overlap by half; an image no larger than the
+    window gives the whole-image probability. Why: a classifier trained on
+    ``window``-px crops is calibrated for fields of that size, and a class in one
+    corner of a large image gets a diluted whole-image logit.
+    """
+    maps = out.class_maps[3]
+    fh, fw = maps.shape[-2:]
+    kh = max(1, min(fh, round(window * fh / size[0])))
+    kw = max(1, min(fw, round(window * fw / size[1])))
+    logits = model.head.window_logits(out, 3, (kh, kw), (max(1, kh // 2), max(1, kw // 2)))
+    return torch.sigmoid(logits.amax(-1))
+
+
+def minmax_normalise(maps: Tensor) -> Tensor:
+    """Min-max normalise each (image, class) map over its pixels to [0, 1]."""
+    flat = maps.flatten(2)
+    lo = flat.min(-1).values[..., None, None]
+    hi = flat.max(-1).values[..., None, None]
+    return (maps - lo) / (hi - lo).clamp_min(1e-6)
+
+
+def fuse_maps(stage_maps: list[Tensor | None], weights: Iterable[float]) -> Tensor:
+    """Weighted sum of min-max normalised stage maps, normalised again (B x C x H x W)."""
+    fused = None
+    for m, wt in zip(stage_maps, weights):
+        if m is None or not wt:
+            continue
+        term = wt * minmax_normalise(m)
+        fused = term if fused is None else fused + term
+    if fused is None:
+        raise ValueError("eval.fuse_weights selects no stage")
+    return minmax_normalise(fused)
+
+
+def label_scores(fused: Tensor, keep: Tensor, gamma: float) -> Tensor:
+    """Gated fused maps + background channel (B x (C + 1) x H x W), background last.
+
+    Args:
+        fused: B x C x H x W fused maps in [0, 1].
+        keep: B x C bool, classes allowed in each image.
+        gamma: background exponent.
+    """
+    gated = fused * keep[:, :, None, None].to(fused.dtype)
+    background = (1.0 - gated.max(1, keepdim=True).values).clamp_min(0) ** gamma
+    return torch.cat([gated, background], dim=1)
+
+
+def force_background(scores: Tensor, where: Tensor) -> Tensor:
+    """Scores (B x (C + 1) x H x W, in [0, 1]) with background winning at ``where`` pixels."""
+    scores = scores.clone()
+    background = scores[:, -1]
+    background[where] = 2.0  # above every tissue score (all are <= 1)
+    return scores
+
+
+def class_gate(cfg: EvalConfig, probs: Tensor, labels: Tensor | None, gate: str) -> Tensor:
+    """Which classes may appear: the labelled ones (``labels``) or confident ones (``classifier``).
+
+    Raises:
+        ValueError: an unknown gate, or ``labels`` without image-level labels.
+    """
+    if gate == "labels":
+        if labels is None:
+            raise ValueError("the labels gate needs image-level labels; use gate=classifier")
+        return labels > 0.5
+    if gate == "classifier":
+        return probs > cfg.cls_threshold
+    raise ValueError(f"unknown gate {gate!r}; valid: {', '.join(GATES)}")
+
+
+@torch.no_grad()
+def segnet_scores(
+    model: torch.nn.Module, images: Tensor, cfg: EvalConfig, tta: bool = True
+) -> Tensor:
+    """Stage-2 network: TTA-averaged softmax (B x (C + 1) x H x W)."""
+    (probs,), _ = with_tta(
+        images, cfg, tta, lambda x, scale: ([torch.softmax(model(x).float(), 1)], [])
+    )
+    return probs
+
+
+def decode_scores(
+    model: torch.nn.Module,
+    images: Tensor,
+    cfg: EvalConfig,
+    labels: Tensor | None = None,
+    gates: Sequence[str] = ("classifier",),
+    tta: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, Tensor], MapOutput | None]:
+    """Per-label scores (B x (C + 1) x H x W) for each gate, from one forward pass.
+
+    Stage-2 networks (no prototype head) give their softmax for every gate.
+
+    Returns:
+        ``{gate: scores}`` and, for prototype/CAM models, the maps they came from.
+    """
+    out = None
+    if not isinstance(model, WSSSModel):
+        shared = segnet_scores(model, images, cfg, tta)
+        scores = {g: shared for g in gates}
+    else:
+        out = infer_maps(model, images, cfg, tta=tta, amp_dtype=amp_dtype)
+        fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
+        scores = {
+            g: label_scores(fused, class_gate(cfg, out.probs, labels, g), cfg.bg_gamma)
+            for g in gates
+        }
+    if cfg.glass_background:
+        glass = glass_mask(images.float(), cfg.glass_brightness, cfg.glass_spread)
+        scores = {g: force_background(s, glass.to(s.device)) for g, s in scores.items()}
+    return scores, out
+
+
+def predict_scores(
+    model: torch.nn.Module,
+    images: Tensor,
+    cfg: EvalConfig,
+    labels: Tensor | None = None,
+    gate: str | None = None,
+    tta: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Images (RGB in [0, 1]) -> per-label scores (B x (C + 1) x H x W); argmax = mask."""
+    gate = gate or cfg.gate
+    scores, _ = decode_scores(model, images, cfg, labels, (gate,), tta, amp_dtype)
+    return scores[gate]
+
+
+def predict_masks(
+    model: torch.nn.Module,
+    images: Tensor,
+    cfg: EvalConfig,
+    labels: Tensor | None = None,
+    gate: str | None = None,
+    tta: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, MapOutput | None]:
+    """Images -> label masks (B x H x W, background = C) and the maps they came from."""
+    gate = gate or cfg.gate
+    scores, out = decode_scores(model, images, cfg, labels, (gate,), tta, amp_dtype)
+    return scores[gate].argmax(1), out

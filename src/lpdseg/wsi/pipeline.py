@@ -1,0 +1,548 @@
+"""``lpdseg slide`` as steps: a checkpoint on a whole slide -> what QuPath and people open.
+
+:func:`run_slide_job` runs one :class:`~lpdseg.wsi.job.SlideJob` through
+these steps, each a function of its own:
+
+1. :func:`check_output` - before any work: the output folder is a folder (or
+   can be created) and holds no finished run of this slide unless
+   ``overwrite``;
+2. open the slide (``open_image``: OpenSlide formats, or a plain image as a
+   one-level slide) and :func:`load_predictor` (the checkpoint);
+3. :func:`choose_level` - the pyramid level for the working resolution
+   (micrometres per pixel when the slide records it, else a downsample of
+   level 0); between levels, tiles are read larger at the next finer level
+   and resized to the model's tile (``cfg.eval.tile`` unless the job says);
+4. :func:`lock_output` - take ``out_dir``'s lock file (rank 0), so two runs
+   never write into one folder at once;
+5. :func:`find_tissue` on a thumbnail, so glass tiles are skipped;
+6. :func:`infer_tiles` - stream batched, overlapping tiles through the
+   model into a low-resolution canvas (``stitch_slide``: memory bounded by
+   the canvas and one batch); under ``torchrun`` each rank takes a share of
+   the tiles, and :func:`merge_ranks` adds the shares up on rank 0;
+7. :func:`write_outputs` into ``out_dir`` (``<stem>`` = slide file stem):
+
+   - ``<stem>.geojson``: QuPath annotations, one polygon per class region,
+     holes kept, coordinates in level-0 pixels;
+   - ``<stem>_overlay.png``: class colours over a downsampled slide, legend;
+   - ``<stem>_classmap.png``: index PNG of the stitched map (classes
+     ``0..C-1``, background ``C``), one pixel per ``summary.map_downsample``
+     level-0 pixels;
+   - ``<stem>_areas.csv`` / ``.json``: pixels, fraction of tissue and area
+     in um^2 (when the slide has a resolution) per class;
+   - ``<stem>_summary.json`` (last, so it marks a finished run): level,
+     resolutions, tiles, seconds, peak RSS.
+
+Every file is written atomically; a failure leaves earlier files in place
+and releases the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lpdseg.engine.distributed import (
+    DistContext,
+    all_gather_objects,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    resolve_device,
+    training_device,
+)
+from lpdseg.errors import LpdsegError
+from lpdseg.wsi.job import DEFAULT_MPP_UM_PER_PX, SlideJob, SlideJobError
+from lpdseg.wsi.lock import OutputLock
+from lpdseg.wsi.reader import ImageReader, open_image
+from lpdseg.wsi.tiling import SlideCanvas, merge_partial, stitch_slide
+from lpdseg.wsi.tissue import detect_tissue
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LevelPlan",
+    "SlideResult",
+    "check_output",
+    "choose_level",
+    "find_tissue",
+    "infer_tiles",
+    "load_predictor",
+    "lock_output",
+    "merge_ranks",
+    "peak_rss_mb",
+    "run_slide_job",
+    "write_outputs",
+]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (``getrusage``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+# ---------------------------------------------------------------- 1. output
+def check_output(job: SlideJob) -> None:
+    """Fail early when the job could not write its outputs, or would replace a finished run.
+
+    Raises:
+        SlideJobError: ``out_dir`` is a file, lies under a file, is not
+            writable, or already holds this slide's summary and
+            ``job.overwrite`` is off.
+    """
+    out = job.out_dir
+    if out.exists() and not out.is_dir():
+        raise SlideJobError(
+            "out_dir", out, "is an existing file, not a folder; name a folder (it is created)"
+        )
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise SlideJobError("out_dir", out, f"cannot be created: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise SlideJobError("out_dir", out, f"cannot be written: no write permission on {base}")
+    summary = job.summary_path
+    if summary.is_file() and not job.overwrite:
+        raise SlideJobError(
+            "out_dir",
+            out,
+            f"already holds a finished run of {job.slide.name} ({summary}); "
+            "refusing to overwrite it",
+            remedy=("overwrite", "to replace it"),
+        )
+
+
+# ---------------------------------------------------------------- 2. model
+def _device(name: str, ctx: DistContext) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SlideJobError("device", name, "but no CUDA device is available; use auto or cpu")
+    return resolve_device(training_device(name, ctx))
+
+
+def load_predictor(job: SlideJob, device: torch.device) -> Any:
+    """The checkpoint as an ``lpdseg.inference.Predictor`` on ``device`` (the job's tta/threshold).
+
+    Raises:
+        CheckpointError: the checkpoint cannot be loaded.
+    """
+    from lpdseg.inference import Predictor, load_model
+
+    model, cfg = load_model(job.checkpoint, device)
+    return Predictor(model, cfg, tta=job.tta, threshold=job.threshold, device=device)
+
+
+# ---------------------------------------------------------------- 3. level
+@dataclass(frozen=True)
+class LevelPlan:
+    """Where and how big tiles are read for the job's working resolution.
+
+    Attributes:
+        requested: the request in words (``"2 um/px"``, ``"downsample 4"``).
+        level: pyramid level read.
+        level_downsample: level-0 pixels per pixel of ``level``.
+        level_mpp_um_per_px: micrometres per pixel of ``level`` (None: unknown).
+        extra_scale: working pixels per ``level`` pixel (<= 1; 1 when the
+            level matches, or when the request is finer than level 0 and level
+            0 is used as it is).
+        tile_model_px: tile side the model sees (working pixels).
+        tile_level_px: tile side read from ``level`` (resized to
+            ``tile_model_px`` when they differ).
+        map_downsample_level_px: ``level`` pixels per class-map pixel.
+    """
+
+    requested: str
+    level: int
+    level_downsample: float
+    level_mpp_um_per_px: float | None
+    extra_scale: float
+    tile_model_px: int
+    tile_level_px: int
+    map_downsample_level_px: int
+
+    @property
+    def map_downsample_level0_px(self) -> float:
+        """Level-0 pixels per class-map pixel."""
+        return self.level_downsample * self.map_downsample_level_px
+
+    @property
+    def map_mpp_um_per_px(self) -> float | None:
+        """Micrometres per class-map pixel (None when the slide has no mpp)."""
+        if not self.level_mpp_um_per_px:
+            return None
+        return self.level_mpp_um_per_px * self.map_downsample_level_px
+
+
+def choose_level(reader: ImageReader, job: SlideJob, tile_model_px: int) -> LevelPlan:
+    """Pick the level to read and the tile and map sizes there.
+
+    ``job.mpp_um_per_px`` is used when the slide records its mpp (default
+    ``DEFAULT_MPP_UM_PER_PX``), else ``job.downsample_level0_px``; a slide
+    without an mpp and no downsample is worked at level 0 (with a warning).
+    A request finer than level 0 works at level 0 as it is (nothing finer
+    can be read, and tiles are not upsampled), with a warning saying so.
+
+    Args:
+        reader: the open slide.
+        job: the job (its resolution and ``map_downsample_working_px``).
+        tile_model_px: the model's tile side in working pixels.
+    """
+    mpp, downsample = job.mpp_um_per_px, job.downsample_level0_px
+    if downsample is None and reader.mpp is None:
+        wanted = mpp if mpp is not None else DEFAULT_MPP_UM_PER_PX
+        log.warning(
+            "%s has no pixel size (mpp) in its metadata, so %.3g um/px cannot be "
+            "honoured; working at level 0 (give a downsample, level-0 px per working "
+            "px, to work coarser)",
+            reader.path,
+            wanted,
+        )
+        downsample = 1.0
+    if downsample is not None:
+        level, extra = reader.best_level_for(downsample=downsample)
+        how = f"downsample {downsample:g}"
+    else:
+        target = mpp if mpp is not None else DEFAULT_MPP_UM_PER_PX
+        level, extra = reader.best_level_for(target_mpp=target)
+        how = f"{target:g} um/px"
+    lds = float(reader.level_downsamples[level])
+    level_mpp = reader.level_mpp(level)
+    out_ds = job.map_downsample_working_px
+    if extra > 1.0:
+        native = f"{level_mpp:.3g} um/px" if level_mpp else "downsample 1"
+        log.warning(
+            "%s: %s is finer than level 0 (%s), the finest the slide has; working at "
+            "level 0's native resolution instead (tiles of %d level-0 px, not "
+            "upsampled; class map at %d level-0 px per pixel)",
+            reader.path,
+            how,
+            native,
+            tile_model_px,
+            out_ds,
+        )
+        extra = 1.0
+    # Tiles are read at the level so that, resized by `extra`, they are `tile_model_px`.
+    if extra < 1.0:
+        tile_level = max(tile_model_px, round(tile_model_px / extra))
+        map_ds = max(1, round(out_ds / extra))
+    else:
+        tile_level, map_ds = tile_model_px, out_ds
+    plan = LevelPlan(how, level, lds, level_mpp, float(extra), tile_model_px, tile_level, map_ds)
+    log.info(
+        "%s: %s -> level %d (downsample %.3g%s), tiles of %d level px",
+        reader.path,
+        how,
+        level,
+        lds,
+        f", {level_mpp:.3g} um/px" if level_mpp else "",
+        tile_level,
+    )
+    return plan
+
+
+# ---------------------------------------------------------------- 4. lock
+def lock_output(job: SlideJob, ctx: DistContext) -> OutputLock:
+    """Take ``job.out_dir``'s lock on rank 0 and check the folder again under it.
+
+    Every rank returns or raises together (rank 0's outcome is broadcast),
+    so no rank starts on tiles that will never be written.
+
+    Returns:
+        The lock (held on rank 0; not held on the other ranks). Release it
+        with ``release()``.
+
+    Raises:
+        OutputLockedError: another live run holds the lock.
+        SlideJobError: a finished run appeared meanwhile (see ``check_output``).
+    """
+    lock = OutputLock(job.out_dir)
+    error: Exception | None = None
+    if ctx.is_main:
+        try:
+            lock.acquire()
+            check_output(job)  # a run that finished since the first check
+        except Exception as exc:
+            lock.release()
+            lock.remove_folder_if_empty()
+            error = exc
+    message = broadcast_object(ctx, None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise LpdsegError(f"rank 0 stopped before the tiles: {message}")
+    return lock
+
+
+# ---------------------------------------------------------------- 5. tissue
+def find_tissue(reader: ImageReader, job: SlideJob) -> np.ndarray:
+    """Tissue mask of a ``job.thumbnail_side_px`` thumbnail (``detect_tissue``)."""
+    return detect_tissue(reader.thumbnail(job.thumbnail_side_px))
+
+
+# ---------------------------------------------------------------- 6. infer
+def _resized_to(
+    predict_fn: Callable[[torch.Tensor], torch.Tensor], model_tile: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Wrap a tile predictor so tiles read at another size are resized to ``model_tile`` first.
+
+    The scores come back at ``model_tile``; ``stitch_slide`` resizes them to
+    the tile size it read.
+    """
+
+    def fn(tiles: torch.Tensor) -> torch.Tensor:
+        if tiles.shape[-1] != model_tile or tiles.shape[-2] != model_tile:
+            tiles = F.interpolate(
+                tiles, size=(model_tile, model_tile), mode="bilinear", antialias=True
+            )
+        return predict_fn(tiles)
+
+    return fn
+
+
+def infer_tiles(
+    reader: ImageReader,
+    plan: LevelPlan,
+    predict_fn: Callable[[torch.Tensor], torch.Tensor],
+    num_labels: int,
+    job: SlideJob,
+    tissue: np.ndarray | None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> SlideCanvas:
+    """This rank's share of the tissue tiles through the model, stitched into a canvas.
+
+    Args:
+        reader: the open slide.
+        plan: from ``choose_level``.
+        predict_fn: RGB tiles in [0, 1] ``B x 3 x t x t`` (``t = plan.tile_model_px``)
+            -> label scores ``B x L x h x w``.
+        num_labels: L (classes + background).
+        job: overlap, batch size, tissue fraction, read workers.
+        tissue: mask from ``find_tissue`` (None: every tile).
+        rank: this process's index; it takes tiles ``i % world_size == rank``.
+        world_size: processes sharing the slide.
+        progress: show a progress bar.
+    """
+    if plan.tile_level_px != plan.tile_model_px:
+        predict_fn = _resized_to(predict_fn, plan.tile_model_px)
+    return stitch_slide(
+        reader,
+        plan.level,
+        predict_fn,
+        num_labels,
+        tile=plan.tile_level_px,
+        overlap=job.overlap,
+        batch_size=job.batch_tiles,
+        tissue_mask=tissue,
+        tissue_min_fraction=job.tissue_min_fraction,
+        output_downsample=plan.map_downsample_level_px,
+        read_workers=job.read_workers,
+        progress=progress,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def merge_ranks(canvas: SlideCanvas, ctx: DistContext) -> SlideCanvas | None:
+    """Every rank's canvas summed on rank 0 (None on the other ranks; as is for one process)."""
+    if not ctx.enabled:
+        return canvas
+    parts = all_gather_objects(ctx, canvas)
+    return merge_partial(parts) if ctx.is_main else None
+
+
+# ---------------------------------------------------------------- 7. write
+@dataclass
+class SlideResult:
+    """What ``write_outputs`` needs of a segmented slide.
+
+    Attributes:
+        plan: the level plan.
+        canvas: the (merged) canvas of every tile.
+        picture: RGB thumbnail the overlay is drawn on.
+        class_names: the checkpoint's class names.
+        colors: one ``(r, g, b)`` per class.
+        mpp_level0: the slide's ``(x, y)`` micrometres per level-0 pixel, or None.
+        dimensions_level0: ``(width, height)`` of level 0.
+        tissue_fraction: fraction of the thumbnail found to be tissue.
+        device: where the model ran.
+    """
+
+    plan: LevelPlan
+    canvas: SlideCanvas
+    picture: np.ndarray
+    class_names: list[str]
+    colors: list[tuple[int, int, int]]
+    mpp_level0: tuple[float, float] | None
+    dimensions_level0: tuple[int, int]
+    tissue_fraction: float
+    device: str
+
+
+def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[str, Any]:
+    """Write GeoJSON, overlay, class map, areas and (last) the summary into ``job.out_dir``.
+
+    Args:
+        job: the job.
+        result: the segmented slide.
+        started: ``time.perf_counter()`` at the start of the run.
+
+    Returns:
+        The summary written to ``<stem>_summary.json`` (``files`` lists the outputs).
+    """
+    from lpdseg.io import atomic_write_json
+    from lpdseg.wsi.export import (
+        add_legend,
+        area_table,
+        overlay,
+        pixel_area_um2,
+        write_area_csv,
+        write_area_json,
+        write_geojson,
+        write_png,
+    )
+
+    plan, canvas = result.plan, result.canvas
+    names, colors = result.class_names, result.colors
+    class_map = canvas.class_map()
+    scale = canvas.downsample_to_level0
+    h, w = class_map.shape
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    files = job.output_files()
+    regions = write_geojson(
+        files["geojson"],
+        class_map,
+        names,
+        colors,
+        scale,
+        min_area_px=job.min_region_area_map_px,
+    )
+    pictured = overlay(result.picture, class_map, colors[: len(names)])
+    write_png(files["overlay"], add_legend(pictured, names, colors[: len(names)]))
+    write_png(files["class_map"], class_map)
+    rows = area_table(class_map, names, pixel_area_um2(result.mpp_level0, scale))
+    write_area_csv(files["areas_csv"], rows)
+    write_area_json(files["areas_json"], rows)
+    seconds = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        "slide": str(job.slide),
+        "checkpoint": str(job.checkpoint),
+        "class_names": names,
+        "dimensions_level0": list(result.dimensions_level0),
+        "mpp_level0": list(result.mpp_level0) if result.mpp_level0 else None,
+        "requested": plan.requested,
+        "level": plan.level,
+        "level_downsample": plan.level_downsample,
+        "level_mpp": plan.level_mpp_um_per_px,
+        "tile_level_px": plan.tile_level_px,
+        "tile_model_px": plan.tile_model_px,
+        "overlap": job.overlap,
+        "map_shape_hw": [h, w],
+        "map_downsample": scale,
+        "map_mpp": plan.map_mpp_um_per_px,
+        "tissue_fraction_thumbnail": result.tissue_fraction,
+        "tiles": canvas.tiles,
+        "regions": regions,
+        "seconds": round(seconds, 2),
+        "tiles_per_second": round(canvas.tiles / seconds, 2) if seconds > 0 else None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": result.device,
+        "files": {k: str(v) for k, v in files.items()},
+    }
+    atomic_write_json(files["summary"], summary)
+    log.info(
+        "%s: %d tiles in %.1f s, %d regions, peak RSS %.0f MiB -> %s",
+        job.slide,
+        canvas.tiles,
+        seconds,
+        regions,
+        summary["peak_rss_mb"],
+        job.out_dir,
+    )
+    return summary
+
+
+# ---------------------------------------------------------------- the run
+def run_slide_job(job: SlideJob, *, progress: bool = True) -> dict[str, Any]:
+    """Segment a whole slide with a checkpoint and write GeoJSON, pictures and areas.
+
+    Runs in one process, or under ``torchrun`` with the slide's tiles split
+    over the ranks (rank 0 merges, writes and holds the output lock; the
+    other ranks return ``{"rank": r, "tiles": n}``).
+
+    Args:
+        job: what to run.
+        progress: show a progress bar (rank 0 only).
+
+    Returns:
+        The summary written to ``<stem>_summary.json`` (``files`` lists the outputs).
+
+    Raises:
+        SlideJobError: the output folder cannot be used (a file, not writable,
+            a finished run there without ``job.overwrite``), or no CUDA device.
+        OutputLockedError: another run is writing into ``job.out_dir``.
+        DataError: the slide is missing, not a slide/image, or corrupt.
+        CheckpointError: the checkpoint cannot be loaded.
+    """
+    started = time.perf_counter()
+    check_output(job)  # before any work
+    ctx = init_distributed(_device(job.device, DistContext()))
+    lock: OutputLock | None = None
+    try:
+        # Open the slide first: a wrong file fails before the model is loaded.
+        with open_image(job.slide) as reader:
+            device = _device(job.device, ctx)
+            predictor = load_predictor(job, device)
+            tile = job.tile_working_px or int(predictor.cfg.eval.tile)
+            plan = choose_level(reader, job, tile)
+            lock = lock_output(job, ctx)
+            tissue = find_tissue(reader, job)
+            canvas = infer_tiles(
+                reader,
+                plan,
+                predictor,
+                predictor.num_labels,
+                job,
+                tissue,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                progress=progress and ctx.is_main,
+            )
+            merged = merge_ranks(canvas, ctx)
+            if merged is None:  # not rank 0: rank 0 merges, writes and reports
+                return {"rank": ctx.rank, "tiles": canvas.tiles}
+            h, w = merged.shape_hw
+            result = SlideResult(
+                plan=plan,
+                canvas=merged,
+                picture=reader.thumbnail(min(job.overlay_side_px, max(h, w))),
+                class_names=predictor.class_names,
+                colors=predictor.colors,
+                mpp_level0=reader.mpp,
+                dimensions_level0=reader.dimensions,
+                tissue_fraction=float(tissue.mean()),
+                device=str(device),
+            )
+        return write_outputs(job, result, started)
+    except BaseException:
+        if lock is not None:  # nothing written yet: leave no empty folder behind
+            lock.release()
+            lock.remove_folder_if_empty()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+        cleanup(ctx)

@@ -1,0 +1,113 @@
+"""Fixtures shared by test modules: synthetic pyramidal slides and the shared CMU slide."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+#: OpenSlide's CC0 test slide CMU-1-Small-Region, when the shared data is present.
+CMU_SVS = Path(__file__).resolve().parents[1].parent / "shared/data/slides/cmu_small_region.svs"
+
+
+@dataclass(frozen=True)
+class SyntheticSlide:
+    """A pyramidal TIFF written by ``wsi_pyramid`` and what is known about it.
+
+    Attributes:
+        path: the TIFF (levels as successive pages; OpenSlide reads it).
+        rgb: level-0 pixels, ``H0 x W0 x 3`` uint8.
+        truth: ``H0 x W0`` bool, True on the tissue-like blobs.
+        mpp: micrometres per level-0 pixel written in the file.
+        downsamples: level-0 pixels per pixel of each level.
+    """
+
+    path: Path
+    rgb: np.ndarray
+    truth: np.ndarray
+    mpp: float
+    downsamples: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+
+#: Colour of the tissue-like blobs of ``wsi_pyramid``.
+TISSUE_RGB = (150, 60, 140)
+
+
+def synthetic_slide_rgb(w0: int = 2048, h0: int = 1536) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 RGB (tissue-like blobs on white glass) and its tissue truth."""
+    rng = np.random.default_rng(0)
+    truth = np.zeros((h0, w0), np.uint8)
+    cv2.ellipse(truth, (600, 520), (380, 300), 20, 0, 360, 1, -1)
+    cv2.ellipse(truth, (1500, 1000), (350, 260), -30, 0, 360, 1, -1)
+    cv2.circle(truth, (1600, 300), 120, 1, -1)
+    img = np.full((h0, w0, 3), 245, np.uint8)
+    noise = rng.integers(-20, 21, size=(h0, w0, 1))
+    tissue = np.clip(np.array(TISSUE_RGB)[None, None] + noise, 0, 255).astype(np.uint8)
+    img[truth > 0] = tissue[truth > 0]
+    return img, truth.astype(bool)
+
+
+def write_pyramid_tiff(
+    path: Path,
+    img: np.ndarray,
+    downsamples: tuple[int, ...],
+    mpp: float | None,
+    tile: int = 128,
+) -> None:
+    """Write ``img`` as a tiled pyramidal TIFF, one page per downsample (OpenSlide reads it)."""
+    h0, w0 = img.shape[:2]
+    with tifffile.TiffWriter(path) as tw:
+        for i, ds in enumerate(downsamples):
+            level = (
+                img
+                if ds == 1
+                else cv2.resize(img, (w0 // ds, h0 // ds), interpolation=cv2.INTER_AREA)
+            )
+            kw = {}
+            if mpp is not None:
+                res = 1e4 / (mpp * ds)  # pixels per centimetre
+                kw = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
+            tw.write(
+                level,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="zlib",
+                subfiletype=0 if i == 0 else 1,
+                **kw,
+            )
+
+
+@pytest.fixture(scope="session")
+def wsi_pyramid(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlide:
+    """A 2048 x 1536 pyramidal TIFF at 0.5 um/px with levels 1, 4, 16 and three tissue blobs."""
+    img, truth = synthetic_slide_rgb()
+    path = tmp_path_factory.mktemp("wsi_pyramid") / "synthetic.tif"
+    downsamples = (1, 4, 16)
+    write_pyramid_tiff(path, img, downsamples, mpp=0.5)
+    return SyntheticSlide(path, img, truth, 0.5, downsamples)
+
+
+@pytest.fixture(scope="session")
+def pyramid_writer():
+    """``write_pyramid_tiff(path, img, downsamples, mpp, tile=128)``, for modules' own slides."""
+    return write_pyramid_tiff
+
+
+@pytest.fixture
+def cmu_svs() -> Path:
+    """The shared CMU-1-Small-Region SVS (the test is skipped without it)."""
+    if not CMU_SVS.is_file():
+        pytest.skip(f"shared slide not available at {CMU_SVS}")
+    return CMU_SVS
