@@ -28,8 +28,10 @@ bench: setup
 bench-test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest benchmarks/tests
 
+# ruff, then the layer contracts in pyproject.toml ([tool.importlinter]): an upward import fails
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,7 +1,8 @@
-"""Fixtures shared by test modules: synthetic pyramidal slides and the shared CMU slide."""
+"""Fixtures shared by test modules: a tiny trained run, synthetic pyramidal slides, the CMU slide."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+
+from lpdseg.config import load_config
+from lpdseg.data.synthetic import write_dataset
+from lpdseg.engine.train import train
 
 #: OpenSlide's CC0 test slide CMU-1-Small-Region, when the shared data is present.
 CMU_SVS = Path(__file__).resolve().parents[1].parent / "shared/data/slides/cmu_small_region.svs"
@@ -111,3 +116,69 @@ def cmu_svs() -> Path:
     if not CMU_SVS.is_file():
         pytest.skip(f"shared slide not available at {CMU_SVS}")
     return CMU_SVS
+
+
+# ---------------------------------------------------------------- a tiny trained run
+def tiny_run(root: Path, *extra: str, steps: int = 2, evaluate_test: bool = False) -> Path:
+    """Write a 32-px synthetic set under ``root/data`` and train ``steps`` steps into ``root/run``.
+
+    Args:
+        root: an empty temp folder.
+        extra: more config overrides (e.g. ``model.head=cam``).
+        steps: training steps.
+        evaluate_test: also score ``best.pt`` on the test split (test_metrics.json).
+
+    Returns:
+        The run folder (``best.pt``, ``last.pt``, ``config.yaml``, ...).
+    """
+    data = root / "data"
+    if not (data / "training").is_dir():
+        write_dataset(data, n_train=12, n_val=2, n_test=3, size=32, seed=0, progress=False)
+    out = root / "run"
+    cfg = load_config(
+        "demo",
+        [
+            f"data.root={data}",
+            "data.crop_size=32",
+            "data.num_workers=0",
+            "model.prototypes_per_class=2",
+            "model.proj_hidden=16",
+            "train.batch_size=4",
+            f"train.max_steps={steps}",
+            "train.threads=2",
+            f"train.out_dir={out}",
+            "eval.tta_scales=[1.0]",
+            "eval.tta_flip=false",
+            *extra,
+        ],
+    )
+    train(cfg, progress=False, evaluate_test=evaluate_test)
+    return out
+
+
+def cached_tiny_run(
+    factory: pytest.TempPathFactory, *extra: str, steps: int = 2, evaluate_test: bool = False
+) -> Path:
+    """``tiny_run`` once per session for each setting; later calls return the same folder."""
+    key = hashlib.sha1(repr((extra, steps, evaluate_test)).encode()).hexdigest()[:10]
+    root = factory.getbasetemp() / f"tinyrun-{key}"
+    if not (root / "run" / "best.pt").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tiny_run(root, *extra, steps=steps, evaluate_test=evaluate_test)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step LPD run at 32 px with test metrics, trained once per session."""
+    return cached_tiny_run(tmp_path_factory, evaluate_test=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_factory(tmp_path_factory: pytest.TempPathFactory):
+    """``make(*overrides, steps=2, evaluate_test=False)`` -> a tiny run, trained once per setting."""
+
+    def make(*extra: str, steps: int = 2, evaluate_test: bool = False) -> Path:
+        return cached_tiny_run(tmp_path_factory, *extra, steps=steps, evaluate_test=evaluate_test)
+
+    return make

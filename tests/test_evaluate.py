@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tinyrun import cached_tiny_run
 
 from lpdseg.config import EvalConfig
 from lpdseg.data.glass import glass_mask
@@ -104,12 +103,12 @@ def test_window_gate_finds_a_class_confined_to_one_corner():
     assert torch.allclose(window_probs(model, out, 500, (64, 64)), whole)
 
 
-def test_gate_window_reaches_inference(tmp_path_factory):
+def test_gate_window_reaches_inference(tmp_path_factory, tiny_run_dir):
     # a window as large as the 32-px test images: the same probabilities as no window;
     # a smaller one changes them (through lpdseg eval's override path)
     from lpdseg.inference import evaluate_checkpoint, load_model
 
-    run = cached_tiny_run(tmp_path_factory, evaluate_test=True)
+    run = tiny_run_dir
     model, cfg = load_model(run / "best.pt")
     model.eval()
     x = torch.randn(2, 3, 32, 32)
@@ -125,16 +124,24 @@ def test_gate_window_reaches_inference(tmp_path_factory):
         progress=False,
         out_dir=tmp_path_factory.mktemp("gw"),
     )
-    assert 0 <= res["classifier"]["mIoU"] <= 1
+    # the override reached the scoring: the same confusion as the library path with the window
+    from lpdseg.data.loaders import make_eval_loader, resolve_data
+    from lpdseg.engine.evaluate import evaluate
+
+    windowed = EvalConfig(**{**cfg.eval.__dict__, "gate_window": 16})
+    loader = make_eval_loader(cfg, resolve_data(cfg, need_train=False), "test")
+    direct = evaluate(model, loader, windowed, list(cfg.data.class_names), gate="classifier",
+                      progress=False)
+    assert res["classifier"]["confusion"] == direct["confusion"]
 
 
-def test_evaluate_with_glass_rule(tmp_path_factory):
+def test_evaluate_with_glass_rule(tmp_path_factory, tiny_run_dir):
     from lpdseg.config import config_from_dict
     from lpdseg.data.loaders import make_eval_loader, resolve_data
     from lpdseg.engine.evaluate import evaluate
     from lpdseg.inference import evaluate_checkpoint, load_model
 
-    run = cached_tiny_run(tmp_path_factory, evaluate_test=True)
+    run = tiny_run_dir
     ckpt = run / "best.pt"
     model, cfg = load_model(ckpt)
     d = cfg.to_dict()
@@ -165,12 +172,12 @@ def test_evaluate_with_glass_rule(tmp_path_factory):
     assert direct["confusion"] == on["labels"]["confusion"]
 
 
-def test_eval_cli_takes_eval_overrides_only(tmp_path_factory):
+def test_eval_cli_takes_eval_overrides_only(tmp_path_factory, tiny_run_dir):
     from typer.testing import CliRunner
 
     from lpdseg.cli import app
 
-    ckpt = cached_tiny_run(tmp_path_factory, evaluate_test=True) / "best.pt"
+    ckpt = tiny_run_dir / "best.pt"
     out = tmp_path_factory.mktemp("cli_eval")
     args = ["eval", str(ckpt), "--mode", "labels", "--out", str(out), "-q"]
     res = CliRunner().invoke(app, [*args, "eval.glass_background=true"])

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tinyrun import cached_tiny_run
 from PIL import Image
 
 from lpdseg.config import config_from_dict
@@ -23,8 +22,8 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return cached_tiny_run(tmp_path_factory, evaluate_test=True)
+def run_dir(tiny_run_dir) -> Path:
+    return tiny_run_dir
 
 
 def test_figures_for_an_lpd_checkpoint(run_dir, tmp_path):

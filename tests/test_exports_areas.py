@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lpdseg.exports import areas
 from lpdseg.exports.areas import (
     FIELDS,
     area_json,
@@ -105,13 +104,6 @@ def test_predict_and_slide_write_the_same_table(tmp_path):
     """``lpdseg predict``'s per-image files come from this module (the slide's do too)."""
     from lpdseg.exports.predictions import write_outputs
     from lpdseg.viz import add_legend, overlay
-    from lpdseg.wsi import export
-
-    assert export.area_table is areas.area_table
-    assert export.write_area_csv is areas.write_area_csv
-    assert export.write_area_json is areas.write_area_json
-    assert export.pixel_area_um2 is areas.pixel_area_um2
-
     m = _map()
     image = np.random.default_rng(0).integers(0, 256, (*m.shape, 3), dtype=np.uint8)
     colors = [[200, 0, 0], [0, 200, 0], [0, 0, 200], [255, 255, 255]]

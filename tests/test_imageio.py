@@ -21,6 +21,7 @@ from lpdseg.imageio import (
     MAX_PIXELS_ENV,
     MIN_IMAGE_SIDE,
     composite_on_white,
+    image_header_size,
     read_image,
     read_image_with_dpi,
     read_mask,
@@ -221,6 +222,17 @@ def test_bomb_header_pil_checks_is_a_data_error_too(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _raises_naming(lambda: read_image(path), "bomb.bmp", MAX_PIXELS_ENV)
+
+
+def test_header_size_is_cheap_and_checked(tmp_path):
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "ok.png")
+    assert image_header_size(tmp_path / "ok.png") == (40, 30)
+    bomb = _bmp_header_only(tmp_path / "bomb.bmp", 20000, 20000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _raises_naming(lambda: image_header_size(bomb), "bomb.bmp", MAX_PIXELS_ENV)
+    (tmp_path / "t.png").write_text("text")
+    _raises_naming(lambda: image_header_size(tmp_path / "t.png"), "t.png", "not a readable")
 
 
 def test_limit_can_be_lowered_and_raised(tmp_path, monkeypatch):

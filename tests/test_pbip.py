@@ -155,4 +155,10 @@ def test_pbip_stage1_then_stage2_end_to_end(tmp_path: Path):
     s2 = train(seg, progress=False)
     assert s2["step"] == 4
     res = evaluate_checkpoint(tmp_path / "seg" / "best.pt", split="test", tta=False, progress=False)
-    assert "seg" in res and 0 <= res["seg"]["mIoU"] <= 1
+    # a stage-2 network is scored once (no class gate), on the same pixels as stage 1
+    stage1 = evaluate_checkpoint(
+        tmp_path / "pbip" / "best.pt", split="test", tta=False, progress=False
+    )
+    assert set(res) >= {"seg"} and not {"labels", "classifier"} & set(res)
+    assert sum(map(sum, res["seg"]["confusion"])) == sum(map(sum, stage1["labels"]["confusion"]))
+    assert res["seg"]["images"] == stage1["labels"]["images"] > 0

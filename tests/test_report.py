@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tinyrun import cached_tiny_run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -26,8 +25,8 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return cached_tiny_run(tmp_path_factory, evaluate_test=True)
+def run_dir(tiny_run_dir) -> Path:
+    return tiny_run_dir
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from _tinyrun import cached_tiny_run
 from shapely.geometry import shape
 from typer.testing import CliRunner
 
@@ -55,8 +54,8 @@ def write_pyramid(writer, path: Path, mpp: float | None = MPP) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return cached_tiny_run(tmp_path_factory, evaluate_test=True)
+def run_dir(tiny_run_dir) -> Path:
+    return tiny_run_dir
 
 
 @pytest.fixture(scope="module")

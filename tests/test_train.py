@@ -100,18 +100,45 @@ def test_lpd_training_lowers_the_loss_and_writes_the_run(tiny_data, tmp_path):
         "test_metrics.md",
     ):
         assert (out / name).is_file(), name
-    test = summary["test"]["classifier"]
-    assert 0.0 <= test["mIoU"] <= 1.0 and 0.0 <= test["bIoU"] <= 1.0
+    # the test metrics of summary.json are those of best.pt, scored again from the file
+    from lpdseg.inference import evaluate_checkpoint
+
+    again = evaluate_checkpoint(out / "best.pt", progress=False)
+    for gate in ("labels", "classifier"):
+        assert summary["test"][gate]["confusion"] == again[gate]["confusion"], gate
+        assert summary["test"][gate]["mIoU"] == pytest.approx(again[gate]["mIoU"])
     model, cfg = load_model(out / "best.pt")
     assert cfg.data.class_names == ["TUM", "STR", "LYM", "NEC"]
     assert model.head.prototypes.shape[:2] == (4, 2)
 
 
 def test_cam_baseline_trains(tiny_data, tmp_path):
+    out = tmp_path / "cam"
     summary = train(
-        tiny_cfg(tiny_data, tmp_path / "cam", "model.head=cam", "train.max_steps=3"), progress=False
+        tiny_cfg(tiny_data, out, "model.head=cam", "train.max_steps=3", "train.lr=1e-3"),
+        progress=False,
     )
     assert summary["step"] == 3 and "test" in summary
+    # a CAM model: a 1x1-conv classifier per stage, no prototypes, and it learned something
+    from lpdseg.models.prototypes import CamHead
+
+    model, cfg = load_model(out / "best.pt")
+    assert isinstance(model.head, CamHead) and not hasattr(model.head, "prototypes")
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "cls" in r]
+    assert len(steps) == 3 and "sim" not in steps[0] and "div" not in steps[0]
+    first = torch.load(out / "last.pt", weights_only=True)["model"]
+    fresh = build_cam_like(cfg)
+    changed = [k for k in first if k.startswith("head.") and not torch.equal(first[k], fresh[k])]
+    assert changed, "the CAM classifiers did not move"
+
+
+def build_cam_like(cfg):
+    """A freshly initialised model of the same config (seeded as training seeds it)."""
+    from lpdseg.models.lpd import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg, len(cfg.data.class_names), load_weights=False).state_dict()
 
 
 def test_nonfinite_losses_stop_with_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):

@@ -120,14 +120,6 @@ def test_png_round_trip_is_exact(tmp_path, shape):
 
 
 # ---------------------------------------------------------------- one implementation
-def test_slide_exports_use_the_same_pictures():
-    from lpdseg.wsi import export
-
-    assert export.overlay is viz.overlay
-    assert export.add_legend is viz.add_legend
-    assert export.write_png is viz.save_png
-
-
 def test_synthetic_mask_pictures_use_colorize():
     from lpdseg.data import synthetic
 

@@ -14,17 +14,9 @@ import shapely
 from shapely.geometry import shape
 
 from lpdseg.errors import DataError
-from lpdseg.wsi import (
-    add_legend,
-    area_table,
-    mask_to_polygons,
-    overlay,
-    pixel_area_um2,
-    read_geojson_to_mask,
-    write_area_csv,
-    write_area_json,
-    write_geojson,
-)
+from lpdseg.exports.areas import area_table, pixel_area_um2, write_area_csv, write_area_json
+from lpdseg.viz import add_legend, overlay
+from lpdseg.wsi import mask_to_polygons, read_geojson_to_mask, write_geojson
 
 # ---------------------------------------------------------------- export
 CLASS_NAMES = ["tumor", "stroma", "necrosis"]

@@ -40,10 +40,18 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _run(fn, *args, **kwargs):
-    """Call library code; turn user errors into a one-line message and exit code 2."""
+    """Call library code; turn user errors into a one-line message and exit code 2.
+
+    An error carrying its own ``exit_code`` (an interrupted training run: 130 for
+    SIGINT, 143 for SIGTERM) is printed as it is and exits with that code.
+    """
     try:
         return fn(*args, **kwargs)
     except LpdsegError as exc:
+        code = getattr(exc, "exit_code", None)
+        if isinstance(code, int):
+            typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(code) from None
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
@@ -142,21 +150,67 @@ def train(
     preset: PresetArg = "demo",
     overrides: OverridesArg = None,
     resume: Annotated[
-        Path | None, typer.Option(help="Continue from this last.pt (same config).")
+        Path | None,
+        typer.Option(
+            help="Continue the run whose last.pt this is (train.out_dir must be its folder; "
+            "only train.max_steps, train.epochs, train.val_every, train.ckpt_every, "
+            "train.threads, train.device, data.num_workers, eval.* and a few more may change)."
+        ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a run already in train.out_dir: its files are deleted first "
+            "(else such a folder is refused).",
+        ),
+    ] = False,
+    allow_other_pseudo: Annotated[
+        bool,
+        typer.Option(
+            "--allow-other-pseudo",
+            help="Stage 2: train on data.pseudo masks made from another data root than "
+            "data.root (else refused).",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model (stage 1: image-level labels; train.task=seg: stage 2 on pseudo masks).
 
     The run folder (train.out_dir) receives config.yaml, metrics.jsonl, last.pt,
-    best.pt (best validation mIoU), curves.png and the test metrics of best.pt.
+    best.pt (best validation mIoU; the last weights when there is no val split),
+    curves.png and the test metrics of best.pt. A folder that already holds a run
+    is refused unless --resume FOLDER/last.pt or --overwrite. Ctrl-C (SIGINT) or
+    SIGTERM saves last.pt at the current step, prints the command that resumes and
+    exits 130 / 143.
     """
     _setup_logging(quiet)
+    import shlex
+
     from lpdseg.config import load_config
+    from lpdseg.engine.train import TrainingInterrupted
     from lpdseg.engine.train import train as run_train
 
     cfg = _run(load_config, preset, overrides or [])
-    summary = _run(run_train, cfg, resume=resume, progress=not quiet)
+
+    def run() -> dict:
+        try:
+            return run_train(
+                cfg,
+                resume=resume,
+                progress=not quiet,
+                overwrite=overwrite,
+                allow_other_pseudo=allow_other_pseudo,
+            )
+        except TrainingInterrupted as exc:
+            if exc.checkpoint is not None:
+                words = ["lpdseg", "train", preset, *(overrides or [])]
+                words += ["--resume", exc.checkpoint]
+                words += ["--allow-other-pseudo"] if allow_other_pseudo else []
+                exc.command = shlex.join(words + (["-q"] if quiet else []))
+            raise
+
+    summary = _run(run)
     if "test" in summary:
         typer.echo(summary["test"]["table"])
     typer.echo(f"run folder: {summary['run_dir']}")
@@ -192,13 +246,13 @@ def evaluate_cmd(
 ) -> None:
     """Score a checkpoint: mIoU, mDice, FwIoU, pixel accuracy and boundary IoU."""
     _setup_logging(quiet)
-    from lpdseg.config import gate_name
+    from lpdseg.config import GATES, gate_name
     from lpdseg.inference import evaluate_checkpoint
 
     if split not in ("val", "test"):
         typer.secho("error: --split must be val or test", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    gates = ("labels", "classifier") if mode == "both" else (_run(gate_name, mode),)
+    gates = GATES if mode == "both" else (_run(gate_name, mode, "--mode"),)
     res = _run(
         evaluate_checkpoint,
         checkpoint,
@@ -366,7 +420,7 @@ def slide(
     ] = None,
     tile: Annotated[
         int | None,
-        typer.Option(help="Tile side in working pixels [default: the checkpoint's eval.tile]."),
+        typer.Option(help="Tile side in working pixels (default: the checkpoint's eval.tile)."),
     ] = None,
     overlap: Annotated[float, typer.Option(help="Fraction of a tile shared by neighbours.")] = 0.25,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
@@ -575,6 +629,34 @@ def demo(
         run_demo, out, quick=quick, progress=not quiet, preset=preset, overrides=overrides
     )
     typer.echo(report)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (best.pt).")],
+    out: Annotated[Path, typer.Argument(help="ONNX file to write (e.g. model.onnx).")],
+    tile: Annotated[
+        int | None,
+        typer.Option(
+            help="Fixed tile side of the model's input (default: the checkpoint's eval.tile)."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing OUT (else refused).")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export the scoring path (classifier gate, no TTA) to ONNX for other runtimes.
+
+    Input: RGB tiles in [0, 1], N x 3 x tile x tile float32 (N dynamic); output: scores
+    N x (C + 1) x tile x tile, background last. Class names, colours and the tile size
+    are in the model's metadata. Needs `pip install 'lpdseg[onnx]'`.
+    """
+    _setup_logging(quiet)
+    from lpdseg.exports.onnx import export_onnx
+
+    path = _run(export_onnx, checkpoint, out, tile=tile, overwrite=overwrite)
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -204,18 +204,12 @@ def _pil_limit(limit: int | None) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- decoding
-def _open(path: Path, what: str, min_side: int) -> tuple[Image.Image, bool]:
-    """Open, check and fully decode ``path`` with PIL, or raise a DataError naming it.
-
-    Returns the image and whether it has 16 bits per colour channel: such an
-    image is opened but not decoded (PIL would keep only the high byte;
-    :func:`_read_16bit_colour` decodes it).
-    """
+def _open_header(path: Path, what: str, limit: int | None) -> Image.Image:
+    """Open ``path`` with PIL (header parsed, size checked, pixels not decoded)."""
     if not path.is_file():
         raise DataError(f"{path}: {what} file does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: {what} file is empty (0 bytes); re-export or remove it")
-    limit = max_image_pixels()
     try:
         header = _png_header_size(path)
     except OSError as exc:
@@ -240,26 +234,56 @@ def _open(path: Path, what: str, min_side: int) -> tuple[Image.Image, bool]:
             ) from exc
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise DataError(f"{path}: cannot open {what} ({exc})") from exc
-        try:
-            _check_pixels(path, what, im.size, limit)
-            if min(im.size) < min_side:
-                raise DataError(
-                    f"{path}: {what} is {im.size[1]}x{im.size[0]} pixels (H x W); images "
-                    f"must be at least {min_side} px on each side - remove it or use a "
-                    "larger crop"
-                )
-            sixteen = _is_16bit_colour(im)
-            if not sixteen:
-                with _pil_limit(limit):
-                    im.load()
-        except DataError:
-            im.close()
-            raise
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-            im.close()
+    try:
+        _check_pixels(path, what, im.size, limit)
+    except DataError:
+        im.close()
+        raise
+    return im
+
+
+def image_header_size(path: str | Path, what: str = "image") -> tuple[int, int]:
+    """``(width, height)`` as stored in an image's header, without decoding its pixels.
+
+    A cheap check of a file (EXIF orientation is not applied).
+
+    Raises:
+        DataError: missing, empty, not an image, or over :func:`max_image_pixels`.
+    """
+    path = Path(path)
+    with _open_header(path, what, max_image_pixels()) as im:
+        return int(im.size[0]), int(im.size[1])
+
+
+def _open(path: Path, what: str, min_side: int) -> tuple[Image.Image, bool]:
+    """Open, check and fully decode ``path`` with PIL, or raise a DataError naming it.
+
+    Returns the image and whether it has 16 bits per colour channel: such an
+    image is opened but not decoded (PIL would keep only the high byte;
+    :func:`_read_16bit_colour` decodes it).
+    """
+    limit = max_image_pixels()
+    im = _open_header(path, what, limit)
+    try:
+        if min(im.size) < min_side:
             raise DataError(
-                f"{path}: {what} is truncated or corrupt ({exc}); re-export or remove it"
-            ) from exc
+                f"{path}: {what} is {im.size[1]}x{im.size[0]} pixels (H x W); images "
+                f"must be at least {min_side} px on each side - remove it or use a "
+                "larger crop"
+            )
+        sixteen = _is_16bit_colour(im)
+        if not sixteen:
+            with warnings.catch_warnings(), _pil_limit(limit):
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
+    except DataError:
+        im.close()
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        im.close()
+        raise DataError(
+            f"{path}: {what} is truncated or corrupt ({exc}); re-export or remove it"
+        ) from exc
     return im, sixteen
 
 
@@ -307,8 +331,7 @@ def _read_16bit_colour(path: Path) -> np.ndarray:
             arr = np.concatenate([arr[..., 2::-1], arr[..., 3:]], axis=2)
     if arr.dtype != np.uint16 or arr.ndim not in (2, 3):
         raise DataError(
-            f"{path}: expected 16-bit pixels, decoded {arr.dtype} {arr.shape}; save it as "
-            "8-bit RGB"
+            f"{path}: expected 16-bit pixels, decoded {arr.dtype} {arr.shape}; save it as 8-bit RGB"
         )
     return arr
 
@@ -411,9 +434,11 @@ def read_mask(
         else:
             rgb = None if sixteen else np.asarray(im.convert("RGB"))
             hint = ""
-            if rgb is not None and (rgb[..., 0] == rgb[..., 1]).all() and (
-                rgb[..., 1] == rgb[..., 2]
-            ).all():
+            if (
+                rgb is not None
+                and (rgb[..., 0] == rgb[..., 1]).all()
+                and (rgb[..., 1] == rgb[..., 2]).all()
+            ):
                 hint = " (its channels are equal: Image.open(p).convert('L').save(p) does it)"
             raise DataError(
                 f"{path}: mask is a {mode} colour image; convert it to a single-channel index "

@@ -171,13 +171,15 @@ def _metrics_sections(run_dir: Path) -> tuple[str, str]:
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path} cannot be read as JSON ({exc}); re-run `lpdseg eval`") from exc
     tables, plots = [], []
-    for mode in ("pseudo", "predict", "seg"):
-        res = data.get(mode)
+    # runs scored before the gates were renamed wrote "pseudo" / "predict"
+    old_names = {"labels": "pseudo", "classifier": "predict"}
+    for mode in ("labels", "classifier", "seg"):
+        res = data.get(mode, data.get(old_names.get(mode, "")))
         if not isinstance(res, dict):
             continue
         what = {
-            "pseudo": "label-gated (pseudo-mask quality)",
-            "predict": "classifier-gated (inference)",
+            "labels": "label-gated (pseudo-mask quality)",
+            "classifier": "classifier-gated (inference)",
             "seg": "segmentation network",
         }[mode]
         tables.append(
@@ -194,7 +196,7 @@ def _metrics_sections(run_dir: Path) -> tuple[str, str]:
                     confusion_png(
                         res["confusion"], labels[:n], f"{data.get('split', 'test')}, {mode}"
                     ),
-                    f"confusion matrix, {mode} gating: row-normalised, counts in brackets",
+                    f"confusion matrix, {mode} gate: row-normalised, counts in brackets",
                 )
             )
     if not tables:

@@ -240,6 +240,7 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     steps, losses, terms = [], [], {}
     val_steps, val_miou = [], []
     for line in Path(metrics_jsonl).read_text().splitlines():

@@ -61,7 +61,8 @@ from tqdm import tqdm
 
 from lpdseg.catalog import LABEL_MIN_FRACTION as MIN_LABEL_FRACTION
 from lpdseg.errors import ConfigError, DataError
-from lpdseg.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lpdseg.io import atomic_write_json, atomic_write_text
+from lpdseg.viz import add_legend, colorize, save_png
 
 log = logging.getLogger(__name__)
 
@@ -684,10 +685,7 @@ def _patch_seed(seed: int, split: str, index: int, attempt: int = 0) -> int:
     )
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
+_PNG_LEVEL = 3  # zlib level of the dataset PNGs: fast to write, same pixels
 
 
 def _label_str(label: np.ndarray) -> str:
@@ -804,15 +802,15 @@ def write_dataset(
                 break
         assert patch.label.any(), "no tissue class in 100 draws"
         name = f"{i:06d}+synth{i // group_len:02d}[{_label_str(patch.label)}].png"
-        atomic_write_bytes(root / "training" / name, _png_bytes(patch.image))
+        save_png(root / "training" / name, patch.image, _PNG_LEVEL)
         rows.append([name, _label_str(patch.label), *(int(s) for s in patch.subtypes)])
         freq += patch.label
         bar.update()
     for split, n in (("val", n_val), ("test", n_test)):
         for i in range(n):
             patch = generate_patch(_patch_seed(seed, split, i), size, min_label_fraction=fraction)
-            atomic_write_bytes(root / split / "img" / f"{i:06d}.png", _png_bytes(patch.image))
-            atomic_write_bytes(root / split / "mask" / f"{i:06d}.png", _png_bytes(patch.mask))
+            save_png(root / split / "img" / f"{i:06d}.png", patch.image, _PNG_LEVEL)
+            save_png(root / split / "mask" / f"{i:06d}.png", patch.mask, _PNG_LEVEL)
             bar.update()
     bar.close()
 
@@ -891,13 +889,6 @@ def _refuse_foreign(root: Path, meta: dict) -> None:
 # --------------------------------------------------------------------------- pictures
 
 
-def colorize_mask(mask: np.ndarray) -> np.ndarray:
-    """Mask (H x W, 0..4) -> RGB picture with ``MASK_COLORS``."""
-    palette = np.zeros((256, 3), np.uint8)
-    palette[: len(MASK_COLORS)] = np.asarray(MASK_COLORS, np.uint8)
-    return palette[mask]
-
-
 def sample_sheet(path: str | Path, n: int = 8, seed: int = 0, size: int = 224) -> Path:
     """Save a PNG sheet: ``n`` random patches over their coloured masks, then one
     single-class patch per class and sub-type (two rows: sub-type 0 and 1).
@@ -915,7 +906,7 @@ def sample_sheet(path: str | Path, n: int = 8, seed: int = 0, size: int = 224) -
     cell = size + pad
     cols = max(n, 2 * _NUM_CLASSES)
     rows_h = [size + text_h, size, size + text_h, size + text_h]
-    sheet = Image.new("RGB", (cols * cell + pad, sum(rows_h) + pad * 5 + 16), (255, 255, 255))
+    sheet = Image.new("RGB", (cols * cell + pad, sum(rows_h) + pad * 5), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     y = pad
     for i in range(n):
@@ -928,7 +919,7 @@ def sample_sheet(path: str | Path, n: int = 8, seed: int = 0, size: int = 224) -
         )
         draw.text((x, y), text[: size // 6], fill=(0, 0, 0))
         sheet.paste(Image.fromarray(p.image), (x, y + text_h))
-        sheet.paste(Image.fromarray(colorize_mask(p.mask)), (x, y + text_h + size + pad))
+        sheet.paste(Image.fromarray(colorize(p.mask, MASK_COLORS)), (x, y + text_h + size + pad))
     y += rows_h[0] + rows_h[1] + 2 * pad
     for s in range(_NUM_SUBTYPES):
         for c in range(_NUM_CLASSES):
@@ -944,10 +935,7 @@ def sample_sheet(path: str | Path, n: int = 8, seed: int = 0, size: int = 224) -
                 draw.text((x, y), f"{CLASS_NAMES[c]} {SUBTYPES[CLASS_NAMES[c]][s]}", fill=(0, 0, 0))
                 sheet.paste(Image.fromarray(p.image), (x, y + text_h))
         y += rows_h[2 + s] + pad
-    legend = "  ".join(
-        f"{name}={col}" for name, col in zip((*CLASS_NAMES, "background"), MASK_COLORS, strict=True)
-    )
-    draw.text((pad, y), f"mask colours: {legend}", fill=(0, 0, 0))
     path = Path(path)
-    atomic_write_bytes(path, _png_bytes(np.asarray(sheet)))
+    names = (*CLASS_NAMES, "background")  # the mask colours
+    save_png(path, add_legend(np.asarray(sheet), names, MASK_COLORS), _PNG_LEVEL)
     return path

@@ -10,7 +10,6 @@ model (a checkpoint rebuilds its own model, nanoGPT style).
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 
 import lpdseg
 from lpdseg.errors import CheckpointError
-from lpdseg.io import atomic_save_with
+from lpdseg.io import atomic_save_with, unsafe_pickle_globals
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +54,43 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write a checkpoint atomically (temp file + fsync + rename).
 
     Raises:
-        lpdseg.io.WriteError: when the write fails; the previous file stays intact.
+        lpdseg.io.WriteError: when the write fails ("file too large / disk full" for
+            a full disk or a file-size limit); the previous file stays byte-identical.
     """
     payload = {"format_version": FORMAT_VERSION, "lpdseg_version": lpdseg.__version__, **payload}
     atomic_save_with(path, lambda handle: torch.save(payload, handle))
+
+
+def unloadable_message(path: Path, what: str) -> str:
+    """Why ``torch.load(weights_only=True)`` failed on ``path``, in words that are true.
+
+    "Refused for safety" only for a real pickle that imports Python objects
+    (named); anything else is "not <what> (corrupt or not a torch file)". torch's
+    own advice (retry with ``weights_only=False``) is never relayed: that would
+    run code from the file.
+    """
+    unsafe = unsafe_pickle_globals(path)
+    if unsafe:
+        shown = ", ".join(unsafe[:5]) + (f" (+{len(unsafe) - 5} more)" if len(unsafe) > 5 else "")
+        return (
+            f"{path} was refused for safety: it is a pickle that imports Python objects "
+            f"({shown}), and lpdseg only loads tensors and plain values so that no code from a "
+            "file runs; use a file written by lpdseg, or re-save just the tensors "
+            "(torch.save(model.state_dict(), path))"
+        )
+    return (
+        f"{path} is not {what} (corrupt or not a torch file); it may be truncated (a copy or "
+        "write cut short) or another kind of file: copy it again or give a best.pt/last.pt "
+        "written by `lpdseg train`"
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``) and check its format.
 
     Raises:
-        CheckpointError: missing, unreadable, unsafe or from another format version.
+        CheckpointError: missing, unreadable (corrupt / not a torch file), unsafe
+            (a pickle importing Python objects) or from another format version.
     """
     path = Path(path)
     if not path.is_file():
@@ -75,18 +100,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} contains objects that are not plain tensors/values and "
-            f"was refused for safety (weights_only=True): {exc}"
-        ) from None
-    except Exception as exc:  # truncated / not a torch file
-        raise CheckpointError(
-            f"{path} is not a readable lpdseg checkpoint ({exc}); it may be "
-            "truncated or from another program"
-        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"could not read {path}: {exc.strerror or exc}") from None
+    except Exception:  # the reason comes from the file itself, never from torch's advice
+        raise CheckpointError(unloadable_message(path, "an lpdseg checkpoint")) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not an lpdseg checkpoint (no model/config inside)")
+        raise CheckpointError(
+            f"{path} is not an lpdseg checkpoint (a torch file without lpdseg's model and "
+            "config entries); give a best.pt/last.pt written by `lpdseg train`"
+        )
     version = ckpt.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(

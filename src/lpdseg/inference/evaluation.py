@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lpdseg.config import apply_overrides, config_from_dict
+from lpdseg.config import GATES, apply_overrides, config_from_dict
 from lpdseg.data.loaders import make_eval_loader, resolve_data
 from lpdseg.engine.evaluate import score_split
 from lpdseg.errors import ConfigError
 from lpdseg.inference.loading import load_model, resolve_device
-from lpdseg.models.decode import GATES
 
 
 def evaluate_checkpoint(

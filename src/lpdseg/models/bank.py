@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lpdseg.errors import CheckpointError
-from lpdseg.io import atomic_save_with
+from lpdseg.io import atomic_save_with, unsafe_pickle_globals
 
 BANK_FORMAT = 1
 
@@ -54,17 +54,33 @@ def load_bank(path: str | Path) -> PrototypeBank:
     """Read a bank written by :func:`save_bank`.
 
     Raises:
-        CheckpointError: missing or malformed file.
+        CheckpointError: missing, corrupt / not a torch file, unsafe (a pickle
+            importing Python objects) or not a bank.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"prototype bank {path} does not exist; build it with `lpdseg bank`")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable prototype bank ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"could not read {path}: {exc.strerror or exc}") from None
+    except Exception:  # say what the file is, never torch's "retry with weights_only=False"
+        unsafe = unsafe_pickle_globals(path)
+        if unsafe:
+            raise CheckpointError(
+                f"{path} was refused for safety: it is a pickle that imports Python objects "
+                f"({', '.join(unsafe[:5])}) and banks are loaded as tensors and plain values "
+                "only; rebuild it with `lpdseg bank`"
+            ) from None
+        raise CheckpointError(
+            f"{path} is not a prototype bank (corrupt or not a torch file); rebuild it with "
+            "`lpdseg bank`"
+        ) from None
     if not isinstance(d, dict) or d.get("bank_format") != BANK_FORMAT:
-        raise CheckpointError(f"{path} is not a prototype bank of format {BANK_FORMAT}")
+        raise CheckpointError(
+            f"{path} is not a prototype bank of format {BANK_FORMAT} (a torch file without "
+            "lpdseg's bank entries); rebuild it with `lpdseg bank`"
+        )
     return PrototypeBank(
         d["prototypes"], d["members"], d["class_names"], d["encoder"], d["settings"]
     )

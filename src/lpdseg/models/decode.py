@@ -23,11 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lpdseg.config import EvalConfig
+from lpdseg.config import GATES, EvalConfig
 from lpdseg.data.glass import glass_mask
 from lpdseg.models.lpd import WSSSModel, needed_stages
-
-GATES = ("labels", "classifier")
 
 
 @dataclass
@@ -255,6 +253,12 @@ def decode_scores(
     return scores, out
 
 
+def _decode_one(model, images, cfg, labels, gate, tta, amp_dtype):
+    gate = gate or cfg.gate
+    scores, out = decode_scores(model, images, cfg, labels, (gate,), tta, amp_dtype)
+    return scores[gate], out
+
+
 def predict_scores(
     model: torch.nn.Module,
     images: Tensor,
@@ -265,9 +269,7 @@ def predict_scores(
     amp_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Images (RGB in [0, 1]) -> per-label scores (B x (C + 1) x H x W); argmax = mask."""
-    gate = gate or cfg.gate
-    scores, _ = decode_scores(model, images, cfg, labels, (gate,), tta, amp_dtype)
-    return scores[gate]
+    return _decode_one(model, images, cfg, labels, gate, tta, amp_dtype)[0]
 
 
 def predict_masks(
@@ -280,6 +282,5 @@ def predict_masks(
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, MapOutput | None]:
     """Images -> label masks (B x H x W, background = C) and the maps they came from."""
-    gate = gate or cfg.gate
-    scores, out = decode_scores(model, images, cfg, labels, (gate,), tta, amp_dtype)
-    return scores[gate].argmax(1), out
+    scores, out = _decode_one(model, images, cfg, labels, gate, tta, amp_dtype)
+    return scores.argmax(1), out

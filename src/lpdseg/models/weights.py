@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lpdseg.errors import CheckpointError
+from lpdseg.io import unsafe_pickle_globals
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         Non-tensor entries next to the tensors are dropped (with a warning).
 
     Raises:
-        CheckpointError: the file is missing, unreadable, needs code to
-            unpickle, or holds no tensors.
+        CheckpointError: the file is missing, not a weights file (corrupt or not
+            a torch/safetensors file), refused for safety (a pickle importing
+            Python objects, named), or holds no tensors.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -120,15 +122,35 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             obj: Any = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip, safetensors and OS errors all mean "unusable file"
-        first_line = (str(err).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(
-            f"{path}: cannot read weights ({type(err).__name__}: {first_line}). The file may be "
-            "truncated, not a weights file, or a pickle with Python objects that "
-            "weights_only=True refuses; re-save just the tensors with "
-            "torch.save(model.state_dict(), path) or safetensors.torch.save_file(state, path)"
-        ) from None
+    except OSError as err:
+        raise CheckpointError(f"could not read {path}: {err.strerror or err}") from None
+    except Exception:  # the reason comes from the file, never torch's "weights_only=False"
+        raise CheckpointError(_unreadable_weights(path)) from None
     return _flatten(obj, path)
+
+
+def _unreadable_weights(path: Path) -> str:
+    """Why a weights file did not load: unsafe pickle (named globals) or not a weights file."""
+    resave = (
+        "re-save just the tensors with torch.save(model.state_dict(), path) or "
+        "safetensors.torch.save_file(state, path)"
+    )
+    if path.suffix == ".safetensors":
+        return (
+            f"{path} is not a weights file (corrupt or not a safetensors file); it may be "
+            f"truncated: copy it again, or {resave}"
+        )
+    unsafe = unsafe_pickle_globals(path)
+    if unsafe:
+        return (
+            f"{path} was refused for safety: it is a pickle that imports Python objects "
+            f"({_listing(unsafe, 5)}), and weights are loaded as tensors only so that no code "
+            f"from a file runs; {resave}"
+        )
+    return (
+        f"{path} is not a weights file (corrupt or not a torch file); it may be truncated: "
+        f"copy it again, or {resave}"
+    )
 
 
 def _flatten(obj: Any, path: Path) -> dict[str, Tensor]:

@@ -14,18 +14,7 @@
 label scores); ``run_slide_job`` loads it from a checkpoint.
 """
 
-from lpdseg.wsi.export import (
-    add_legend,
-    area_table,
-    mask_to_polygons,
-    overlay,
-    pixel_area_um2,
-    read_geojson_to_mask,
-    write_area_csv,
-    write_area_json,
-    write_geojson,
-    write_png,
-)
+from lpdseg.wsi.export import mask_to_polygons, read_geojson_to_mask, write_geojson
 from lpdseg.wsi.job import SlideJob, SlideJobError
 from lpdseg.wsi.lock import OutputLock, OutputLockedError
 from lpdseg.wsi.pipeline import run_slide_job
@@ -40,20 +29,13 @@ __all__ = [
     "SlideCanvas",
     "SlideJob",
     "SlideJobError",
-    "add_legend",
-    "area_table",
     "detect_tissue",
     "mask_to_polygons",
     "merge_partial",
     "open_image",
-    "overlay",
-    "pixel_area_um2",
     "read_geojson_to_mask",
     "run_slide_job",
     "select_tissue_tiles",
     "stitch_slide",
-    "write_area_csv",
-    "write_area_json",
     "write_geojson",
-    "write_png",
 ]

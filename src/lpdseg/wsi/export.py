@@ -41,18 +41,7 @@ from shapely.geometry import LineString, MultiPolygon, Point, Polygon, mapping, 
 from shapely.geometry.base import BaseGeometry
 
 from lpdseg.errors import DataError
-
-# Area tables (lpdseg.exports.areas) and pictures (lpdseg.viz) have one
-# implementation each; re-exported here for the slide pipeline.
-from lpdseg.exports.areas import (  # noqa: F401 - re-exported
-    area_table,
-    pixel_area_um2,
-    write_area_csv,
-    write_area_json,
-)
 from lpdseg.io import atomic_write_text
-from lpdseg.viz import add_legend, overlay  # noqa: F401 - re-exported
-from lpdseg.viz import save_png as write_png  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 

@@ -403,17 +403,11 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
     Returns:
         The summary written to ``<stem>_summary.json`` (``files`` lists the outputs).
     """
+    from lpdseg.exports.areas import area_table, pixel_area_um2, write_area_csv, write_area_json
     from lpdseg.io import atomic_write_json
-    from lpdseg.wsi.export import (
-        add_legend,
-        area_table,
-        overlay,
-        pixel_area_um2,
-        write_area_csv,
-        write_area_json,
-        write_geojson,
-        write_png,
-    )
+    from lpdseg.viz import add_legend, overlay
+    from lpdseg.viz import save_png as write_png
+    from lpdseg.wsi.export import write_geojson
 
     plan, canvas = result.plan, result.canvas
     names, colors = result.class_names, result.colors
