@@ -186,3 +186,27 @@ def test_eval_cli_takes_eval_overrides_only(tmp_path_factory, tiny_run_dir):
     res = CliRunner().invoke(app, [*args, "model.head=cam"])
     assert res.exit_code == 2
     assert "only eval.*" in res.output
+
+
+def test_eval_at_full_size_tiles_large_images_through_the_sliding_window(tiny_run_dir, monkeypatch):
+    from lpdseg.inference import evaluation, load_model
+    from lpdseg.models.decode import decode_scores
+
+    model, cfg = load_model(tiny_run_dir / "best.pt")
+    small = EvalConfig(**{**cfg.eval.__dict__, "max_side": 40, "tile": 32, "overlap": 0.5})
+    score = evaluation.full_size_scorer(model, small, 5, tta=False)
+    labels = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    x = torch.rand(1, 3, 40, 40)
+    whole = score(x, labels, ("labels", "classifier"))
+    ref, _ = decode_scores(model, x, small, labels, ("labels", "classifier"), tta=False)
+    assert all(torch.equal(whole[g], ref[g]) for g in ref)  # up to max_side: the image at once
+    calls = []
+    real = evaluation.sliding_window_predict
+    monkeypatch.setattr(
+        evaluation, "sliding_window_predict", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
+    big = score(torch.rand(1, 3, 72, 56), labels, ("labels",))
+    assert calls and calls[0]["tile"] == 32 and calls[0]["overlap"] == 0.5
+    assert big["labels"].shape == (1, 5, 72, 56)
+    # the labels gate holds in every tile: absent classes never appear
+    assert set(big["labels"].argmax(1).unique().tolist()) <= {0, 2, 4}

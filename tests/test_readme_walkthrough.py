@@ -36,7 +36,7 @@ TINY_TRAIN = [
     "eval.tta_flip=false",
 ]
 TINY = {
-    "synth": ["--n-train", "60", "--n-val", "4", "--n-test", "64", "--size", "32", "-q"],
+    "synth": ["--n-train", "40", "--n-val", "2", "--n-test", "16", "--size", "32", "-q"],
     "train": [*TINY_TRAIN, "-q"],
     "bank": ["-q"],
     "eval": ["-q"],

@@ -220,9 +220,18 @@ def train(
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (best.pt / last.pt).")],
     data: Annotated[
-        Path | None, typer.Option(help="Dataset folder (default: the one it was trained on).")
+        Path | None,
+        typer.Option(
+            help="Dataset folder (default: the one it was trained on); data of other classes "
+            "than the checkpoint's is refused."
+        ),
     ] = None,
-    split: Annotated[str, typer.Option(help="Split to score: val or test.")] = "test",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Split to score: val or test (a folder of just img/ + mask/ is a val split)."
+        ),
+    ] = "test",
     mode: Annotated[
         str,
         typer.Option(
@@ -283,9 +292,25 @@ def predict(
     skip_bad: Annotated[
         bool, typer.Option(help="Skip unreadable images (listed at the end) instead of stopping.")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace outputs an earlier run wrote in --out under the same names "
+            "(else refused).",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Segment images of any size: index mask PNG, overlay with legend, per-class areas."""
+    """Segment images of any size: index mask PNG, overlay with legend, per-class areas.
+
+    Per image: NAME_mask.png, NAME_overlay.png, NAME_areas.csv and NAME_areas.json,
+    where NAME is the file stem. When inputs share a stem the suffix joins it
+    (a.png and a.jpg -> a_png_mask.png and a_jpg_mask.png), then _2, _3 for the same
+    name in several folders. Outputs of an earlier run in --out are never replaced
+    without --overwrite (an unfinished run of the same checkpoint and settings is
+    continued); OUT/predict_run.json records each run.
+    """
     _setup_logging(quiet)
     from lpdseg.exports.predictions import predict_images
 
@@ -299,6 +324,7 @@ def predict(
         batch_size=batch_size,
         skip_bad=skip_bad,
         progress=not quiet,
+        overwrite=overwrite,
     )
     typer.echo(f"wrote predictions for {len(written)} images to {out}")
 
@@ -313,9 +339,18 @@ def pseudo(
         Path | None, typer.Option(help="Dataset folder (default: the training one).")
     ] = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation.")] = True,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace pseudo masks already in --out (else refused)."),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Write pseudo masks of the training set for stage 2 (train.task=seg data.pseudo=OUT)."""
+    """Write pseudo masks of the training set for stage 2 (train.task=seg data.pseudo=OUT).
+
+    OUT/pseudo.json records the checkpoint, the data root and its classes: stage 2
+    refuses masks made from other data than its data.root. Data of other classes than
+    the checkpoint's is refused.
+    """
     _setup_logging(quiet)
     from lpdseg.inference import write_pseudo_masks
 
@@ -326,6 +361,7 @@ def pseudo(
         data_root=str(data) if data else None,
         tta=tta,
         progress=not quiet,
+        overwrite=overwrite,
     )
     typer.echo(
         f"wrote {summary['images']} pseudo masks to {out} "
@@ -338,8 +374,10 @@ def bank(
     preset: PresetArg = "pbip_demo",
     overrides: OverridesArg = None,
     out: Annotated[Path, typer.Option(help="Bank file to write.")] = Path("bank.pt"),
-    clusters: Annotated[int, typer.Option(help="K-Means clusters per class (K).")] = 3,
-    n_keep: Annotated[int, typer.Option(help="Patches kept nearest each centre (N_K).")] = 100,
+    clusters: Annotated[int, typer.Option(min=1, help="K-Means clusters per class (K).")] = 3,
+    n_keep: Annotated[
+        int, typer.Option(min=1, help="Patches kept nearest each centre (N_K).")
+    ] = 100,
     seed: Annotated[int, typer.Option(help="K-Means seed.")] = 0,
     allow_fewer: Annotated[
         bool, typer.Option(help="Use what there is when a class has fewer than K x N_K patches.")
@@ -347,12 +385,26 @@ def bank(
     sheet: Annotated[
         bool, typer.Option(help="Also write a contact sheet PNG of the clusters.")
     ] = True,
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad",
+            help="Skip unreadable training patches (listed) instead of stopping "
+            "(same as data.skip_bad=true).",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Build PBIP's prototype bank (K-Means of frozen-encoder embeddings of single-label patches)."""
     _setup_logging(quiet)
+    from lpdseg.data.datasets import FixHints
     from lpdseg.engine.bank import build_bank_from_config
 
+    hints = FixHints(
+        skip_bad="pass --skip-bad (or data.skip_bad=true)",
+        outside_root="",
+        root="point data.root at the dataset folder",
+    )
     path = _run(
         build_bank_from_config,
         preset,
@@ -364,6 +416,8 @@ def bank(
         allow_fewer=allow_fewer,
         sheet=sheet,
         progress=not quiet,
+        skip_bad=True if skip_bad else None,  # None: the config's data.skip_bad
+        hints=hints,
     )
     typer.echo(f"wrote {path}")
 
@@ -379,11 +433,21 @@ def explain(
             help="Training dataset folder: adds the patches that activate each prototype most."
         ),
     ] = None,
-    per_prototype: Annotated[int, typer.Option(help="Top patches shown per prototype.")] = 4,
+    per_prototype: Annotated[
+        int, typer.Option(min=1, help="Top patches shown per prototype (>= 1).")
+    ] = 4,
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad",
+            help="Skip unreadable images and training patches (listed) instead of stopping.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-class, per-prototype activation heatmaps (+ top training patches) per image."""
     _setup_logging(quiet)
+    from lpdseg.data.datasets import cli_hints
     from lpdseg.explain import explain as run_explain
 
     written = _run(
@@ -394,6 +458,8 @@ def explain(
         train_dir=train_dir,
         per_prototype=per_prototype,
         progress=not quiet,
+        skip_bad=skip_bad,
+        hints=cli_hints("--train-dir"),
     )
     typer.echo(f"wrote {len(written)} figures to {out}")
 
@@ -563,12 +629,22 @@ def patches(
         bool,
         typer.Option(help="Also write the true patch masks + supervised/manifest.csv."),
     ] = True,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the patch dataset an earlier run wrote in --out (else refused).",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Tile image + mask pairs into a weakly labelled training set (labels from the masks).
 
     The rule (size, stride, min fraction, background limit) is recorded in
     OUT/patches.json. Train with `lpdseg train <preset> data.root=OUT data.format=FORMAT`.
+    Masks that cannot be of --format (a palette colouring a class index white, another
+    format's palette, values above the background index) are refused before anything
+    is written, naming the file and the --format that fits.
     """
     _setup_logging(quiet)
     from lpdseg.config import load_config
@@ -595,6 +671,7 @@ def patches(
             test_stems=test_s,
             write_masks=masks,
             progress=not quiet,
+            overwrite=overwrite,
         )
 
     summary = _run(make)

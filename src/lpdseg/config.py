@@ -226,10 +226,24 @@ class DataConfig:
     # A class is in the image-level label of a patch derived from a mask (`lpdseg patches`,
     # synthetic data) when it covers at least this fraction of the labelled pixels.
     label_min_fraction: float = LABEL_MIN_FRACTION
+    # Pixel size of the training images in micrometres per pixel (null: unknown). Recorded in
+    # the checkpoint; `lpdseg slide` works at this resolution unless --mpp / --downsample.
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice(
             "data", "format", self.format, ("bcss_wsss", "luad_histoseg", "wsss4luad", "csv")
+        )
+        _check_range(
+            "data",
+            "mpp",
+            self.mpp,
+            0,
+            100,
+            lo_open=True,
+            hi_open=True,
+            allow_none=True,
+            hint=" (micrometres per pixel of the training images, e.g. 0.25 at 40x, 0.5 at 20x)",
         )
         _check_range("data", "crop_size", self.crop_size, *CROP_RANGE)
         _check_range("data", "num_workers", self.num_workers, 0)
@@ -411,6 +425,10 @@ class EvalConfig:
     # classifier (classes whose probability exceeds cls_threshold)
     gate: str = "labels"
     cls_threshold: float = 0.5  # classifier gate: keep a class when its probability exceeds this
+    # classifier gate, per class (overrides cls_threshold when set): chosen on the validation
+    # split at the end of training when calibrate_gate is on, and stored in best.pt
+    cls_thresholds: list[float] | None = None
+    calibrate_gate: bool = True
     # classifier gate: a class's probability is the max over sliding windows of this many input
     # px (e.g. the training crop) of the window's pooled logit, instead of the whole
     # image's; null: the whole image (the training definition)
@@ -435,6 +453,8 @@ class EvalConfig:
         self.gate = gate_name(self.gate, "eval.gate")
         _check_choice("eval", "inference_merge", self.inference_merge, ("mean", "softmax"))
         _check_range("eval", "cls_threshold", self.cls_threshold, 0, 1)
+        if self.cls_thresholds is not None:
+            _check_values("eval", "cls_thresholds", self.cls_thresholds, None, 0, 1)
         _check_range("eval", "gate_window", self.gate_window, *CROP_RANGE, allow_none=True)
         if not self.tta_scales:
             raise ConfigError("eval.tta_scales needs at least one scale, e.g. [1.0]")

@@ -4,12 +4,17 @@
 ``A_4(., c, j)`` side by side over the image, and (given the training folder)
 the training patches that activate each prototype most -- the evidence that
 prototypes of one class cover different morphologies.
+
+Options and every input's header are checked before anything is written; a bad
+image or training patch stops the run naming the file, or with ``skip_bad``
+(``--skip-bad``) is skipped and listed.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,12 +23,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lpdseg.data.datasets import read_image
+from lpdseg.data.datasets import FixHints, _file_problem, read_image
 from lpdseg.data.transforms import to_tensor
-from lpdseg.errors import CheckpointError
+from lpdseg.errors import CheckpointError, ConfigError, DataError
 from lpdseg.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+#: What the Python API's messages suggest (the CLI passes its flags instead).
+API_HINTS = FixHints(
+    skip_bad="pass skip_bad=True", outside_root="", root="pass the dataset folder as train_dir"
+)
+
+
+def _check_count(name: str, value: int, flag: str, what: str) -> None:
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a whole number >= 1 ({flag}): {what}")
 
 
 def require_prototypes(model, source: str | Path = "this checkpoint") -> None:
@@ -58,18 +74,75 @@ def top_patches(
     per_prototype: int = 4,
     batch_size: int = 16,
     progress: bool = True,
+    *,
+    skip_bad: bool = False,
+    hints: FixHints = API_HINTS,
 ) -> list[list[list[int]]]:
-    """Indices of the training patches with the highest GAP score per prototype."""
-    scores = []
+    """Indices of the training patches with the highest GAP score per prototype.
+
+    Args:
+        samples: training samples (``.image`` paths).
+        per_prototype: patches per prototype (at most ``len(samples)``).
+        batch_size: patches per forward pass.
+        skip_bad: leave out a patch that fails to decode (logged) instead of raising.
+        hints: how the caller's user skips bad files (said in the error).
+
+    Raises:
+        ConfigError: ``per_prototype`` or ``batch_size`` below 1.
+        DataError: an unreadable patch (without ``skip_bad``), or none readable.
+    """
+    _check_count("per_prototype", per_prototype, "--per-prototype", "patches shown per prototype")
+    _check_count("batch_size", batch_size, "batch_size", "patches per forward pass")
+    scores, kept = [], []
     for start in tqdm(
         range(0, len(samples), batch_size), desc="score patches", disable=not progress, unit="batch"
     ):
-        x = torch.stack([to_tensor(read_image(s.image)) for s in samples[start : start + batch_size]])
-        a = model(x, stages=(3,)).proto_maps[3].float()
+        tensors = []
+        for i in range(start, min(start + batch_size, len(samples))):
+            image = _read(samples[i].image, skip_bad, hints)
+            if image is not None:
+                tensors.append(to_tensor(image))
+                kept.append(i)
+        if not tensors:
+            continue
+        a = model(torch.stack(tensors), stages=(3,)).proto_maps[3].float()
         scores.append(a.amax((3, 4)))  # peak activation: where the prototype fires at all
+    if not scores:
+        raise DataError(f"none of the {len(samples)} training patches could be read")
     s = torch.cat(scores)  # N x C x k
     top = s.topk(min(per_prototype, s.shape[0]), dim=0).indices  # t x C x k
-    return top.permute(1, 2, 0).tolist()
+    index = torch.tensor(kept)
+    return index[top].permute(1, 2, 0).tolist()
+
+
+def _read(path: Path, skip_bad: bool, hints: FixHints) -> np.ndarray | None:
+    """``read_image(path)``; with ``skip_bad`` None (logged) for a file that fails."""
+    try:
+        return read_image(path)
+    except DataError as exc:
+        if not skip_bad:
+            raise hints.with_skip_advice(exc) from exc
+        log.warning("skipping %s: %s", path, exc)
+        return None
+
+
+def _checked_inputs(paths: Sequence[Path], skip_bad: bool, hints: FixHints) -> list[Path]:
+    """The images whose headers are readable (not decoded); the others raise or are skipped."""
+    good, bad = [], []
+    for path in paths:
+        reason = _file_problem(path, True)
+        if reason is None:
+            good.append(path)
+            continue
+        if not skip_bad:
+            raise DataError(f"{path}: {reason}; {hints.skip_advice()}")
+        bad.append(path)
+        log.warning("skipping %s: %s", path, reason)
+    if bad:
+        log.warning("%d images skipped: %s", len(bad), ", ".join(str(p) for p in bad))
+    if not good:
+        raise DataError(f"none of the {len(paths)} images can be read (see the warnings above)")
+    return good
 
 
 def explain_figure(
@@ -120,30 +193,56 @@ def explain(
     train_dir: str | Path | None = None,
     per_prototype: int = 4,
     progress: bool = True,
+    skip_bad: bool = False,
+    hints: FixHints = API_HINTS,
 ) -> list[Path]:
     """Write one explanation figure per image, and a summary figure over the folder.
+
+    Everything is checked before the first figure is written: ``per_prototype``,
+    the checkpoint, every image's header and the training folder's files.
 
     Args:
         checkpoint: LPD or PBIP checkpoint.
         images: image files / folders / globs.
         out: output folder.
         train_dir: dataset folder of training patches; enables "top patches" rows.
-        per_prototype: patches shown per prototype.
+        per_prototype: patches shown per prototype (>= 1).
+        skip_bad: skip (and list) unreadable images and training patches instead of stopping.
+        hints: how the caller's user skips bad files (the CLI: ``--skip-bad``).
+
+    Raises:
+        ConfigError: ``per_prototype`` below 1.
+        CheckpointError: a checkpoint without prototypes.
+        DataError: an unreadable image or patch (without ``skip_bad``), naming it.
     """
     from lpdseg.imageio import expand_inputs
     from lpdseg.inference import load_model
 
+    _check_count("per_prototype", per_prototype, "--per-prototype", "patches shown per prototype")
+    paths = expand_inputs(images)
     model, cfg = load_model(checkpoint)
     require_prototypes(model, checkpoint)
+    paths = _checked_inputs(paths, skip_bad, hints)
     names = list(cfg.data.class_names)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    patches = None
+    samples = None
     if train_dir is not None:
         from lpdseg.data.datasets import list_split
 
-        samples, _ = list_split(train_dir, cfg.data.format, "train", skip_bad=True)
-        top = top_patches(model, samples, per_prototype, progress=progress)
+        samples, _ = list_split(
+            train_dir,
+            cfg.data.format,
+            "train",
+            skip_bad=skip_bad,
+            check_images=True,
+            hints=hints,
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    patches = None
+    if samples is not None:
+        top = top_patches(
+            model, samples, per_prototype, progress=progress, skip_bad=skip_bad, hints=hints
+        )
         thumb = 64
         patches = [
             [[np.asarray(_thumb(read_image(samples[i].image), thumb)) for i in idx] for idx in cls]
@@ -151,8 +250,10 @@ def explain(
         ]
     written = []
     mean_maps = None
-    for path in tqdm(expand_inputs(images), desc="explain", disable=not progress, unit="img"):
-        image = read_image(path)
+    for path in tqdm(paths, desc="explain", disable=not progress, unit="img"):
+        image = _read(path, skip_bad, hints)
+        if image is None:
+            continue
         maps, probs = prototype_maps(model, image)
         target = out / f"{path.stem}_prototypes.png"
         atomic_write_bytes(target, explain_figure(image, maps, probs, names, patches))

@@ -21,7 +21,9 @@ Layouts (``root`` is the dataset folder):
 
 Every problem names the file, what is wrong and what to do. With
 ``skip_bad=True`` a bad item is listed as a :class:`BadFile`, logged, and left
-out instead.
+out instead. What to do is said in the caller's words (:class:`FixHints`): a
+run config's ``data.skip_bad=true``, a command's ``--skip-bad`` or this
+module's ``skip_bad=True``.
 """
 
 from __future__ import annotations
@@ -30,17 +32,24 @@ import csv
 import inspect
 import logging
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from lpdseg.errors import ConfigError, DataError
-from lpdseg.imageio import IMAGE_SUFFIXES, read_image, read_mask  # noqa: F401 - re-exported
+from lpdseg.imageio import (  # noqa: F401 - read_image / read_mask are re-exported
+    IMAGE_SUFFIXES,
+    MIN_IMAGE_SIDE,
+    image_header_size,
+    read_image,
+    read_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +59,53 @@ SPLITS = ("train", "val", "test")
 CSV_RESERVED = ("image", "mask", "split")
 # Files that operating systems drop into folders; never data.
 _JUNK_NAMES = {"Thumbs.db", "desktop.ini"}
-_SKIP_HINT = "fix or remove it, or pass skip_bad=True (--skip-bad) to skip bad files"
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class FixHints:
+    """How the user of a caller turns on what an error message suggests.
+
+    The same problem has a different fix from Python, from a run config and from
+    a command: each caller passes the spelling that works for its user.
+
+    Attributes:
+        skip_bad: how to skip bad files, completing "... or <skip_bad> to skip bad files".
+        outside_root: how to allow CSV paths outside the CSV's folder, or ``""``
+            where the caller has no such option.
+        root: how to point at the dataset folder.
+    """
+
+    skip_bad: str = "pass skip_bad=True"
+    outside_root: str = "pass allow_outside_root=True to list_split"
+    root: str = "pass the dataset folder as root"
+
+    def skip_advice(self) -> str:
+        """``"fix or remove it, or <how> to skip bad files (they are logged and listed)"``."""
+        return (
+            f"fix or remove it, or {self.skip_bad} to skip bad files (they are logged and listed)"
+        )
+
+    def with_skip_advice(self, exc: DataError) -> DataError:
+        """``exc`` (which names its file) with how to skip bad files added."""
+        return DataError(
+            f"{exc}; to go on without it, {self.skip_bad} (bad files are skipped and listed)"
+        )
+
+
+#: The Python API: list_split's own keywords.
+API_HINTS = FixHints()
+#: Code driven by a run config (train, bank, pseudo, eval): its ``data.*`` keys.
+CONFIG_HINTS = FixHints(
+    skip_bad="set data.skip_bad=true", outside_root="", root="point data.root at the dataset folder"
+)
+
+
+def cli_hints(root_flag: str = "--data") -> FixHints:
+    """Hints for a command with a ``--skip-bad`` flag whose dataset folder is ``root_flag``."""
+    return FixHints(
+        skip_bad="pass --skip-bad", outside_root="", root=f"pass the dataset folder as {root_flag}"
+    )
 
 
 # ------------------------------------------------------------------ formats
@@ -216,15 +271,21 @@ class BadFile:
 class _Problems:
     """Raises on the first bad item, or collects them all with ``skip_bad``."""
 
-    def __init__(self, skip_bad: bool) -> None:
+    def __init__(self, skip_bad: bool, hints: FixHints = API_HINTS) -> None:
         self.skip_bad = skip_bad
+        self.hints = hints
         self.bad: list[BadFile] = []
 
     def add(self, path: Path, reason: str) -> None:
         if not self.skip_bad:
-            raise DataError(f"{path}: {reason}; {_SKIP_HINT}")
+            raise DataError(f"{path}: {reason}; {self.hints.skip_advice()}")
         self.bad.append(BadFile(Path(path), reason))
         log.warning("skipping %s: %s", path, reason)
+
+
+def _reason(exc: DataError, path: Path) -> str:
+    """A DataError's message without its leading ``"<path>: "``."""
+    return str(exc).removeprefix(f"{path}: ")
 
 
 def _found_folders(root: Path) -> str:
@@ -249,8 +310,15 @@ def _folder_files(folder: Path) -> list[Path]:
     return files
 
 
-def _file_problem(path: Path, check_image: bool) -> str | None:
-    """Why ``path`` cannot be an image file, or ``None`` (cheap checks only)."""
+def _file_problem(
+    path: Path, check_image: bool, what: str = "image", min_side: int = MIN_IMAGE_SIDE
+) -> str | None:
+    """Why ``path`` cannot be an image file, or ``None`` (cheap checks only).
+
+    With ``check_image`` the header is read (:func:`lpdseg.imageio.image_header_size`,
+    no pixels decoded): non-images named ``.png``, decompression bombs and images
+    under ``min_side`` px are caught, as :func:`read_image` would refuse them.
+    """
     if not _is_image_name(path):
         return (
             f"not an image file (suffix {path.suffix or 'none'!r}); expected one of "
@@ -262,11 +330,101 @@ def _file_problem(path: Path, check_image: bool) -> str | None:
         return "is empty (0 bytes); re-export or remove it"
     if check_image:
         try:
-            with Image.open(path) as im:
-                im.size  # noqa: B018 - reading the header is the check
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            return f"is not a readable image ({exc})"
+            w, h = image_header_size(path, what)
+        except DataError as exc:
+            return _reason(exc, path)
+        if min(w, h) < min_side:
+            return (
+                f"{what} is {h}x{w} pixels (H x W); {what}s must be at least {min_side} px on "
+                "each side - remove it or use a larger crop"
+            )
     return None
+
+
+def _display_hw(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image as :func:`read_image` gives it (EXIF orientation applied).
+
+    From the header when the orientation is known without decoding (the usual
+    case); a PNG whose EXIF block comes after its pixels is decoded.
+
+    Raises:
+        DataError: as :func:`lpdseg.imageio.image_header_size`.
+    """
+    w, h = image_header_size(path)  # the bomb / readability guard comes first
+    orientation: int | None = 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                if im.format != "PNG":
+                    orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+                elif "exif" in im.info:
+                    exif = Image.Exif()
+                    exif.load(im.info["exif"])
+                    orientation = int(exif.get(_EXIF_ORIENTATION, 1) or 1)
+                elif b"eXIf" in path.read_bytes():  # EXIF after the pixels: PIL must decode
+                    orientation = None
+    except Exception:  # noqa: BLE001 - unreadable metadata: read_image ignores it too
+        orientation = 1
+    if orientation is None:
+        return tuple(read_image(path).shape[:2])  # type: ignore[return-value]
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def check_masked_samples(
+    samples: Sequence[Sample],
+    num_classes: int,
+    *,
+    skip_bad: bool = False,
+    hints: FixHints = API_HINTS,
+) -> tuple[list[Sample], list[BadFile]]:
+    """Check val/test samples before they are used: each mask as :class:`MaskedDataset` reads it.
+
+    The image's header is read (readable, not a decompression bomb, at least
+    :data:`~lpdseg.imageio.MIN_IMAGE_SIDE` px; its pixels are not decoded) and
+    the mask is decoded: values in ``0..C-1``, ``C`` (background) or 255, and
+    the image's size (EXIF orientation applied to both).
+
+    Args:
+        samples: samples with masks (``list_split(..., "val" | "test")``).
+        num_classes: tissue classes ``C``.
+        skip_bad: leave bad samples out (logged, returned) instead of raising.
+        hints: how the caller's user skips bad files (the message says it).
+
+    Returns:
+        ``(usable samples, bad files)``; a bad mask is listed under the mask's path.
+
+    Raises:
+        DataError: the first bad sample, without ``skip_bad``; names the file and the fix.
+    """
+    problems = _Problems(skip_bad, hints)
+    good = []
+    for s in samples:
+        if s.mask is None:
+            problems.add(s.image, "has no mask; evaluation samples need one")
+            continue
+        reason = _file_problem(s.image, False)
+        hw = (0, 0)
+        if reason is None:
+            try:
+                hw = _display_hw(s.image)
+            except DataError as exc:
+                reason = _reason(exc, s.image)
+        if reason is None and min(hw) < MIN_IMAGE_SIDE:
+            reason = (
+                f"image is {hw[0]}x{hw[1]} pixels (H x W); images must be at least "
+                f"{MIN_IMAGE_SIDE} px on each side - remove it or use a larger crop"
+            )
+        if reason is not None:
+            problems.add(s.image, reason)
+            continue
+        try:
+            read_mask(s.mask, num_classes, expected_hw=hw)
+        except DataError as exc:
+            problems.add(s.mask, f"{_reason(exc, s.mask)} (image {s.image})")
+            continue
+        good.append(s)
+    return good, problems.bad
 
 
 def list_split(
@@ -278,6 +436,7 @@ def list_split(
     csv_path: str | Path | None = None,
     allow_outside_root: bool = False,
     check_images: bool | None = None,
+    hints: FixHints = API_HINTS,
 ) -> tuple[list[Sample], list[BadFile]]:
     """List the samples of one split of a dataset folder.
 
@@ -300,9 +459,12 @@ def list_split(
             instead of raising on the first.
         csv_path: manifest for ``fmt="csv"``.
         allow_outside_root: let CSV paths point outside the CSV's folder.
-        check_images: also open each image header (catches non-image files
-            named ``.png``); ``None`` means "when ``skip_bad``". Empty files
+        check_images: also read each image's header, no pixels decoded
+            (catches non-image files named ``.png``, decompression bombs and
+            images under 8 px); ``None`` means "when ``skip_bad``". Empty files
             and wrong suffixes are always caught.
+        hints: how the caller's user fixes what a message names (default:
+            this function's keywords; see :data:`CONFIG_HINTS`, :func:`cli_hints`).
 
     Returns:
         ``(samples sorted by image path, bad files)``.
@@ -319,9 +481,9 @@ def list_split(
     root = Path(root)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise DataError(f"dataset folder {root} {what}; point data.root at the dataset folder")
+        raise DataError(f"dataset folder {root} {what}; {hints.root}")
     check = skip_bad if check_images is None else check_images
-    problems = _Problems(skip_bad)
+    problems = _Problems(skip_bad, hints)
     if fmt == "csv":
         samples = _list_csv(root, split, csv_path, allow_outside_root, check, problems)
     elif split == "train":
@@ -331,7 +493,7 @@ def list_split(
     samples.sort(key=lambda s: str(s.image))
     if problems.bad:
         log.warning(
-            "%d bad file(s) skipped in %s split of %s (skip_bad=True)",
+            "%d bad file(s) skipped in %s split of %s",
             len(problems.bad),
             split,
             root,
@@ -400,7 +562,7 @@ def _list_masked(root: Path, split: str, check: bool, problems: _Problems) -> li
         )
     masks: dict[str, list[Path]] = {}
     for m in _folder_files(mask_dir):
-        reason = _file_problem(m, False)
+        reason = _file_problem(m, check, "mask", 1)
         if reason is not None:
             problems.add(m, reason)
             continue
@@ -485,13 +647,17 @@ def _csv_classes(csv_path: Path, header: Sequence[str] | None) -> tuple[str, ...
     return classes
 
 
-def _csv_path(cell: str, base: Path, allow_outside: bool) -> tuple[Path, str | None]:
+def _csv_path(
+    cell: str, base: Path, allow_outside: bool, hints: FixHints
+) -> tuple[Path, str | None]:
     p = Path(cell.strip())
     full = p if p.is_absolute() else base / p
     if not allow_outside and not full.resolve().is_relative_to(base.resolve()):
+        allow = f", or {hints.outside_root}" if hints.outside_root else ""
         return full, (
-            f"path {cell!r} resolves outside the CSV's folder {base}; move the file "
-            "under it or allow it explicitly (allow_outside_root=True)"
+            f"path {cell!r} resolves outside the CSV's folder {base}; move the file under "
+            f"it, or move the CSV to a folder that holds its files (paths in it are "
+            f"relative to its folder){allow}"
         )
     return full, None
 
@@ -536,7 +702,7 @@ def _list_csv(
         if not cell:
             problems.add(path, f"line {line}: empty 'image' cell")
             continue
-        image, reason = _csv_path(cell, base, allow_outside)
+        image, reason = _csv_path(cell, base, allow_outside, problems.hints)
         if reason is None:
             reason = _file_problem(image, check)
         if reason is not None:
@@ -557,9 +723,9 @@ def _list_csv(
         mask = None
         mcell = (row.get("mask") or "").strip() if has_mask else ""
         if reason is None and mcell:
-            mask, reason = _csv_path(mcell, base, allow_outside)
+            mask, reason = _csv_path(mcell, base, allow_outside, problems.hints)
             if reason is None:
-                reason = _file_problem(mask, False)
+                reason = _file_problem(mask, check, "mask", 1)
             if reason is not None:
                 reason = f"mask {mask}: {reason} (listed in {where})"
         if reason is None and split != "train" and mask is None:
@@ -663,18 +829,26 @@ class MaskedDataset(Dataset):
         num_classes: int,
         transform: Callable,
         min_fraction: float = 0.0,
+        *,
+        skip_bad: bool = False,
+        hints: FixHints = API_HINTS,
     ) -> None:
         """Args:
-        samples: samples with masks.
+        samples: samples with masks (best checked first, see :func:`check_masked_samples`).
         num_classes: number of tissue classes ``C``.
         transform: image transform (e.g. EvalTransform); if it has a ``mask``
             parameter it is called as ``transform(image, mask)``.
         min_fraction: area a class must cover to be in the label (see mask_to_label).
+        skip_bad: an image or mask that fails to decode gives ``None`` (logged)
+            instead of raising; the collate function drops it.
+        hints: how the caller's user skips bad files (said in the error).
         """
         self.samples = list(samples)
         self.num_classes = num_classes
         self.transform = transform
         self.min_fraction = min_fraction
+        self.skip_bad = skip_bad
+        self.hints = hints
         self._joint = _accepts(transform, "mask")
 
     def __len__(self) -> int:
@@ -684,8 +858,14 @@ class MaskedDataset(Dataset):
         sample = self.samples[index]
         if sample.mask is None:
             raise DataError(f"{sample.image}: no mask; evaluation samples need one")
-        image = read_image(sample.image)
-        mask = read_mask(sample.mask, self.num_classes, expected_hw=image.shape[:2])
+        try:
+            image = read_image(sample.image)
+            mask = read_mask(sample.mask, self.num_classes, expected_hw=image.shape[:2])
+        except DataError as exc:
+            if not self.skip_bad:
+                raise self.hints.with_skip_advice(exc) from exc
+            log.warning("skipping %s: %s", sample.image, exc)
+            return None  # type: ignore[return-value] - dropped by the collate function
         if self._joint:
             tensor, mask_t = self.transform(image, mask)
             mask_t = torch.as_tensor(mask_t).long()

@@ -1,5 +1,12 @@
 """From a config to data loaders: resolved classes, normalisation and seeded batches.
 
+Every file a run will read is checked before the work starts (:func:`resolve_data`):
+the header of each training image (no pixels decoded), and each val/test image
+header with its mask decoded. A bad file stops the run there, naming the file
+and the fix, or with ``data.skip_bad=true`` is skipped, logged and listed in
+:attr:`DataBundle.bad`. A file that passes these checks but still fails to
+decode later (e.g. truncated pixel data) is handled the same way when read.
+
 Training batches are deterministic and resumable: the order of epoch ``e`` is a
 permutation seeded by ``(seed, e)``, and the augmentation of sample ``i`` in
 epoch ``e`` draws from a generator seeded by ``(seed, e, i)``, whichever
@@ -10,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +28,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lpdseg.config import Config
 from lpdseg.data.datasets import (
+    CONFIG_HINTS,
     BadFile,
+    FixHints,
     MaskedDataset,
     Sample,
+    _file_problem,
+    _Problems,
+    check_masked_samples,
     get_format,
+    image_header_size,
     list_split,
     read_image,
     read_mask,
@@ -62,7 +76,11 @@ class DataBundle:
             ``models.preprocess.choose_statistics``.
         colors: RGB per class, background last.
         train: training samples (image-level labels).
-        bad: files skipped with ``data.skip_bad``.
+        bad: files skipped with ``data.skip_bad`` (training, val and test).
+        csv: the CSV manifest (``data.csv``).
+        eval_samples: checked val/test samples by split (see :func:`resolve_data`).
+        skip_bad: whether bad files are skipped (``None``: the config's ``data.skip_bad``).
+        hints: how the user of the caller fixes what an error names.
     """
 
     root: Path
@@ -74,6 +92,9 @@ class DataBundle:
     train: list[Sample] = field(default_factory=list)
     bad: list[BadFile] = field(default_factory=list)
     csv: str | None = None
+    eval_samples: dict[str, list[Sample]] = field(default_factory=dict)
+    skip_bad: bool | None = None
+    hints: FixHints = CONFIG_HINTS
 
     def has_split(self, split: str) -> bool:
         """Whether an evaluation split (``val``/``test``) exists on disk."""
@@ -93,8 +114,32 @@ class DataBundle:
         return max(1, len(self.train) // batch_size)
 
 
-def resolve_data(cfg: Config, need_train: bool = True) -> DataBundle:
-    """Resolve classes, normalisation and the training list of ``cfg.data``.
+def resolve_data(
+    cfg: Config,
+    need_train: bool = True,
+    *,
+    eval_splits: Sequence[str] | None = None,
+    skip_bad: bool | None = None,
+    hints: FixHints = CONFIG_HINTS,
+) -> DataBundle:
+    """Resolve classes and normalisation, and list and check the files of ``cfg.data``.
+
+    Checked here, before any work starts: the header of every training image
+    (readable, not a decompression bomb, at least 8 px; pixels not decoded;
+    stage 2: its pseudo mask's header too) and, for each split of
+    ``eval_splits`` on disk, every image header and decoded mask (values in the
+    class set, the image's size). Bad files raise, naming the file and the fix,
+    or with ``skip_bad`` are left out, logged and listed in ``DataBundle.bad``.
+
+    Args:
+        cfg: the run config.
+        need_train: list the training samples.
+        eval_splits: evaluation splits to check now (those present on disk);
+            default: ``val`` and ``test`` when ``need_train`` (a training run
+            scores both), else none (:func:`make_eval_loader` checks its split).
+        skip_bad: skip bad files (default: ``data.skip_bad``).
+        hints: how the caller's user skips bad files or points at the data (default:
+            the config's keys, e.g. ``data.skip_bad=true``).
 
     Raises:
         ConfigError: no data root given.
@@ -110,9 +155,16 @@ def resolve_data(cfg: Config, need_train: bool = True) -> DataBundle:
     if not root.is_dir():
         raise DataError(
             f"data folder {root} does not exist; create it with `lpdseg synth {root}` "
-            "or set data.root to your dataset"
+            f"or {hints.root}"
         )
+    skip = d.skip_bad if skip_bad is None else bool(skip_bad)
     fmt = get_format(d.format) if d.format != "csv" else None
+    if d.class_names:
+        names = tuple(d.class_names)
+    elif fmt is not None:
+        names = fmt.class_names
+    else:
+        raise ConfigError("format=csv needs data.class_names (the label columns)")
     train: list[Sample] = []
     bad: list[BadFile] = []
     if need_train and cfg.train.task == "seg":
@@ -120,23 +172,21 @@ def resolve_data(cfg: Config, need_train: bool = True) -> DataBundle:
             raise ConfigError(
                 "train.task=seg needs data.pseudo=<folder written by `lpdseg pseudo`>"
             )
-        train = read_pseudo_manifest(d.pseudo)
+        t0 = time.perf_counter()
+        train, bad = check_pseudo_samples(read_pseudo_manifest(d.pseudo), skip, hints)
+        log.info("checked %d pseudo-mask pairs in %.1f s", len(train) + len(bad), _since(t0))
+        _log_skipped("pseudo-mask training", bad, hints)
+        if not train:
+            raise DataError(f"{Path(d.pseudo) / 'manifest.csv'}: no usable training pairs")
     elif need_train:
-        train, bad = list_split(root, d.format, "train", skip_bad=d.skip_bad, csv_path=d.csv)
-        if bad:
-            log.warning(
-                "skipped %d bad training files (data.skip_bad=true): %s",
-                len(bad),
-                "; ".join(f"{b.path}: {b.reason}" for b in bad[:20]),
-            )
+        t0 = time.perf_counter()
+        train, bad = list_split(
+            root, d.format, "train", skip_bad=skip, csv_path=d.csv, check_images=True, hints=hints
+        )
+        log.info("checked %d training image headers in %.1f s", len(train) + len(bad), _since(t0))
+        _log_skipped("training", bad, hints)
         if not train:
             raise DataError(f"no usable training images under {root}")
-    if d.class_names:
-        names = tuple(d.class_names)
-    elif fmt is not None:
-        names = fmt.class_names
-    else:
-        raise ConfigError("format=csv needs data.class_names (the label columns)")
     if train and train[0].label is not None and len(train[0].label) != len(names):
         raise DataError(
             f"{train[0].image}: label has {len(train[0].label)} classes but the config "
@@ -161,7 +211,102 @@ def resolve_data(cfg: Config, need_train: bool = True) -> DataBundle:
     )
     if len(colors) != len(names) + 1:
         raise ConfigError(f"data.colors needs {len(names) + 1} RGB triples (classes + background)")
-    return DataBundle(root, d.format, names, mean, std, colors, train, bad, d.csv)
+    bundle = DataBundle(
+        root, d.format, names, mean, std, colors, train, bad, d.csv, skip_bad=skip, hints=hints
+    )
+    if eval_splits is None:
+        eval_splits = ("val", "test") if need_train else ()
+    for split in eval_splits:
+        if bundle.has_split(split):
+            bundle.eval_samples[split] = check_eval_split(bundle, split)
+    return bundle
+
+
+def _since(t0: float) -> float:
+    return time.perf_counter() - t0
+
+
+def _log_skipped(what: str, bad: Sequence[BadFile], hints: FixHints) -> None:
+    if bad:
+        log.warning(
+            "skipped %d bad %s files (%s): %s%s",
+            len(bad),
+            what,
+            hints.skip_bad.removeprefix("set ").removeprefix("pass "),
+            "; ".join(f"{b.path}: {b.reason}" for b in bad[:20]),
+            f"; ... ({len(bad) - 20} more)" if len(bad) > 20 else "",
+        )
+
+
+def check_pseudo_samples(
+    samples: Sequence[Sample], skip_bad: bool, hints: FixHints = CONFIG_HINTS
+) -> tuple[list[Sample], list[BadFile]]:
+    """Stage-2 pairs whose image and pseudo mask headers are readable and of one size.
+
+    Headers only (no pixels decoded): readable, not a decompression bomb, the
+    image at least 8 px, the mask the image's size (either orientation: the
+    image's EXIF orientation is not read here, :func:`read_mask` checks exactly).
+    """
+    problems = _Problems(skip_bad, hints)
+    good = []
+    for s in samples:
+        reason = _file_problem(s.image, True)
+        if reason is not None:
+            problems.add(s.image, reason)
+            continue
+        if s.mask is None:
+            problems.add(s.image, "has no pseudo mask in the manifest")
+            continue
+        reason = _file_problem(s.mask, True, "mask", 1)
+        if reason is not None:
+            problems.add(s.mask, reason)
+            continue
+        iw, ih = image_header_size(s.image)
+        mw, mh = image_header_size(s.mask, "mask")
+        if (mw, mh) not in ((iw, ih), (ih, iw)):
+            problems.add(
+                s.mask,
+                f"pseudo mask is {mh}x{mw} (H x W) but its image {s.image} is {ih}x{iw}; "
+                "write the pseudo masks again (lpdseg pseudo)",
+            )
+            continue
+        good.append(s)
+    return good, problems.bad
+
+
+def check_eval_split(bundle: DataBundle, split: str, skip_bad: bool | None = None) -> list[Sample]:
+    """List and check one evaluation split of ``bundle`` (see :func:`resolve_data`).
+
+    Bad files are skipped (logged, added to ``bundle.bad``) when ``skip_bad``
+    (default: the bundle's); else the first raises, naming the file and the fix.
+
+    Raises:
+        DataError: a bad file without ``skip_bad``, or no usable image left.
+    """
+    skip = bool(bundle.skip_bad) if skip_bad is None else skip_bad
+    t0 = time.perf_counter()
+    samples, bad = list_split(
+        bundle.root,
+        bundle.format,
+        split,
+        skip_bad=skip,
+        csv_path=bundle.csv,
+        check_images=True,
+        hints=bundle.hints,
+    )
+    good, bad_masks = check_masked_samples(
+        samples, len(bundle.class_names), skip_bad=skip, hints=bundle.hints
+    )
+    bad = [*bad, *bad_masks]
+    log.info("checked %d %s images and masks in %.1f s", len(samples), split, _since(t0))
+    _log_skipped(split, bad, bundle.hints)
+    bundle.bad.extend(bad)
+    if not good:
+        raise DataError(
+            f"no usable {split} images under {bundle.root}: all {len(bad)} were bad "
+            f"(first: {bad[0].path}: {bad[0].reason}); fix them or remove the {split} split"
+        )
+    return good
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -170,23 +315,55 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SeededWeakDataset(Dataset):
-    """Training samples with augmentation seeded by ``(seed, epoch, index)``."""
+    """Training samples with augmentation seeded by ``(seed, epoch, index)``.
+
+    With ``skip_bad`` a sample that fails to decode (its header passed
+    :func:`resolve_data`'s check, its pixels did not) is logged and replaced by
+    the next readable sample, augmented with the same seed: batches keep their
+    size and stay deterministic. Without it the error names the file and how to skip it.
+    """
 
     def __init__(
-        self, samples: list[Sample], transform: TrainTransform, seed: int, epoch: int
+        self,
+        samples: list[Sample],
+        transform: TrainTransform,
+        seed: int,
+        epoch: int,
+        *,
+        skip_bad: bool = False,
+        hints: FixHints = CONFIG_HINTS,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.seed = seed
         self.epoch = epoch
+        self.skip_bad = skip_bad
+        self.hints = hints
         self._takes_rng = "rng" in inspect.signature(transform.__call__).parameters
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _decode(self, sample: Sample):
+        return read_image(sample.image)
+
+    def _read(self, index: int):
+        """``(sample, pixels)`` of ``index``, or with ``skip_bad`` of the next readable one."""
+        n = len(self.samples)
+        for k in range(n):
+            sample = self.samples[(index + k) % n]
+            try:
+                return sample, self._decode(sample)
+            except DataError as exc:
+                if not self.skip_bad:
+                    raise self.hints.with_skip_advice(exc) from exc
+                log.warning(
+                    "skipping %s (the next sample is used in its place): %s", sample.image, exc
+                )
+        raise DataError(f"none of the {n} training images could be read; see the warnings above")
+
     def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        image = read_image(sample.image)
+        sample, image = self._read(index)
         s = sample_seed(self.seed, self.epoch, index)
         # fork_rng keeps the caller's torch RNG untouched (num_workers=0 shares it)
         with torch.random.fork_rng(devices=[]):
@@ -207,10 +384,12 @@ class SeededWeakDataset(Dataset):
 class SeededMaskDataset(SeededWeakDataset):
     """Stage 2: images with (pseudo) masks, geometry applied to both, seeded like above."""
 
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
+    def _decode(self, sample: Sample):
         image = read_image(sample.image)
-        mask = read_mask(sample.mask, self.num_classes, expected_hw=image.shape[:2])
+        return image, read_mask(sample.mask, self.num_classes, expected_hw=image.shape[:2])
+
+    def __getitem__(self, index: int) -> dict:
+        sample, (image, mask) = self._read(index)
         s = sample_seed(self.seed, self.epoch, index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
@@ -222,7 +401,16 @@ class SeededMaskDataset(SeededWeakDataset):
 
 
 def read_pseudo_manifest(folder: str | Path) -> list[Sample]:
-    """Samples of a pseudo-mask folder (``manifest.csv``: image,mask,labels)."""
+    """Samples of a pseudo-mask folder (``manifest.csv``: image,mask,label).
+
+    Stage 2 checks where the images come from (``lpdseg.engine.train.check_pseudo_source``:
+    they must lie under ``data.root``, and ``pseudo.json`` must record this data root and
+    its class names).
+
+    Raises:
+        DataError: no manifest, missing columns, a malformed label (row named),
+            labels of different lengths, a missing mask file, or no rows.
+    """
     import csv
 
     folder = Path(folder)
@@ -234,9 +422,37 @@ def read_pseudo_manifest(folder: str | Path) -> list[Sample]:
         )
     samples = []
     with manifest.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            label = np.array([int(v) for v in row["label"].split()], np.uint8)
-            samples.append(Sample(Path(row["image"]), label, folder / row["mask"]))
+        reader = csv.DictReader(handle)
+        missing = [c for c in ("image", "mask", "label") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(
+                f"{manifest}: no {', '.join(missing)} column (header: {reader.fieldnames}); a "
+                "pseudo-mask manifest has the columns image,mask,label (written by "
+                "`lpdseg pseudo`)"
+            )
+        for row_number, row in enumerate(reader, start=2):
+            try:
+                label = np.array([int(v) for v in (row["label"] or "").split()], np.uint8)
+            except ValueError:
+                label = np.zeros(0, np.uint8)
+            if label.size == 0 or not set(label.tolist()) <= {0, 1}:
+                raise DataError(
+                    f"{manifest}, row {row_number}: label {row['label']!r} is not 0/1 values "
+                    "separated by spaces (e.g. '1 0 1'); rewrite it with `lpdseg pseudo`"
+                )
+            if samples and label.size != samples[0].label.size:
+                raise DataError(
+                    f"{manifest}, row {row_number}: label has {label.size} classes but row 2 "
+                    f"has {samples[0].label.size}; every row needs the same classes"
+                )
+            mask = folder / row["mask"]
+            if not mask.is_file():
+                raise DataError(
+                    f"{manifest}, row {row_number}: mask {mask} does not exist; the folder is "
+                    f"incomplete: write it again with `lpdseg pseudo CHECKPOINT --out {folder} "
+                    "--overwrite`"
+                )
+            samples.append(Sample(Path(row["image"]), label, mask))
     if not samples:
         raise DataError(f"{manifest} lists no images")
     return samples
@@ -282,13 +498,15 @@ def make_train_loader(
     same permutation (a distributed sampler that stays resumable).
     """
     transform = TrainTransform(augment_config(cfg))
+    skip = cfg.data.skip_bad if bundle.skip_bad is None else bundle.skip_bad
+    kinds = {"skip_bad": skip, "hints": bundle.hints}
     if cfg.train.task == "seg":
         dataset: SeededWeakDataset = SeededMaskDataset(
-            bundle.train, transform, cfg.train.seed, epoch
+            bundle.train, transform, cfg.train.seed, epoch, **kinds
         )
         dataset.num_classes = len(bundle.class_names)
     else:
-        dataset = SeededWeakDataset(bundle.train, transform, cfg.train.seed, epoch)
+        dataset = SeededWeakDataset(bundle.train, transform, cfg.train.seed, epoch, **kinds)
     bs = cfg.train.batch_size
     sampler: Sampler[int] = ResumableSampler(
         len(dataset), cfg.train.seed, epoch, start_batch * bs * world_size
@@ -322,10 +540,13 @@ class _RankSlice(Sampler[int]):
         return len(range(self.rank, len(self.base), self.world_size))
 
 
-def collate_eval(items: list[dict]) -> dict:
-    """Stack same-size images; keep lists when sizes differ."""
-    shapes = {tuple(it["image"].shape) for it in items}
+def collate_eval(items: list[dict | None]) -> dict:
+    """Stack same-size images; keep lists when sizes differ; drop skipped (``None``) items."""
+    items = [it for it in items if it is not None]
     out: dict = {"name": [it["name"] for it in items]}
+    if not items:
+        return {**out, "image": [], "mask": [], "label": []}
+    shapes = {tuple(it["image"].shape) for it in items}
     for key in ("image", "mask", "label"):
         vals = [it[key] for it in items]
         out[key] = torch.stack(vals) if len(shapes) == 1 else vals
@@ -335,19 +556,17 @@ def collate_eval(items: list[dict]) -> dict:
 def make_eval_loader(
     cfg: Config, bundle: DataBundle, split: str, batch_size: int | None = None
 ) -> DataLoader:
-    """Loader over a split with pixel masks (images at full size)."""
-    samples, bad = list_split(
-        bundle.root, bundle.format, split, skip_bad=cfg.data.skip_bad, csv_path=bundle.csv
-    )
-    if bad:
-        log.warning(
-            "skipped %d bad %s files: %s",
-            len(bad),
-            split,
-            "; ".join(f"{b.path}: {b.reason}" for b in bad[:20]),
-        )
+    """Loader over a split with pixel masks (images at full size).
+
+    The split's samples are those :func:`resolve_data` checked, else they are
+    listed and checked now (:func:`check_eval_split`), before any is scored.
+    """
+    samples = bundle.eval_samples.get(split)
+    if samples is None:
+        samples = bundle.eval_samples[split] = check_eval_split(bundle, split)
+    skip = cfg.data.skip_bad if bundle.skip_bad is None else bundle.skip_bad
     dataset = MaskedDataset(
-        samples, len(bundle.class_names), EvalTransform()
+        samples, len(bundle.class_names), EvalTransform(), skip_bad=skip, hints=bundle.hints
     )
     return DataLoader(
         dataset,

@@ -31,13 +31,29 @@ mask of every training patch goes to ``DIR/supervised/masks/`` with a
 ``manifest.csv`` (image, mask, label) in the format of ``lpdseg pseudo``, so
 ``train.task=seg data.pseudo=DIR/supervised`` trains a fully supervised upper
 bound on exactly the training patches.
+
+Masks must fit the format: before anything is written every mask is checked
+(:func:`inspect_mask`): a palette that colours a class index white (the
+background colour of every supported release, e.g. a 3-class WSSS4LUAD mask
+read as 4-class ``bcss_wsss``, whose index 3 would become NEC), a palette that
+is another format's, or values above the background index are refused, naming
+the file, the format and the ``--format`` that fits. :func:`infer_data_classes`
+applies the same evidence (plus ``patches.json``, CSV headers and training
+file names) to a whole dataset folder, so ``lpdseg eval --data`` can refuse
+data of other classes than a checkpoint's.
+
+A folder that already holds a patch dataset (``patches.json``) is never
+written into again silently: ``overwrite=True`` (``--overwrite``) deletes the
+earlier run's outputs first (only what ``patches.json`` says it wrote).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -45,10 +61,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from lpdseg.catalog import LABEL_MIN_FRACTION
-from lpdseg.data.datasets import FORMATS, IGNORE_INDEX, mask_to_label
+from lpdseg.data.datasets import FORMATS, IGNORE_INDEX, csv_class_names, mask_to_label
 from lpdseg.errors import ConfigError, DataError
 from lpdseg.imageio import IMAGE_SUFFIXES, read_image, read_mask
 from lpdseg.io import atomic_write_json, atomic_write_text
@@ -60,6 +77,265 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PATCH_FORMATS = ("bcss_wsss", "luad_histoseg", "wsss4luad", "csv")
+
+#: Palette colours of the released masks of each format: classes in label order, then
+#: background (white in every release). Used to recognise a palette mask's format.
+FORMAT_PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "bcss_wsss": ((255, 0, 0), (0, 255, 0), (0, 0, 255), (153, 0, 255), (255, 255, 255)),
+    "luad_histoseg": ((205, 51, 51), (0, 255, 0), (65, 105, 225), (255, 165, 0), (255, 255, 255)),
+    "wsss4luad": ((0, 64, 128), (64, 128, 0), (243, 152, 0), (255, 255, 255)),
+}
+WHITE = (255, 255, 255)
+# a white palette entry beyond this index is not taken for a background class index
+_MAX_BACKGROUND_INDEX = 32
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """What a mask file says about its class set (see :func:`inspect_mask`).
+
+    Attributes:
+        path: the mask.
+        mode: PIL mode (``P`` palette, ``L`` grey, ...).
+        background: the palette index coloured white (the background of every
+            released format), or ``None`` (no palette, or no white entry).
+        palette_format: the format whose released palette this is, or ``None``.
+        values: the distinct pixel values, 255 (ignore) excluded.
+    """
+
+    path: Path
+    mode: str
+    background: int | None
+    palette_format: str | None
+    values: tuple[int, ...]
+
+
+def inspect_mask(path: str | Path, read_values: bool = True) -> MaskInfo | None:
+    """Palette and values of a mask, without judging them (``None``: not a readable mask)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            palette = im.getpalette() if mode in ("P", "PA") else None
+            values: tuple[int, ...] = ()
+            if read_values and (mode in ("P", "L", "1", "I") or mode.startswith("I;16")):
+                arr = np.asarray(im)
+                if arr.ndim == 2:
+                    found = np.unique(arr).astype(np.int64)
+                    values = tuple(int(v) for v in found if v != IGNORE_INDEX)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    background = None
+    palette_format = None
+    if palette:
+        colours = [tuple(palette[i : i + 3]) for i in range(0, len(palette) - 2, 3)]
+        white = [i for i, c in enumerate(colours[: _MAX_BACKGROUND_INDEX + 1]) if c == WHITE]
+        background = white[0] if white else None
+        for fmt, ref in FORMAT_PALETTES.items():
+            if tuple(colours[: len(ref)]) == ref:
+                palette_format = fmt
+                break
+    return MaskInfo(path, mode, background, palette_format, values)
+
+
+def formats_for(count: int, palette_format: str | None = None) -> str:
+    """``--format`` suggestion for masks of ``count`` classes (+ background)."""
+    if palette_format is not None:
+        return f"--format {palette_format}"
+    fits = [f"--format {f}" for f, spec in FORMATS.items() if spec.num_classes == count]
+    csv_hint = f"--format csv --class-names <{count} comma-separated names>"
+    return " or ".join([*fits, csv_hint])
+
+
+def mask_format_problem(info: MaskInfo, fmt: str, class_names: Sequence[str]) -> str | None:
+    """Why a mask cannot be of ``fmt`` with ``class_names`` (``None``: it may be).
+
+    A mask does not fit when its palette colours a class index white (its
+    background is there: fewer classes), its white background index is beyond
+    the format's, its palette is another format's, or it has values above the
+    background index (more classes).
+    """
+    c = len(class_names)
+    names = ", ".join(class_names)
+    where = f"--format {fmt} has {c} classes ({names}) and background {c}"
+    b = info.background
+    if b is not None and b != c:
+        meaning = (
+            f"its index {b} would be read as {class_names[b]}"
+            if b < c
+            else f"values {c}..{b - 1} would be out of range"
+        )
+        return (
+            f"{info.path}: the mask's palette colours index {b} white (background), so it has "
+            f"{b} classes + background, but {where}: {meaning}. Use {formats_for(b, info.palette_format)}"
+        )
+    if info.palette_format is not None and fmt != "csv" and info.palette_format != fmt:
+        return (
+            f"{info.path}: the mask has the palette of {info.palette_format} masks "
+            f"({', '.join(FORMATS[info.palette_format].class_names)}), but {where}. "
+            f"Use --format {info.palette_format}"
+        )
+    top = max(info.values, default=0)
+    if top > c:
+        return (
+            f"{info.path}: the mask has values up to {top}, more than {where}; it looks like a "
+            f"mask of {top} classes + background. Use {formats_for(top, info.palette_format)}"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class ClassEvidence:
+    """One source's view of a dataset's classes (see :func:`infer_data_classes`).
+
+    Attributes:
+        source: where it comes from, for messages (e.g. ``"training file names"``).
+        count: number of tissue classes it implies, if any.
+        names: class names it states, if any.
+        format: the format it implies, if any.
+        declared: ``names`` are stated by the data (``patches.json``, a CSV
+            header), not guessed from a format.
+    """
+
+    source: str
+    count: int | None
+    names: tuple[str, ...] | None = None
+    format: str | None = None
+    declared: bool = False
+
+
+def _label_style(stem: str) -> tuple[str, int] | None:
+    """(format, class count) of the label string in a training file name, if any."""
+    found = re.findall(r"\[([^\[\]]*)\]", stem)
+    if not found:
+        return None
+    text = found[-1].strip()
+    if "," in text:
+        parts = [t.strip() for t in text.split(",")]
+        fmt = "wsss4luad"
+    elif " " in text:
+        parts = text.split()
+        fmt = "luad_histoseg"
+    else:
+        parts = list(text)
+        fmt = "bcss_wsss"
+    if not parts or any(p not in ("0", "1") for p in parts):
+        return None
+    return fmt, len(parts)
+
+
+def infer_data_classes(root: str | Path, sample: int = 24) -> list[ClassEvidence]:
+    """What a dataset folder says about its classes, source by source.
+
+    Sources: ``patches.json`` (written by :func:`build_patch_dataset`), CSV
+    headers (``train/val/test.csv``), the label strings of training file names
+    (``[1101]`` -> 4 classes, ``[1, 1, 0]`` -> 3 ...), and the palettes and
+    values of a few masks (a white palette index is the background index).
+    """
+    root = Path(root)
+    out: list[ClassEvidence] = []
+    info = root / "patches.json"
+    if info.is_file():
+        try:
+            names = tuple(json.loads(info.read_text()).get("class_names") or ())
+        except (OSError, ValueError):
+            names = ()
+        if names:
+            out.append(ClassEvidence(f"{info}", len(names), names, declared=True))
+    for name in ("train.csv", "val.csv", "test.csv"):
+        if (root / name).is_file():
+            try:
+                names = csv_class_names(root / name)
+            except DataError:
+                continue
+            out.append(
+                ClassEvidence(f"the header of {root / name}", len(names), names, "csv", True)
+            )
+            break
+    folder = next((root / n for n in ("training", "train") if (root / n).is_dir()), None)
+    if folder is not None:
+        styles = set()
+        for path in sorted(folder.iterdir())[: sample * 4]:
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                style = _label_style(path.stem)
+                if style is not None:
+                    styles.add(style)
+        if len(styles) == 1:
+            fmt, count = styles.pop()
+            names = FORMATS[fmt].class_names if FORMATS[fmt].num_classes == count else None
+            out.append(
+                ClassEvidence(
+                    f"the label strings of {folder}/*", count, names, fmt if names else None
+                )
+            )
+    mask_dirs = [root / s / "mask" for s in ("val", "valid", "test")] + [root / "mask"]
+    masks = [
+        p
+        for d in mask_dirs
+        if d.is_dir()
+        for p in sorted(d.iterdir())[:sample]
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ][:sample]
+    infos = [i for i in (inspect_mask(p) for p in masks) if i is not None]
+    backgrounds = {i.background for i in infos if i.background is not None}
+    if len(backgrounds) == 1:
+        b = backgrounds.pop()
+        fmts = {i.palette_format for i in infos}
+        fmt = fmts.pop() if len(fmts) == 1 else None
+        names = FORMATS[fmt].class_names if fmt else None
+        where = infos[0].path.parent
+        out.append(ClassEvidence(f"the mask palettes of {where} (index {b} white)", b, names, fmt))
+    elif infos:
+        top = max((max(i.values, default=0) for i in infos), default=0)
+        if top > 0:
+            out.append(
+                ClassEvidence(f"the mask values of {infos[0].path.parent} (up to {top})", None)
+            )
+    return out
+
+
+def data_class_problem(
+    root: str | Path, class_names: Sequence[str], fmt: str, what: str
+) -> str | None:
+    """Why the data in ``root`` has other classes than ``class_names`` (``None``: no sign of it).
+
+    A source's class count differs, its declared names differ, or it implies a
+    built-in format of other class names than ``what``'s built-in ``fmt``.
+    """
+    names = tuple(class_names)
+    c = len(names)
+    for ev in infer_data_classes(root):
+        other: tuple[str, ...] | None = None
+        if ev.count is not None and ev.count != c:
+            other = ev.names
+        elif ev.declared and ev.names is not None and ev.names != names:
+            other = ev.names
+        elif (
+            ev.format is not None
+            and ev.format != fmt
+            and fmt != "csv"
+            and ev.format != "csv"
+            and ev.names is not None
+            and ev.names != names
+        ):
+            other = ev.names
+        else:
+            continue
+        count = ev.count if ev.count is not None else len(other or ())
+        theirs = f"{count} classes ({', '.join(other)})" if other else f"{count} classes"
+        background = (
+            f"; its background (index {count}) would be scored as {names[count]}"
+            if count < c
+            else ""
+        )
+        data_fmt = f"data.format={ev.format} " if ev.format else ""
+        return (
+            f"{what} was trained on {c} classes ({', '.join(names)}; data.format={fmt}) but "
+            f"{root} holds {theirs}, by {ev.source}{background}. Use data of the "
+            f"checkpoint's classes, or train a checkpoint on this data "
+            f"(lpdseg train PRESET {data_fmt}data.root={root})"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -116,17 +392,18 @@ def pair_files(img_dir: str | Path, mask_dir: str | Path) -> list[tuple[Path, Pa
     """Image/mask pairs matched by file stem, sorted by image name.
 
     Raises:
-        DataError: a folder is missing or empty, or an image has no mask (named).
+        DataError: a folder is missing or empty, an image has no mask, or two
+            images (or masks) share a stem (both named).
     """
     img_dir, mask_dir = Path(img_dir), Path(mask_dir)
     for folder in (img_dir, mask_dir):
         if not folder.is_dir():
             raise DataError(f"{folder} is not a folder; give the image folder and the mask folder")
-    masks = {
-        p.stem: p
+    mask_files = [
+        p
         for p in sorted(mask_dir.iterdir())
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    }
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    ]
     images = [
         p
         for p in sorted(img_dir.iterdir())
@@ -134,6 +411,17 @@ def pair_files(img_dir: str | Path, mask_dir: str | Path) -> list[tuple[Path, Pa
     ]
     if not images:
         raise DataError(f"{img_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    for kind, files in (("images", images), ("masks", mask_files)):
+        seen: dict[str, Path] = {}
+        for path in files:
+            if path.stem in seen:
+                raise DataError(
+                    f"{seen[path.stem]} and {path} share the stem {path.stem!r}: {kind} are "
+                    "paired (and patches named) by stem, so one would replace the other; "
+                    "rename or remove one"
+                )
+            seen[path.stem] = path
+    masks = {p.stem: p for p in mask_files}
     pairs = []
     for image in images:
         if image.stem not in masks:
@@ -210,6 +498,7 @@ def build_patch_dataset(
     test_stems: Sequence[str] = (),
     write_masks: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Tile image + mask pairs into a weakly labelled training folder (+ held-out splits).
 
@@ -227,6 +516,8 @@ def build_patch_dataset(
         write_masks: also write each training patch's true mask and a
             ``supervised/manifest.csv`` for a fully supervised run.
         progress: show a progress bar.
+        overwrite: replace the patch dataset an earlier call wrote in ``out``
+            (its outputs are deleted first); without it such a folder is refused.
 
     Returns:
         The summary written to ``out/patches.json`` (rule, counts, splits).
@@ -234,8 +525,9 @@ def build_patch_dataset(
     Raises:
         ConfigError: unknown format, class names that do not fit it, or a stem
             in two splits.
-        DataError: unreadable or mismatched files (named), unknown stems, or no
-            patch kept.
+        DataError: unreadable or mismatched files (named), masks that do not fit
+            the format (named, with the ``--format`` that fits), unknown stems, no
+            patch kept, or ``out`` already holds a patch dataset (without ``overwrite``).
     """
     if fmt not in PATCH_FORMATS:
         raise ConfigError(f"unknown patch format {fmt!r}; choose one of {', '.join(PATCH_FORMATS)}")
@@ -266,7 +558,20 @@ def build_patch_dataset(
     unknown = sorted((held_set | set(train)) - set(by_stem))
     if unknown:
         raise DataError(f"{img_dir}: no image with stem(s) {unknown[:10]}")
+    _check_masks_fit([by_stem[st][1] for st in [*train, *held_set]], fmt, class_names)
     out = Path(out)
+    _prepare_output(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    # marks the folder as this builder's while it works (the summary replaces it at the end)
+    atomic_write_json(
+        out / "patches.json",
+        {
+            "status": "incomplete",
+            "format": fmt,
+            "class_names": class_names,
+            "splits": {"train": train, **held},
+        },
+    )
     train_dir = out / ("training" if fmt == "bcss_wsss" else "train")
     train_dir.mkdir(parents=True, exist_ok=True)
     sup_dir = out / "supervised"
@@ -362,6 +667,73 @@ def build_patch_dataset(
         "wrote %d patches from %d images to %s (dropped %s)", kept, len(train), train_dir, dropped
     )
     return summary
+
+
+def _check_masks_fit(masks: Sequence[Path], fmt: str, class_names: Sequence[str]) -> None:
+    """Refuse (before anything is written) masks that cannot be of ``fmt``; warn on doubt."""
+    c = len(class_names)
+    seen: set[int] = set()
+    grey = 0
+    for path in masks:
+        info = inspect_mask(path)
+        if info is None:
+            continue  # read_mask names the unreadable file
+        problem = mask_format_problem(info, fmt, class_names)
+        if problem:
+            raise DataError(problem)
+        seen.update(info.values)
+        grey += info.background is None
+    if masks and grey and c not in seen and (c - 1) in seen:
+        log.warning(
+            "no mask uses the background value %d of --format %s, and %d (%s) is in them: if %d "
+            "is your background, use %s",
+            c,
+            fmt,
+            c - 1,
+            class_names[c - 1],
+            c - 1,
+            formats_for(c - 1),
+        )
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse to write into an earlier patch dataset unless ``overwrite`` (then delete it).
+
+    Only what the earlier run recorded in ``patches.json`` is deleted; a training
+    folder with files but no ``patches.json`` (not written by lpdseg) is always refused.
+    """
+    info = out / "patches.json"
+    train_dirs = [out / n for n in ("training", "train") if (out / n).is_dir()]
+    busy = [d for d in train_dirs if any(d.iterdir())]
+    if not info.is_file():
+        if busy:
+            raise DataError(
+                f"{busy[0]} already holds files that `lpdseg patches` did not write (no "
+                f"{info}); write the patches to another --out (an empty or new folder)"
+            )
+        return
+    try:
+        earlier = json.loads(info.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    state = "an unfinished" if earlier.get("status") == "incomplete" else "a"
+    if not overwrite:
+        raise DataError(
+            f"{out} already holds {state} patch dataset ({info}); write to another --out, or "
+            "pass --overwrite to replace it (its patches, masks and splits are deleted first)"
+        )
+    fmt = earlier.get("format")
+    splits = earlier.get("splits") or {}
+    doomed = [out / ("training" if fmt == "bcss_wsss" else "train"), out / "supervised"]
+    doomed += [out / split for split in ("val", "test") if splits.get(split)]
+    for folder in doomed:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    for name in ("train.csv", "val.csv", "test.csv"):
+        if fmt == "csv" and (out / name).is_file():
+            (out / name).unlink()
+    info.unlink()
+    log.warning("--overwrite: removed the earlier patch dataset in %s", out)
 
 
 def split_stems(

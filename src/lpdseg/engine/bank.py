@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lpdseg.data.datasets import Sample, read_image
+from lpdseg.data.datasets import API_HINTS, CONFIG_HINTS, FixHints, Sample, read_image
 from lpdseg.data.glass import DEFAULT_BRIGHTNESS, DEFAULT_SPREAD, glass_mask_np
 from lpdseg.errors import DataError
 from lpdseg.models.bank import PrototypeBank, save_bank
@@ -79,6 +79,8 @@ def build_bank(
     white_rule: WhiteRule = WhiteRule(),
     batch_size: int = 16,
     progress: bool = True,
+    skip_bad: bool = False,
+    hints: FixHints = API_HINTS,
 ) -> PrototypeBank:
     """Build the bank from weakly labelled training samples.
 
@@ -93,23 +95,39 @@ def build_bank(
         seed: K-Means seed (the bank is deterministic for a seed).
         allow_fewer: use what there is when a class has fewer than K x N_K patches.
         white_rule: which patches count as mostly white.
+        skip_bad: leave out (and log) a patch that fails to decode instead of raising.
+        hints: how the caller's user skips bad files (said in the error).
 
     Raises:
         DataError: a class has fewer eligible patches than ``clusters * n_keep``
-            (unless ``allow_fewer``), or fewer than ``clusters``.
+            (unless ``allow_fewer``), or fewer than ``clusters``; an unreadable
+            patch without ``skip_bad`` (named, with how to skip it).
     """
     from sklearn.cluster import KMeans
 
     c = len(class_names)
     per_class: list[list[Sample]] = [[] for _ in range(c)]
     dropped_white = 0
+    unreadable: list[Path] = []
     for s in tqdm(samples, desc="select", disable=not progress, unit="img"):
         if s.label is None or int(np.sum(s.label)) != 1:
             continue
-        if white_rule.is_white(read_image(s.image)):
+        try:
+            image = read_image(s.image)
+        except DataError as exc:
+            if not skip_bad:
+                raise hints.with_skip_advice(exc) from exc
+            log.warning("skipping %s: %s", s.image, exc)
+            unreadable.append(s.image)
+            continue
+        if white_rule.is_white(image):
             dropped_white += 1
             continue
         per_class[int(np.argmax(s.label))].append(s)
+    if unreadable:
+        log.warning(
+            "%d unreadable patches skipped: %s", len(unreadable), ", ".join(map(str, unreadable))
+        )
     counts = [len(p) for p in per_class]
     need = clusters * n_keep
     short = [f"{class_names[i]}: {n}" for i, n in enumerate(counts) if n < need]
@@ -117,7 +135,8 @@ def build_bank(
         raise DataError(
             f"prototype bank needs {need} single-label, non-white patches per class "
             f"(clusters={clusters} x n_keep={n_keep}) but found {', '.join(short)}; "
-            "lower n_keep/clusters or pass --allow-fewer to use what there is"
+            "lower --n-keep / --clusters (n_keep=, clusters=) or pass --allow-fewer "
+            "(allow_fewer=True) to use what there is"
         )
     protos, members = [], []
     for ci, group in enumerate(per_class):
@@ -149,6 +168,8 @@ def build_bank(
         "eligible_per_class": counts,
         "dropped_white": dropped_white,
     }
+    if unreadable:
+        settings["skipped_unreadable"] = [str(p) for p in unreadable]
     return PrototypeBank(
         torch.from_numpy(np.stack(protos)).float(),
         members,
@@ -195,11 +216,15 @@ def build_bank_from_config(
     allow_fewer: bool = False,
     sheet: bool = True,
     progress: bool = True,
+    skip_bad: bool | None = None,
+    hints: FixHints = CONFIG_HINTS,
 ) -> Path:
     """Build and save a bank for the data and encoder a config names (``lpdseg bank``).
 
     The config's ``model.head`` may be ``pbip`` with a bank that does not exist yet:
-    the bank is what this writes.
+    the bank is what this writes. Every training patch's header is checked first
+    (:func:`lpdseg.data.loaders.resolve_data`); bad patches stop it, naming the
+    file, or with ``skip_bad`` (default: ``data.skip_bad``) are skipped and listed.
     """
     from lpdseg.config import _read_yaml, apply_overrides, config_from_dict
     from lpdseg.data.loaders import resolve_data
@@ -216,7 +241,8 @@ def build_bank_from_config(
             "a prototype bank needs a pretrained frozen encoder, not backbone-ema; "
             "set loss.encoder=efficientnet-lite0 or hf:<folder>"
         )
-    bundle = resolve_data(cfg)
+    skip = cfg.data.skip_bad if skip_bad is None else skip_bad
+    bundle = resolve_data(cfg, eval_splits=(), skip_bad=skip, hints=hints)
     encoder = build_encoder(
         cfg.loss.encoder,
         backbone=None,
@@ -235,6 +261,8 @@ def build_bank_from_config(
         seed=seed,
         allow_fewer=allow_fewer,
         progress=progress,
+        skip_bad=skip,
+        hints=hints,
     )
     out = Path(out)
     save_bank(bank, out)

@@ -74,9 +74,9 @@ def unloadable_message(path: Path, what: str) -> str:
         shown = ", ".join(unsafe[:5]) + (f" (+{len(unsafe) - 5} more)" if len(unsafe) > 5 else "")
         return (
             f"{path} was refused for safety: it is a pickle that imports Python objects "
-            f"({shown}), and lpdseg only loads tensors and plain values so that no code from a "
-            "file runs; use a file written by lpdseg, or re-save just the tensors "
-            "(torch.save(model.state_dict(), path))"
+            f"({shown}), and lpdseg loads only tensors and plain values "
+            "(torch.load(weights_only=True)) so that no code from a file runs; use a file "
+            "written by lpdseg, or re-save just the tensors and plain values"
         )
     return (
         f"{path} is not {what} (corrupt or not a torch file); it may be truncated (a copy or "

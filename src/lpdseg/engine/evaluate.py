@@ -7,7 +7,7 @@ same forward pass of each image (and TTA view).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from lpdseg.metrics import SegmentationMeter, format_table
 from lpdseg.models.decode import decode_scores
 
 log = logging.getLogger(__name__)
+
+Scorer = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]
 
 
 @torch.no_grad()
@@ -35,6 +37,7 @@ def evaluate_gates(
     device: torch.device | None = None,
     progress: bool = True,
     desc: str = "eval",
+    scorer: Scorer | None = None,
 ) -> dict[str, dict]:
     """Score a split under each gate, one forward per image.
 
@@ -48,6 +51,9 @@ def evaluate_gates(
         gates: ``labels`` and/or ``classifier`` (default: ``cfg.gate``).
         tta: use test-time augmentation.
         limit: stop after this many images.
+        scorer: ``(image 1 x 3 x H x W, labels 1 x C, gates) -> {gate: scores}``;
+            default: the whole image at once (:func:`lpdseg.models.decode.decode_scores`).
+            ``lpdseg eval`` passes the inference layer's, which tiles large images.
 
     Returns:
         Per gate, the meter's results (see :class:`lpdseg.metrics.SegmentationMeter`)
@@ -72,7 +78,11 @@ def evaluate_gates(
             masks = [m[None] for m in masks]
             labels = [lb[None] for lb in labels]
         for img, msk, lab in zip(images, masks, labels):
-            scores, _ = decode_scores(model, img.to(device), cfg, lab.to(device), gates, tta)
+            img, lab = img.to(device), lab.to(device)
+            if scorer is not None:
+                scores = scorer(img, lab, gates)
+            else:
+                scores, _ = decode_scores(model, img, cfg, lab, gates, tta)
             for g in gates:
                 meters[g].update(scores[g].argmax(1).cpu(), msk)
             seen += img.shape[0]
@@ -115,6 +125,7 @@ def score_split(
     progress: bool = True,
     out_dir: str | Path | None = None,
     source: str = "",
+    scorer: Scorer | None = None,
 ) -> dict[str, Any]:
     """Score a split in each gate; optionally write ``<split>_metrics.{json,md}``.
 
@@ -130,6 +141,7 @@ def score_split(
         tta=tta,
         progress=progress,
         desc=split,
+        scorer=scorer,
     )
     if seg:
         per_gate = {"seg": {**per_gate["labels"], "gate": "seg"}}

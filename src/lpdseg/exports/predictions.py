@@ -64,8 +64,21 @@ def predict_images(
     batch_size: int = 8,
     skip_bad: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Segment images with a checkpoint and write masks, overlays and area tables.
+
+    Output names: ``<name>_mask.png``, ``<name>_overlay.png``, ``<name>_areas.csv``
+    and ``<name>_areas.json``, where ``<name>`` is the input's stem. When two
+    inputs share a stem (``a.png`` and ``a.jpg``, or ``a.png`` in two folders)
+    the suffix joins it, ``a_png`` / ``a_jpg``, then ``_2``, ``_3`` in input
+    order: no input's outputs replace another's. An input given twice is
+    predicted once.
+
+    Outputs of an earlier run in ``out`` are never replaced silently: a name
+    that already has files there is refused unless ``overwrite``, except when
+    continuing an unfinished run of the same checkpoint and settings into
+    ``out`` (``out/predict_run.json`` records each run).
 
     Args:
         checkpoint: a ``best.pt``/``last.pt`` written by ``lpdseg train``.
@@ -75,23 +88,86 @@ def predict_images(
         threshold: class probability threshold (default: the checkpoint's).
         batch_size: tiles per forward for large images.
         skip_bad: log and skip unreadable images instead of stopping.
+        overwrite: replace outputs of an earlier run that have the same names.
 
     Returns:
         The images that were processed.
 
     Raises:
-        DataError: an unreadable image (without ``skip_bad``); outputs written for
-            earlier images are kept.
+        DataError: an unreadable image (without ``skip_bad``; outputs written for
+            earlier images are kept), or outputs of an earlier run in ``out``
+            would be replaced (without ``overwrite``; named).
     """
+    import json
+
+    from lpdseg.inference.pseudo import unique_stems
+    from lpdseg.io import atomic_write_json
+
     predictor = Predictor.from_checkpoint(
         checkpoint, tta=tta, threshold=threshold, batch_size=batch_size
     )
     cfg = predictor.cfg
-    paths = expand_inputs(inputs)
+    paths, seen = [], set()
+    for path in expand_inputs(inputs):  # the same file given twice is predicted once
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            paths.append(path)
+    names = unique_stems(paths)
+    renamed = [f"{p.name} -> {n}_*" for p, n in zip(paths, names) if n != p.stem]
+    if renamed:
+        log.warning(
+            "inputs share a file stem; outputs named by stem + suffix: %s", ", ".join(renamed)
+        )
     out = Path(out)
+    # the files write_outputs writes per name (also the names checked for an earlier run)
+    suffixes = ("_mask.png", "_overlay.png", "_areas.csv", "_areas.json")
+    record_path = out / "predict_run.json"
+    ckpt = Path(checkpoint).resolve()
+    stat = ckpt.stat()
+    settings = {
+        "checkpoint": str(ckpt),
+        "checkpoint_bytes": stat.st_size,
+        "checkpoint_mtime_ns": stat.st_mtime_ns,
+        "tta": tta,
+        "threshold": threshold,
+    }
+    planned = {name: str(path.resolve()) for name, path in zip(names, paths)}
+    existing = [
+        out / f"{name}{suffix}"
+        for name in names
+        for suffix in suffixes
+        if (out / f"{name}{suffix}").exists()
+    ]
+    if existing and not overwrite:
+        try:
+            earlier = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        except (OSError, ValueError):
+            earlier = {}
+        earlier_names = earlier.get("names") or {}
+        clashing = {n for n in names if any((out / f"{n}{sfx}").exists() for sfx in suffixes)}
+        # an unfinished run of the same checkpoint and settings on the same inputs: go on
+        continuing = (
+            earlier.get("status") == "running"
+            and earlier.get("settings") == settings
+            and all(earlier_names.get(n) == planned[n] for n in clashing)
+        )
+        if not continuing:
+            shown = ", ".join(p.name for p in existing[:4])
+            more = f" (+{len(existing) - 4} more)" if len(existing) > 4 else ""
+            raise DataError(
+                f"{out} already holds predictions of an earlier run that this one would "
+                f"replace: {shown}{more}; write to another --out, or pass --overwrite to "
+                "replace them"
+            )
+        log.info("continuing the unfinished predict run in %s", out)
     out.mkdir(parents=True, exist_ok=True)
+    record = {"status": "running", "settings": settings, "names": planned}
+    atomic_write_json(record_path, record)
     done, bad = [], []
-    for path in tqdm(paths, desc="predict", disable=not progress, unit="img"):
+    for path, name in tqdm(
+        list(zip(paths, names)), desc="predict", disable=not progress, unit="img"
+    ):
         try:
             image = read_image(path)
         except DataError as exc:
@@ -101,8 +177,10 @@ def predict_images(
             log.warning("skipped %s: %s", path, exc)
             continue
         mask = predictor.mask(image)
-        write_outputs(out, path.stem, image, mask, cfg)
+        write_outputs(out, name, image, mask, cfg)
         done.append(path)
     if bad:
         log.warning("%d images skipped: %s", len(bad), ", ".join(str(p) for p, _ in bad))
+    record.update(status="complete", skipped=[str(p) for p, _ in bad])
+    atomic_write_json(record_path, record)
     return done

@@ -1,15 +1,26 @@
-"""``lpdseg eval``: a checkpoint's metrics on a split, in every gate from one pass."""
+"""``lpdseg eval``: a checkpoint's metrics on a split, in every gate from one pass.
+
+Data of other classes than the checkpoint's is refused before anything is
+scored (:func:`check_data_classes`): a 4-class checkpoint on 3-class data
+would score the data's background as its fourth class. A missing split is
+named with the split the folder does have.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from lpdseg.config import GATES, apply_overrides, config_from_dict
-from lpdseg.data.loaders import make_eval_loader, resolve_data
+from torch import Tensor
+
+from lpdseg.config import GATES, Config, EvalConfig, apply_overrides, config_from_dict
+from lpdseg.data.loaders import DataBundle, make_eval_loader, resolve_data
+from lpdseg.data.patches import data_class_problem
 from lpdseg.engine.evaluate import score_split
-from lpdseg.errors import ConfigError
+from lpdseg.errors import ConfigError, DataError
 from lpdseg.inference.loading import load_model, resolve_device
+from lpdseg.inference.sliding import sliding_window_predict
+from lpdseg.models.decode import decode_scores, predict_scores
 
 
 def evaluate_checkpoint(
@@ -37,6 +48,8 @@ def evaluate_checkpoint(
 
     Raises:
         ConfigError: an override outside the ``eval`` section, or an invalid value.
+        DataError: the data has other classes than the checkpoint (both sets
+            named), or no such split (the one it has is suggested).
     """
     bad = [o for o in eval_overrides or [] if not o.startswith("eval.")]
     if bad:
@@ -49,6 +62,8 @@ def evaluate_checkpoint(
             d["data"]["root"] = str(data_root)
         cfg = config_from_dict(d)
     bundle = resolve_data(cfg, need_train=False)
+    check_data_classes(path, cfg, bundle.root)
+    check_split(bundle, split)
     loader = make_eval_loader(cfg, bundle, split)
     return score_split(
         model,
@@ -60,4 +75,73 @@ def evaluate_checkpoint(
         progress=progress,
         out_dir=out_dir,
         source=str(path),
+        scorer=full_size_scorer(model, cfg.eval, len(cfg.data.class_names) + 1, tta),
     )
+
+
+def full_size_scorer(model, cfg: EvalConfig, num_labels: int, tta: bool):
+    """Scores of an image at full size: whole up to ``eval.max_side``, else by the one
+    sliding-window path ``predict`` and ``slide`` use (one pass per gate for those)."""
+
+    def score(image: Tensor, labels: Tensor, gates) -> dict[str, Tensor]:
+        if max(image.shape[-2:]) <= cfg.max_side:
+            return decode_scores(model, image, cfg, labels, gates, tta)[0]
+        rgb = (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+        out = {}
+        for gate in gates:
+
+            def predict_fn(tiles: Tensor, gate=gate) -> Tensor:
+                lab = labels.expand(tiles.shape[0], -1)
+                return predict_scores(model, tiles.to(labels.device), cfg, lab, gate, tta).cpu()
+
+            out[gate] = sliding_window_predict(
+                rgb, predict_fn, num_labels, tile=cfg.tile, overlap=cfg.overlap, progress=False
+            )[None]
+        return out
+
+    return score
+
+
+def check_data_classes(checkpoint: str | Path, cfg: Config, root: str | Path) -> None:
+    """Refuse data whose classes differ from the checkpoint's (both sets named).
+
+    The data's classes come from what the folder says: ``patches.json``, CSV
+    headers, the label strings of training file names and mask palettes (see
+    :func:`lpdseg.data.patches.infer_data_classes`).
+
+    Raises:
+        DataError: the data's class count or names differ from the checkpoint's.
+    """
+    problem = data_class_problem(
+        root, list(cfg.data.class_names), cfg.data.format, f"checkpoint {checkpoint}"
+    )
+    if problem:
+        raise DataError(problem)
+
+
+def check_split(bundle: DataBundle, split: str) -> None:
+    """Refuse a missing split, suggesting the one the folder has (``--split val``...).
+
+    Raises:
+        DataError: ``split`` is not on disk.
+    """
+    if bundle.has_split(split):
+        return
+    root = bundle.root
+    other = "val" if split == "test" else "test"
+    layout = (
+        f"{root}/{split}.csv"
+        if bundle.format == "csv"
+        else f"{root}/{split}/img + {root}/{split}/mask"
+        + (f" (or {root}/img + {root}/mask)" if split == "val" else "")
+    )
+    if bundle.has_split(other):
+        found = (
+            f"{root}/img + {root}/mask, which lpdseg reads as the val split"
+            if other == "val" and (root / "img").is_dir() and not (root / "val").is_dir()
+            else f"a {other} split"
+        )
+        hint = f"it has {found}: use --split {other}"
+    else:
+        hint = "it has no val split either: add images and masks in that layout"
+    raise DataError(f"{root} has no {split} split (expected {layout}); {hint}")

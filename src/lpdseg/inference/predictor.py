@@ -10,6 +10,7 @@ tiles blended by a smooth window.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lpdseg.config import Config, EvalConfig
+from lpdseg.errors import ConfigError
 from lpdseg.inference.loading import load_model, resolve_device
 from lpdseg.models.decode import predict_scores
 
@@ -33,6 +35,10 @@ class Predictor:
         gate: ``classifier`` (no labels needed) or ``labels`` (with ``labels=``).
         device: where the model runs (default: where its weights are).
         batch_size: tiles per forward for large images.
+
+    Raises:
+        ConfigError: ``threshold`` outside [0, 1], ``batch_size`` < 1 or an
+            unknown ``gate``; the message names the value and the command flag.
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class Predictor:
         device: torch.device | None = None,
         batch_size: int = 8,
     ) -> None:
+        _check_options(threshold, batch_size, gate)
         self.model = model.eval()
         self.cfg = cfg
         self.eval_cfg = (
@@ -98,6 +105,26 @@ class Predictor:
     def mask(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
         """One ``H x W x 3`` uint8 RGB image -> index mask (H x W uint8, background = C)."""
         return self.scores(image, progress).argmax(0).numpy().astype(np.uint8)
+
+
+def _check_options(threshold: float | None, batch_size: int, gate: str) -> None:
+    """Refuse option values that would run and give a wrong (or no) answer."""
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise ConfigError(f"threshold={threshold!r} must be a number in [0, 1] (--threshold)")
+        if not 0.0 <= float(threshold) <= 1.0:  # also refuses NaN
+            raise ConfigError(
+                f"threshold={float(threshold):g} must be in [0, 1] (--threshold): it is the class "
+                "probability above which a class is kept"
+            )
+    whole = isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
+    if not whole or batch_size < 1:
+        raise ConfigError(
+            f"batch_size={batch_size!r} must be a whole number >= 1 (--batch-size): tiles per "
+            "forward pass"
+        )
+    if gate not in ("classifier", "labels"):
+        raise ConfigError(f"gate={gate!r} must be 'classifier' or 'labels'")
 
 
 def image_scores(

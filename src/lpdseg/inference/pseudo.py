@@ -3,7 +3,15 @@
 The masks are made with the ``labels`` gate (each patch's image-level
 labels, with TTA), exactly how the papers make stage-2 training targets, and
 written as index PNGs with a ``manifest.csv`` (image, mask, label) that
-``lpdseg train ... train.task=seg data.pseudo=<folder>`` reads.
+``lpdseg train ... train.task=seg data.pseudo=<folder>`` reads. ``pseudo.json``
+records the checkpoint, the data root and the class names, so stage 2 can
+refuse masks made from another dataset.
+
+Masks are named ``<stem>.png``; when two training images share a stem the
+suffix joins it (``a_png.png``, ``a_jpg.png``), then ``_2``, ``_3``. A folder
+that already holds pseudo masks is refused unless ``overwrite`` (the earlier
+``masks/``, ``manifest.csv`` and ``pseudo.json`` are deleted first). Data of
+other classes than the checkpoint's is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from tqdm.auto import tqdm
 
 from lpdseg.data.datasets import read_image
 from lpdseg.data.loaders import resolve_data
+from lpdseg.errors import DataError
+from lpdseg.inference.evaluation import check_data_classes
 from lpdseg.inference.loading import load_model, resolve_device
 from lpdseg.io import atomic_write_json, atomic_write_text
 from lpdseg.models.decode import predict_masks
@@ -37,6 +47,7 @@ def write_pseudo_masks(
     tta: bool = True,
     batch_size: int = 16,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write pseudo masks for every training patch of the checkpoint's dataset.
 
@@ -46,9 +57,15 @@ def write_pseudo_masks(
         data_root: dataset folder (default: the one the checkpoint was trained on).
         tta: test-time augmentation.
         batch_size: patches per forward (same-size patches are batched).
+        overwrite: replace pseudo masks already in ``out`` (deleted first);
+            without it such a folder is refused.
 
     Returns:
-        Summary (count, class pixel fractions, settings).
+        Summary (count, class pixel fractions, settings, data root).
+
+    Raises:
+        DataError: ``out`` holds pseudo masks (without ``overwrite``), or the
+            data has other classes than the checkpoint (both named).
     """
     from lpdseg.config import config_from_dict
 
@@ -59,8 +76,11 @@ def write_pseudo_masks(
         d["data"]["root"] = str(data_root)
         cfg = config_from_dict(d)
     bundle = resolve_data(cfg)
+    check_data_classes(checkpoint, cfg, bundle.root)
     out = Path(out)
+    _prepare_output(out, overwrite)
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    names = unique_stems([s.image for s in bundle.train])
     c = len(bundle.class_names)
     counts = np.zeros(c + 1, np.int64)
     rows = [["image", "mask", "label"]]
@@ -81,8 +101,8 @@ def write_pseudo_masks(
             offset += len(chunk)
             pred, _ = predict_masks(model, x, cfg.eval, lab, gate="labels", tta=tta)
             preds.extend(pred.cpu().numpy().astype(np.uint8))
-        for s, pred in zip(group, preds):
-            name = f"{s.image.stem}.png"
+        for index, (s, pred) in enumerate(zip(group, preds)):
+            name = f"{names[start + index]}.png"
             save_png(out / "masks" / name, pred)
             counts += np.bincount(pred.ravel(), minlength=c + 1)[: c + 1]
             label = " ".join(str(int(v)) for v in s.label)
@@ -95,7 +115,45 @@ def write_pseudo_masks(
         "images": len(samples),
         "tta": tta,
         "class_names": list(bundle.class_names),
+        "data_root": str(Path(bundle.root).resolve()),
+        "data_format": cfg.data.format,
         "pixel_fraction": (counts / max(1, counts.sum())).round(4).tolist(),
     }
     atomic_write_json(out / "pseudo.json", summary)
     return summary
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """Output stems, one per path: the file stem, ``<stem>_<suffix>`` when stems collide
+    (case-insensitively: ``a.png`` / ``a.jpg`` -> ``a_png`` / ``a_jpg``), then ``_2``, ``_3``."""
+    counts: dict[str, int] = {}
+    for p in paths:
+        counts[p.stem.casefold()] = counts.get(p.stem.casefold(), 0) + 1
+    taken: set[str] = set()
+    out = []
+    for p in paths:
+        base = p.stem if counts[p.stem.casefold()] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}"
+        name, k = base, 2
+        while name.casefold() in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name.casefold())
+        out.append(name)
+    return out
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding pseudo masks unless ``overwrite`` (then delete them)."""
+    masks = out / "masks"
+    found = [out / n for n in ("manifest.csv", "pseudo.json") if (out / n).is_file()]
+    pngs = sorted(masks.glob("*.png")) if masks.is_dir() else []
+    if not found and not pngs:
+        return
+    what = ", ".join([p.name for p in found] + ([f"{len(pngs)} masks in masks/"] if pngs else []))
+    if not overwrite:
+        raise DataError(
+            f"{out} already holds pseudo masks ({what}); write to another --out, or pass "
+            "--overwrite to replace them (the earlier masks are deleted first)"
+        )
+    for path in [*found, *pngs]:
+        path.unlink()
+    log.warning("--overwrite: removed the earlier pseudo masks in %s (%s)", out, what)

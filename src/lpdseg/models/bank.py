@@ -69,8 +69,8 @@ def load_bank(path: str | Path) -> PrototypeBank:
         if unsafe:
             raise CheckpointError(
                 f"{path} was refused for safety: it is a pickle that imports Python objects "
-                f"({', '.join(unsafe[:5])}) and banks are loaded as tensors and plain values "
-                "only; rebuild it with `lpdseg bank`"
+                f"({', '.join(unsafe[:5])}), and banks load as tensors and plain values only "
+                "(torch.load(weights_only=True)); rebuild it with `lpdseg bank`"
             ) from None
         raise CheckpointError(
             f"{path} is not a prototype bank (corrupt or not a torch file); rebuild it with "

@@ -197,6 +197,9 @@ def force_background(scores: Tensor, where: Tensor) -> Tensor:
 def class_gate(cfg: EvalConfig, probs: Tensor, labels: Tensor | None, gate: str) -> Tensor:
     """Which classes may appear: the labelled ones (``labels``) or confident ones (``classifier``).
 
+    The classifier gate uses ``eval.cls_thresholds`` (per class, calibrated on the
+    validation split) when set, else the one ``eval.cls_threshold``.
+
     Raises:
         ValueError: an unknown gate, or ``labels`` without image-level labels.
     """
@@ -205,6 +208,13 @@ def class_gate(cfg: EvalConfig, probs: Tensor, labels: Tensor | None, gate: str)
             raise ValueError("the labels gate needs image-level labels; use gate=classifier")
         return labels > 0.5
     if gate == "classifier":
+        if cfg.cls_thresholds is not None:
+            if len(cfg.cls_thresholds) != probs.shape[-1]:
+                raise ValueError(
+                    f"eval.cls_thresholds has {len(cfg.cls_thresholds)} values for "
+                    f"{probs.shape[-1]} classes"
+                )
+            return probs > probs.new_tensor(cfg.cls_thresholds)
         return probs > cfg.cls_threshold
     raise ValueError(f"unknown gate {gate!r}; valid: {', '.join(GATES)}")
 

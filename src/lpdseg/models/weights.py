@@ -137,19 +137,19 @@ def _unreadable_weights(path: Path) -> str:
     )
     if path.suffix == ".safetensors":
         return (
-            f"{path} is not a weights file (corrupt or not a safetensors file); it may be "
-            f"truncated: copy it again, or {resave}"
+            f"{path}: cannot read weights: not a weights file (corrupt or not a safetensors "
+            f"file); it may be truncated: copy it again, or {resave}"
         )
     unsafe = unsafe_pickle_globals(path)
     if unsafe:
         return (
-            f"{path} was refused for safety: it is a pickle that imports Python objects "
-            f"({_listing(unsafe, 5)}), and weights are loaded as tensors only so that no code "
-            f"from a file runs; {resave}"
+            f"{path}: cannot read weights: refused for safety: it is a pickle that imports "
+            f"Python objects ({_listing(unsafe, 5)}), and weights load with "
+            f"torch.load(weights_only=True) so that no code from a file runs; {resave}"
         )
     return (
-        f"{path} is not a weights file (corrupt or not a torch file); it may be truncated: "
-        f"copy it again, or {resave}"
+        f"{path}: cannot read weights: not a weights file (corrupt or not a torch file); it "
+        f"may be truncated: copy it again, or {resave}"
     )
 
 

@@ -9,6 +9,10 @@ Every field says its unit in its name where it has one:
 * ``..._map_px``: pixels of the stitched class map;
 * ``..._side_px``: the longest side of a picture, in its own pixels.
 
+The model is a PyTorch checkpoint (``best.pt``) or, when ``checkpoint`` ends
+in ``.onnx``, a model written by ``lpdseg export`` (run with onnxruntime; its
+tile size, gate and threshold are fixed at export, see :attr:`SlideJob.backend`).
+
 A bad value fails in ``__post_init__`` with a :class:`SlideJobError` that
 names the field (``SlideJob.overlap=1.5 must be in [0, 1)``); front ends map
 it to their own option names with :meth:`SlideJobError.for_names`.
@@ -17,6 +21,7 @@ it to their own option names with :meth:`SlideJobError.for_names`.
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,8 +29,13 @@ from typing import Any
 
 from lpdseg.errors import ConfigError
 
-#: Working resolution used when nothing is requested and the slide knows its mpp.
+#: Working resolution used when nothing is requested, the model does not record the pixel
+#: size it was trained at (no ``data.mpp``) and the slide knows its mpp.
 DEFAULT_MPP_UM_PER_PX = 2.0
+#: Largest plausible pixel size (um/px); a slide's pixel size must be below it.
+MAX_MPP_UM_PER_PX = 100.0
+#: ``SlideJob.backend`` values: PyTorch checkpoints, ONNX exports (``.onnx``).
+BACKENDS = ("torch", "onnx")
 #: Smallest tile side the job accepts (working pixels).
 MIN_TILE_WORKING_PX = 16
 #: Smallest thumbnail / overlay side (pixels).
@@ -47,7 +57,8 @@ class SlideJobError(ConfigError):
         field: the ``SlideJob`` field at fault.
         value: its value.
         problem: what is wrong, e.g. ``"must be in [0, 1)"``. It may name other
-            fields as ``{field_name}`` (rendered with their value from ``related``).
+            fields as ``{field_name}`` (rendered with their value from ``related``)
+            or as ``{@field_name}`` (the name alone, e.g. a flag to give).
         related: values of the other fields the problem names.
         remedy: ``(bool field, purpose)`` to switch on to go ahead, e.g.
             ``("overwrite", "to replace it")``.
@@ -77,13 +88,26 @@ class SlideJobError(ConfigError):
         """
         return self._render(names)
 
+    def field_names_in_problem(self) -> list[str]:
+        """The fields the problem names alone, as ``{@field}``."""
+        return [
+            name[1:]
+            for _, name, _, _ in string.Formatter().parse(self.problem)
+            if name and name.startswith("@")
+        ]
+
     def _render(self, names: Mapping[str, str]) -> str:
         def named(field: str, value: Any) -> str:
             if field in names:
                 return f"{names[field]} {_show(value)}"
             return f"SlideJob.{field}={_show(value)}"
 
-        problem = self.problem.format_map({f: named(f, v) for f, v in self.related.items()})
+        def name_only(field: str) -> str:
+            return names.get(field, f"SlideJob.{field}")
+
+        refs = {f: named(f, v) for f, v in self.related.items()}
+        refs.update({f"@{f}": name_only(f) for f in self.field_names_in_problem()})
+        problem = self.problem.format_map(refs)
         sep = ": " if self.field in names else " "
         text = f"{named(self.field, self.value)}{sep}{problem}"
         if self.remedy is not None:
@@ -98,23 +122,31 @@ class SlideJob:
     """One whole slide through one checkpoint into one output folder.
 
     Attributes:
-        checkpoint: a ``best.pt`` / ``last.pt`` written by ``lpdseg train``.
+        checkpoint: a ``best.pt`` / ``last.pt`` written by ``lpdseg train``, or a
+            ``.onnx`` file written by ``lpdseg export`` (see ``backend``).
         slide: a slide OpenSlide reads (SVS, NDPI, MRXS, pyramidal TIFF, ...)
             or a plain image.
         out_dir: output folder (created; must not be a file).
-        mpp_um_per_px: working resolution in micrometres per pixel (default
-            ``DEFAULT_MPP_UM_PER_PX`` when the slide records its mpp).
+        mpp_um_per_px: working resolution in micrometres per pixel (default:
+            the model's own, the checkpoint's ``data.mpp`` or the ONNX
+            metadata's ``mpp``; ``DEFAULT_MPP_UM_PER_PX`` with a warning when
+            the model does not record it).
         downsample_level0_px: working resolution as level-0 pixels per
             working pixel, instead of ``mpp_um_per_px`` (for slides without
             a resolution).
+        slide_mpp_um_per_px: the slide's level-0 pixel size in micrometres per
+            pixel, replacing what its metadata says (missing or wrong); None:
+            the metadata's.
         tile_working_px: tile side in working pixels, the model's input size;
-            None = the checkpoint's ``eval.tile``.
+            None = the checkpoint's ``eval.tile`` (an ONNX model's fixed tile;
+            another value is refused for ONNX).
         overlap: fraction of a tile shared by neighbours, in [0, 1).
         batch_tiles: tiles per forward pass.
         map_downsample_working_px: working pixels per pixel of the stitched
             class map (rounded to whole pixels of the level read).
-        tta: test-time augmentation.
-        threshold: class probability threshold in [0, 1] (None: the checkpoint's).
+        tta: test-time augmentation (not with ONNX: exported without it).
+        threshold: class probability threshold in [0, 1] (None: the checkpoint's;
+            not with ONNX: fixed at export).
         thumbnail_side_px: longest side of the thumbnail tissue is found on.
         tissue_min_fraction: tiles with less tissue than this fraction of
             their area are skipped, in [0, 1].
@@ -132,6 +164,7 @@ class SlideJob:
     out_dir: Path
     mpp_um_per_px: float | None = None
     downsample_level0_px: float | None = None
+    slide_mpp_um_per_px: float | None = None
     tile_working_px: int | None = None
     overlap: float = 0.25
     batch_tiles: int = 8
@@ -162,6 +195,15 @@ class SlideJob:
                 "cannot be combined with {mpp_um_per_px}: give one working resolution, not both",
                 related={"mpp_um_per_px": mpp},
             )
+        if self.slide_mpp_um_per_px is not None:
+            _positive("slide_mpp_um_per_px", self.slide_mpp_um_per_px)
+            if self.slide_mpp_um_per_px >= MAX_MPP_UM_PER_PX:
+                raise SlideJobError(
+                    "slide_mpp_um_per_px",
+                    self.slide_mpp_um_per_px,
+                    f"must be < {MAX_MPP_UM_PER_PX:g} (micrometres per level-0 pixel, e.g. "
+                    "0.25 at 40x, 0.5 at 20x)",
+                )
         if self.tile_working_px is not None:
             _integer("tile_working_px", self.tile_working_px, MIN_TILE_WORKING_PX)
         _fraction("overlap", self.overlap, hi_open=True)
@@ -185,6 +227,29 @@ class SlideJob:
         ):
             raise SlideJobError("device", self.device, "must be auto, cpu, cuda or cuda:N")
         _flag("overwrite", self.overwrite)
+        if self.backend == "onnx":
+            why = "cannot be used with an ONNX model ({checkpoint}): "
+            if self.tta:
+                raise SlideJobError(
+                    "tta",
+                    self.tta,
+                    why + "it was exported without test-time augmentation; drop it, or run "
+                    "the PyTorch checkpoint",
+                    related={"checkpoint": self.checkpoint},
+                )
+            if self.threshold is not None:
+                raise SlideJobError(
+                    "threshold",
+                    self.threshold,
+                    why + "its class threshold is fixed at export (eval.cls_threshold); drop "
+                    "it, or export again from a checkpoint with another eval.cls_threshold",
+                    related={"checkpoint": self.checkpoint},
+                )
+
+    @property
+    def backend(self) -> str:
+        """``"onnx"`` when ``checkpoint`` is a ``.onnx`` file (onnxruntime), else ``"torch"``."""
+        return "onnx" if self.checkpoint.suffix.lower() == ".onnx" else "torch"
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

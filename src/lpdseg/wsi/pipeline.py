@@ -7,11 +7,16 @@ these steps, each a function of its own:
    can be created) and holds no finished run of this slide unless
    ``overwrite``;
 2. open the slide (``open_image``: OpenSlide formats, or a plain image as a
-   one-level slide) and :func:`load_predictor` (the checkpoint);
-3. :func:`choose_level` - the pyramid level for the working resolution
-   (micrometres per pixel when the slide records it, else a downsample of
-   level 0); between levels, tiles are read larger at the next finer level
-   and resized to the model's tile (``cfg.eval.tile`` unless the job says);
+   one-level slide) and :func:`load_predictor` (a PyTorch checkpoint, or an
+   ONNX export run by onnxruntime);
+3. :func:`choose_level` - the pyramid level for the working resolution:
+   the job's ``mpp_um_per_px`` or ``downsample_level0_px`` when given, else
+   the pixel size the model was trained at (:func:`model_mpp`: the
+   checkpoint's ``data.mpp``, the ONNX metadata's ``mpp``), found on the
+   slide through its pixel size (its metadata's, or the job's
+   ``slide_mpp_um_per_px``); between levels, tiles are read larger at the
+   next finer level and resized to the model's tile (``cfg.eval.tile`` or
+   the ONNX model's fixed tile, unless the job says);
 4. :func:`lock_output` - take ``out_dir``'s lock file (rank 0), so two runs
    never write into one folder at once;
 5. :func:`find_tissue` on a thumbnail, so glass tiles are skipped;
@@ -30,7 +35,8 @@ these steps, each a function of its own:
    - ``<stem>_areas.csv`` / ``.json``: pixels, fraction of tissue and area
      in um^2 (when the slide has a resolution) per class;
    - ``<stem>_summary.json`` (last, so it marks a finished run): level,
-     resolutions, tiles, seconds, peak RSS.
+     resolutions and where they came from (``resolution_source``,
+     ``slide_mpp_source``), tiles, seconds, peak RSS.
 
 Every file is written atomically; a failure leaves earlier files in place
 and releases the lock.
@@ -39,6 +45,7 @@ and releases the lock.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import sys
@@ -61,7 +68,12 @@ from lpdseg.engine.distributed import (
     training_device,
 )
 from lpdseg.errors import LpdsegError
-from lpdseg.wsi.job import DEFAULT_MPP_UM_PER_PX, SlideJob, SlideJobError
+from lpdseg.wsi.job import (
+    DEFAULT_MPP_UM_PER_PX,
+    MAX_MPP_UM_PER_PX,
+    SlideJob,
+    SlideJobError,
+)
 from lpdseg.wsi.lock import OutputLock
 from lpdseg.wsi.reader import ImageReader, open_image
 from lpdseg.wsi.tiling import SlideCanvas, merge_partial, stitch_slide
@@ -70,6 +82,7 @@ from lpdseg.wsi.tissue import detect_tissue
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "RESOLUTION_DEFAULT",
     "LevelPlan",
     "SlideResult",
     "check_output",
@@ -79,10 +92,16 @@ __all__ = [
     "load_predictor",
     "lock_output",
     "merge_ranks",
+    "model_mpp",
+    "model_tile",
     "peak_rss_mb",
     "run_slide_job",
     "write_outputs",
 ]
+
+
+#: ``resolution_source`` of a run at ``DEFAULT_MPP_UM_PER_PX`` (the model records no pixel size).
+RESOLUTION_DEFAULT = f"default {DEFAULT_MPP_UM_PER_PX:g} um/px (the model records no data.mpp)"
 
 
 def peak_rss_mb() -> float:
@@ -132,15 +151,90 @@ def _device(name: str, ctx: DistContext) -> torch.device:
 
 
 def load_predictor(job: SlideJob, device: torch.device) -> Any:
-    """The checkpoint as an ``lpdseg.inference.Predictor`` on ``device`` (the job's tta/threshold).
+    """The model as a tile predictor (RGB tiles in [0, 1] -> label scores).
+
+    ``job.backend == "torch"``: the checkpoint as an ``lpdseg.inference.Predictor``
+    on ``device`` (the job's tta/threshold). ``"onnx"``: the ``.onnx`` file as an
+    ``lpdseg.exports.onnx.OnnxPredictor`` (onnxruntime; its CUDA provider when
+    ``device`` is CUDA and onnxruntime has one, else the CPU).
 
     Raises:
         CheckpointError: the checkpoint cannot be loaded.
+        OnnxError: onnxruntime is missing or the file is not an lpdseg ONNX export.
     """
+    if job.backend == "onnx":
+        from lpdseg.exports.onnx import OnnxPredictor
+
+        return OnnxPredictor(job.checkpoint, providers=_onnx_providers(device))
     from lpdseg.inference import Predictor, load_model
 
     model, cfg = load_model(job.checkpoint, device)
     return Predictor(model, cfg, tta=job.tta, threshold=job.threshold, device=device)
+
+
+def _onnx_providers(device: torch.device) -> list[str] | None:
+    """onnxruntime providers for ``device`` (None: onnxruntime is missing, the predictor says so)."""
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    available = onnxruntime.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _predictor_device(predictor: Any, device: torch.device) -> str:
+    """Where the predictor runs, in words (``cuda:0``, ``onnxruntime CPUExecutionProvider``)."""
+    session = getattr(predictor, "session", None)
+    if session is not None:
+        return "onnxruntime " + ",".join(session.get_providers())
+    return str(device)
+
+
+def model_mpp(predictor: Any) -> tuple[float | None, str]:
+    """The pixel size the model was trained at (um/px, None: unknown) and where it was read.
+
+    A ``Predictor``'s checkpoint config ``data.mpp`` (``"checkpoint data.mpp"``)
+    or an ``OnnxPredictor``'s metadata ``mpp`` (``"ONNX metadata mpp"``). A value
+    that is not a plausible pixel size is ignored with a warning.
+    """
+    if hasattr(predictor, "cfg"):
+        value, source = getattr(predictor.cfg.data, "mpp", None), "checkpoint data.mpp"
+    else:
+        value, source = getattr(predictor, "mpp", None), "ONNX metadata mpp"
+    if value is None:
+        return None, source
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and 0 < value < MAX_MPP_UM_PER_PX):
+        log.warning("ignoring the model's %s=%r: not a pixel size in (0, 100) um/px", source, value)
+        return None, source
+    return float(value), source
+
+
+def model_tile(predictor: Any, job: SlideJob) -> int:
+    """The tile side the model sees: ``job.tile_working_px``, else the model's own.
+
+    The model's own is the checkpoint's ``eval.tile``, or an ONNX model's fixed
+    input size (which a different ``job.tile_working_px`` cannot change).
+
+    Raises:
+        SlideJobError: ``job.tile_working_px`` differs from an ONNX model's tile.
+    """
+    fixed = getattr(predictor, "tile", None) if job.backend == "onnx" else None
+    if fixed is not None:
+        fixed = int(fixed)
+        if job.tile_working_px is not None and job.tile_working_px != fixed:
+            raise SlideJobError(
+                "tile_working_px",
+                job.tile_working_px,
+                f"differs from the fixed tile of the ONNX model ({{checkpoint}}): {fixed} px; "
+                "drop it to use the model's, or export again with `lpdseg export --tile "
+                f"{job.tile_working_px}`",
+                related={"checkpoint": job.checkpoint},
+            )
+        return fixed
+    return job.tile_working_px or int(predictor.cfg.eval.tile)
 
 
 # ---------------------------------------------------------------- 3. level
@@ -160,6 +254,16 @@ class LevelPlan:
         tile_level_px: tile side read from ``level`` (resized to
             ``tile_model_px`` when they differ).
         map_downsample_level_px: ``level`` pixels per class-map pixel.
+        resolution_source: where the working resolution came from, named by
+            the ``lpdseg slide`` flag that sets it: ``"--mpp"``,
+            ``"--downsample"``, ``"checkpoint data.mpp"``, ``"ONNX metadata
+            mpp"`` or :data:`RESOLUTION_DEFAULT`.
+        model_mpp_um_per_px: the pixel size the model was trained at (None: unknown).
+        mpp_level0: the slide's ``(x, y)`` micrometres per level-0 pixel used
+            (None: unknown).
+        slide_mpp_source: ``"metadata"`` (the slide's own), ``"--slide-mpp"``
+            (the job's ``slide_mpp_um_per_px``) or None (unknown).
+        slide_mpp_metadata: what the slide's metadata says (mean um/px; None: nothing).
     """
 
     requested: str
@@ -170,6 +274,11 @@ class LevelPlan:
     tile_model_px: int
     tile_level_px: int
     map_downsample_level_px: int
+    resolution_source: str = ""
+    model_mpp_um_per_px: float | None = None
+    mpp_level0: tuple[float, float] | None = None
+    slide_mpp_source: str | None = None
+    slide_mpp_metadata: float | None = None
 
     @property
     def map_downsample_level0_px(self) -> float:
@@ -183,41 +292,124 @@ class LevelPlan:
             return None
         return self.level_mpp_um_per_px * self.map_downsample_level_px
 
+    @property
+    def working_mpp_um_per_px(self) -> float | None:
+        """Micrometres per pixel the model actually sees (None when the slide has no mpp)."""
+        if not self.level_mpp_um_per_px:
+            return None
+        return self.level_mpp_um_per_px / self.extra_scale
 
-def choose_level(reader: ImageReader, job: SlideJob, tile_model_px: int) -> LevelPlan:
+    def resolution_fields(self) -> dict[str, Any]:
+        """The resolutions used and where they came from, as summary fields."""
+        slide = None if self.mpp_level0 is None else 0.5 * sum(self.mpp_level0)
+        return {
+            "working_mpp": self.working_mpp_um_per_px,
+            "resolution_source": self.resolution_source,
+            "model_mpp": self.model_mpp_um_per_px,
+            "slide_mpp": slide,
+            "slide_mpp_source": self.slide_mpp_source,
+            "slide_mpp_metadata": self.slide_mpp_metadata,
+        }
+
+
+def slide_mpp(reader: ImageReader, job: SlideJob) -> tuple[tuple[float, float] | None, str | None]:
+    """The slide's ``(x, y)`` micrometres per level-0 pixel and where it came from.
+
+    ``job.slide_mpp_um_per_px`` (``"--slide-mpp"``) replaces the metadata's
+    (``"metadata"``); ``(None, None)`` when neither says.
+    """
+    if job.slide_mpp_um_per_px is not None:
+        given = float(job.slide_mpp_um_per_px)
+        if reader.mpp is not None:
+            log.info(
+                "%s: its metadata says %.4g um/px; using the given %.4g um/px",
+                reader.path,
+                0.5 * (reader.mpp[0] + reader.mpp[1]),
+                given,
+            )
+        return (given, given), "--slide-mpp"
+    if reader.mpp is not None:
+        return (float(reader.mpp[0]), float(reader.mpp[1])), "metadata"
+    return None, None
+
+
+def choose_level(
+    reader: ImageReader,
+    job: SlideJob,
+    tile_model_px: int,
+    model_mpp_um_per_px: float | None = None,
+    model_mpp_source: str = "checkpoint data.mpp",
+) -> LevelPlan:
     """Pick the level to read and the tile and map sizes there.
 
-    ``job.mpp_um_per_px`` is used when the slide records its mpp (default
-    ``DEFAULT_MPP_UM_PER_PX``), else ``job.downsample_level0_px``; a slide
-    without an mpp and no downsample is worked at level 0 (with a warning).
-    A request finer than level 0 works at level 0 as it is (nothing finer
-    can be read, and tiles are not upsampled), with a warning saying so.
+    The working resolution is, in this order: ``job.downsample_level0_px``
+    (level-0 pixels per working pixel), ``job.mpp_um_per_px``, the model's
+    own pixel size (``model_mpp_um_per_px``), else ``DEFAULT_MPP_UM_PER_PX``
+    (with a warning). A resolution in um/px is found on the slide through
+    its pixel size (:func:`slide_mpp`: the job's ``slide_mpp_um_per_px``,
+    else its metadata's). A request finer than level 0 works at level 0 as
+    it is (nothing finer can be read, and tiles are not upsampled), with a
+    warning saying so.
 
     Args:
         reader: the open slide.
         job: the job (its resolution and ``map_downsample_working_px``).
         tile_model_px: the model's tile side in working pixels.
+        model_mpp_um_per_px: the pixel size the model was trained at (None: unknown).
+        model_mpp_source: where it was read (the plan's ``resolution_source``).
+
+    Raises:
+        SlideJobError: a resolution in um/px is asked for (or the model's is
+            used) but the slide's pixel size is unknown, or neither the model
+            nor the slide knows its pixel size and no downsample is given;
+            the message says how to give each.
     """
-    mpp, downsample = job.mpp_um_per_px, job.downsample_level0_px
-    if downsample is None and reader.mpp is None:
-        wanted = mpp if mpp is not None else DEFAULT_MPP_UM_PER_PX
-        log.warning(
-            "%s has no pixel size (mpp) in its metadata, so %.3g um/px cannot be "
-            "honoured; working at level 0 (give a downsample, level-0 px per working "
-            "px, to work coarser)",
-            reader.path,
-            wanted,
-        )
-        downsample = 1.0
-    if downsample is not None:
-        level, extra = reader.best_level_for(downsample=downsample)
-        how = f"downsample {downsample:g}"
+    mpp_level0, slide_source = slide_mpp(reader, job)
+    slide_mean = None if mpp_level0 is None else 0.5 * (mpp_level0[0] + mpp_level0[1])
+    target: float | None = None
+    if job.downsample_level0_px is not None:
+        downsample, source = float(job.downsample_level0_px), "--downsample"
     else:
-        target = mpp if mpp is not None else DEFAULT_MPP_UM_PER_PX
-        level, extra = reader.best_level_for(target_mpp=target)
-        how = f"{target:g} um/px"
+        if job.mpp_um_per_px is not None:
+            target, source = float(job.mpp_um_per_px), "--mpp"
+        elif model_mpp_um_per_px is not None:
+            target, source = float(model_mpp_um_per_px), model_mpp_source
+        elif slide_mean is not None:
+            target, source = DEFAULT_MPP_UM_PER_PX, RESOLUTION_DEFAULT
+            log.warning(
+                "%s records no pixel size it was trained at (data.mpp); working at the "
+                "default %g um/px. Give the working resolution (--mpp X) if the model was "
+                "trained at another, and train with data.mpp=X so checkpoints record it",
+                job.checkpoint,
+                DEFAULT_MPP_UM_PER_PX,
+            )
+        else:
+            raise SlideJobError(
+                "slide",
+                job.slide,
+                "has no pixel size (mpp) in its metadata and the model ({checkpoint}) records "
+                "none it was trained at (data.mpp), so there is no working resolution: give "
+                "the slide's pixel size with {@slide_mpp_um_per_px} X (micrometres per level-0 "
+                "pixel), or the working resolution with {@mpp_um_per_px} X (um/px, with the "
+                "slide's pixel size) or {@downsample_level0_px} X (level-0 pixels per working "
+                "pixel); train with data.mpp=X so checkpoints record theirs",
+                related={"checkpoint": job.checkpoint},
+            )
+        if slide_mean is None:
+            raise SlideJobError(
+                "slide",
+                job.slide,
+                f"has no pixel size (mpp) in its metadata, so the working resolution "
+                f"{target:g} um/px ({source}) cannot be found on it: give the slide's pixel "
+                "size with {@slide_mpp_um_per_px} X (micrometres per level-0 pixel), or the "
+                "working resolution as {@downsample_level0_px} X (level-0 pixels per "
+                "working pixel)",
+            )
+        downsample = target / slide_mean
+    level, extra = reader.best_level_for(downsample=downsample)
+    how = f"{target:g} um/px" if target is not None else f"downsample {downsample:g}"
     lds = float(reader.level_downsamples[level])
-    level_mpp = reader.level_mpp(level)
+    level_mpp = None if slide_mean is None else slide_mean * lds
     out_ds = job.map_downsample_working_px
     if extra > 1.0:
         native = f"{level_mpp:.3g} um/px" if level_mpp else "downsample 1"
@@ -238,11 +430,26 @@ def choose_level(reader: ImageReader, job: SlideJob, tile_model_px: int) -> Leve
         map_ds = max(1, round(out_ds / extra))
     else:
         tile_level, map_ds = tile_model_px, out_ds
-    plan = LevelPlan(how, level, lds, level_mpp, float(extra), tile_model_px, tile_level, map_ds)
+    plan = LevelPlan(
+        how,
+        level,
+        lds,
+        level_mpp,
+        float(extra),
+        tile_model_px,
+        tile_level,
+        map_ds,
+        resolution_source=source,
+        model_mpp_um_per_px=model_mpp_um_per_px,
+        mpp_level0=mpp_level0,
+        slide_mpp_source=slide_source,
+        slide_mpp_metadata=None if reader.mpp is None else 0.5 * (reader.mpp[0] + reader.mpp[1]),
+    )
     log.info(
-        "%s: %s -> level %d (downsample %.3g%s), tiles of %d level px",
+        "%s: %s (%s) -> level %d (downsample %.3g%s), tiles of %d level px",
         reader.path,
         how,
+        source,
         level,
         lds,
         f", {level_mpp:.3g} um/px" if level_mpp else "",
@@ -438,6 +645,8 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
         "dimensions_level0": list(result.dimensions_level0),
         "mpp_level0": list(result.mpp_level0) if result.mpp_level0 else None,
         "requested": plan.requested,
+        **plan.resolution_fields(),
+        "backend": job.backend,
         "level": plan.level,
         "level_downsample": plan.level_downsample,
         "level_mpp": plan.level_mpp_um_per_px,
@@ -470,7 +679,14 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
 
 
 # ---------------------------------------------------------------- the run
-def run_slide_job(job: SlideJob, *, progress: bool = True) -> dict[str, Any]:
+def run_slide_job(
+    job: SlideJob,
+    *,
+    progress: bool = True,
+    predictor: Any | None = None,
+    device: torch.device | None = None,
+    ctx: DistContext | None = None,
+) -> dict[str, Any]:
     """Segment a whole slide with a checkpoint and write GeoJSON, pictures and areas.
 
     Runs in one process, or under ``torchrun`` with the slide's tiles split
@@ -480,28 +696,42 @@ def run_slide_job(job: SlideJob, *, progress: bool = True) -> dict[str, Any]:
     Args:
         job: what to run.
         progress: show a progress bar (rank 0 only).
+        predictor: the model, already loaded (``load_predictor``) on
+            ``device``, e.g. once for many slides; None loads ``job.checkpoint``.
+        device: where ``predictor`` runs (with ``predictor``).
+        ctx: the processes sharing this slide's tiles; None: from the
+            environment (``torchrun``), joined and left here. Pass
+            ``DistContext()`` to run the slide in this process alone.
 
     Returns:
         The summary written to ``<stem>_summary.json`` (``files`` lists the outputs).
 
     Raises:
         SlideJobError: the output folder cannot be used (a file, not writable,
-            a finished run there without ``job.overwrite``), or no CUDA device.
+            a finished run there without ``job.overwrite``), no CUDA device,
+            no working resolution (see ``choose_level``) or a ``tile`` an ONNX
+            model cannot take.
         OutputLockedError: another run is writing into ``job.out_dir``.
         DataError: the slide is missing, not a slide/image, or corrupt.
         CheckpointError: the checkpoint cannot be loaded.
+        OnnxError: the ONNX model cannot be loaded (or onnxruntime is missing).
     """
     started = time.perf_counter()
     check_output(job)  # before any work
-    ctx = init_distributed(_device(job.device, DistContext()))
+    own_ctx = ctx is None
+    if ctx is None:
+        ctx = init_distributed(_device(job.device, DistContext()))
     lock: OutputLock | None = None
     try:
         # Open the slide first: a wrong file fails before the model is loaded.
         with open_image(job.slide) as reader:
-            device = _device(job.device, ctx)
-            predictor = load_predictor(job, device)
-            tile = job.tile_working_px or int(predictor.cfg.eval.tile)
-            plan = choose_level(reader, job, tile)
+            if predictor is None:
+                device = _device(job.device, ctx)
+                predictor = load_predictor(job, device)
+            elif device is None:
+                device = _device(job.device, ctx)
+            tile = model_tile(predictor, job)
+            plan = choose_level(reader, job, tile, *model_mpp(predictor))
             lock = lock_output(job, ctx)
             tissue = find_tissue(reader, job)
             canvas = infer_tiles(
@@ -525,10 +755,10 @@ def run_slide_job(job: SlideJob, *, progress: bool = True) -> dict[str, Any]:
                 picture=reader.thumbnail(min(job.overlay_side_px, max(h, w))),
                 class_names=predictor.class_names,
                 colors=predictor.colors,
-                mpp_level0=reader.mpp,
+                mpp_level0=plan.mpp_level0,
                 dimensions_level0=reader.dimensions,
                 tissue_fraction=float(tissue.mean()),
-                device=str(device),
+                device=_predictor_device(predictor, device),
             )
         return write_outputs(job, result, started)
     except BaseException:
@@ -539,4 +769,5 @@ def run_slide_job(job: SlideJob, *, progress: bool = True) -> dict[str, Any]:
     finally:
         if lock is not None:
             lock.release()
-        cleanup(ctx)
+        if own_ctx:
+            cleanup(ctx)
