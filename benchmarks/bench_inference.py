@@ -1,6 +1,6 @@
 """Figure 7: inference tiles/s at 224 px and slide peak RSS against slide size.
 
-Tiles/s: the ``predict`` path (:func:`lpdseg.engine.predict.make_tile_predictor`,
+Tiles/s: the ``predict`` path (:class:`lpdseg.inference.Predictor`,
 classifier-gated label scores) on batches of 8 tiles of 224 px, for MiT-B0
 and MiT-B1 (random weights: speed does not depend on them), without TTA and
 with the library's default TTA (scales 0.9/1.0/1.1 x horizontal flip = 6
@@ -31,7 +31,7 @@ TILES = 8
 def tile_predictor(backbone: str, tta: bool, k: int = 10):
     """A predict function of a random-weight model with the library's default eval settings."""
     from lpdseg.config import EvalConfig, config_from_dict
-    from lpdseg.engine.predict import make_tile_predictor
+    from lpdseg.inference import Predictor
     from lpdseg.models.lpd import build_model
 
     d = make_config([f"model.backbone={backbone}", f"model.prototypes_per_class={k}"]).to_dict()
@@ -40,7 +40,7 @@ def tile_predictor(backbone: str, tta: bool, k: int = 10):
     cfg = config_from_dict(d)
     torch.manual_seed(0)
     model = build_model(cfg, 4).eval()
-    return make_tile_predictor(model, cfg, tta=tta, threshold=None, device=torch.device("cpu"))
+    return Predictor(model, cfg, tta=tta, device=torch.device("cpu"))
 
 
 def slide_memory(sizes: list[int]) -> list[dict]:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from lpdseg.engine.bank import build_bank_from_config, cluster_purity
-from lpdseg.models.bank import load_bank
 from lpdseg.config import load_config
 from lpdseg.data.synthetic import write_dataset
+from lpdseg.engine.bank import build_bank_from_config, cluster_purity
 from lpdseg.engine.train import train
 from lpdseg.inference import evaluate_checkpoint, write_pseudo_masks
+from lpdseg.models.bank import load_bank
 
 METHODS = {
     "CAM": ["model.head=cam"],
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
                 )
             logging.info("stage 1: %s seed %d", method, seed)
             s1 = train(cfg, progress=False)
-            results[method]["stage1"].append({k: s1["test"]["pseudo"][k] for k in METRICS})
+            results[method]["stage1"].append({k: s1["test"]["labels"][k] for k in METRICS})
             if not args.stage2:
                 _write(out, args, results, extra, time.perf_counter() - start)
                 continue

@@ -210,7 +210,7 @@ def run_one(
         res = evaluate_checkpoint(
             out / "best.pt",
             split="test",
-            modes=modes,
+            gates=tuple(m for m in modes if m != "seg") or ("labels",),
             tta=tta,
             progress=False,
             out_dir=eval_dir,
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                     modes: tuple[str, ...] = ("seg",)
                 else:
                     ov += METHODS[method]
-                    modes = ("predict", "pseudo")
+                    modes = ("classifier", "labels")
                     if method == "pbip":
                         ov.append(f"model.bank={bank}")
                 res = run_one(ov, out, modes, args.tta, args.eval_overrides)

@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from lpdseg.data.datasets import mask_to_label, read_image, read_mask
-from lpdseg.engine.evaluate import infer_maps
-from lpdseg.engine.predict import make_tile_predictor, predict_array
-from lpdseg.inference import load_model
+from lpdseg.inference import Predictor, load_model
 from lpdseg.metrics import SegmentationMeter
+from lpdseg.models.decode import infer_maps
 
 RUNS = ["cam_effnet_s0", "lpd_effnet_s0", "cam_mit_b0_s0", "lpd_mit_b0_s0"]
 TILE = 96
@@ -36,12 +35,6 @@ def _auc(scores: np.ndarray, truth: np.ndarray) -> float:
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
     return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
-
-
-def _normalise(cfg, rgb: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
-    return (rgb - mean) / std
 
 
 def _test_pairs(fold: Path):
@@ -60,7 +53,7 @@ def tiles(fold: Path, run: str) -> None:
                 if (m >= 3).mean() > 0.5:
                     continue
                 rgb = torch.from_numpy(image[y : y + TILE, x : x + TILE]).permute(2, 0, 1)[None]
-                out = infer_maps(model, _normalise(cfg, rgb.float() / 255), cfg.eval, tta=False)
+                out = infer_maps(model, rgb.float() / 255, cfg.eval, tta=False)
                 probs.append(out.probs[0].numpy())
                 labels.append(mask_to_label(m, 3, 0.02))
     p, t = np.stack(probs), np.stack(labels)
@@ -75,7 +68,7 @@ def whole(fold: Path, run: str) -> None:
     print(f"{fold.name} {run} whole images: name, labels, probabilities", flush=True)
     for path, image, mask in _test_pairs(fold):
         rgb = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-        out = infer_maps(model, _normalise(cfg, rgb), cfg.eval, tta=False)
+        out = infer_maps(model, rgb, cfg.eval, tta=False)
         label = mask_to_label(mask, 3, 0.02).astype(int).tolist()
         print(f"  {path.stem} {label} {[round(v, 2) for v in out.probs[0].tolist()]}", flush=True)
 
@@ -89,10 +82,10 @@ def gate(fold: Path, run: str) -> None:
             cfg.eval, max_side=10**6 if side == "whole" else TILE - 1, tile=TILE, overlap=0.5
         )
         c2 = dataclasses.replace(cfg, eval=ev)
-        fn = make_tile_predictor(model, c2, tta=True, threshold=None, device=torch.device("cpu"))
+        predictor = Predictor(model, c2, tta=True, device=torch.device("cpu"), batch_size=16)
         meter = SegmentationMeter(3, list(cfg.data.class_names))
         for _, image, mask in _test_pairs(fold):
-            pred = predict_array(image, fn, c2, 4, batch_size=16)
+            pred = predictor.mask(image)
             meter.update(
                 torch.from_numpy(pred.astype(np.int64))[None],
                 torch.from_numpy(mask.astype(np.int64))[None],

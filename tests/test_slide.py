@@ -136,9 +136,14 @@ def test_slide_outputs_and_geojson_round_trip(run_dir, slide_path, tmp_path):
             "level", "level_downsample", "level_mpp", "tile_level_px", "tile_model_px", "overlap",
             "map_shape_hw", "map_downsample", "map_mpp", "tissue_fraction_thumbnail", "tiles",
             "regions", "seconds", "tiles_per_second", "peak_rss_mb", "device", "files",
+            # where the resolutions came from (tests/test_wsi_resolution.py)
+            "working_mpp", "resolution_source", "model_mpp", "slide_mpp", "slide_mpp_source",
+            "slide_mpp_metadata", "backend",
         ]
     )  # fmt: skip
     assert s["requested"] == "2 um/px" and s["tile_model_px"] == 64 and s["overlap"] == 0.25
+    assert s["resolution_source"] == "--mpp" and s["working_mpp"] == pytest.approx(2.0)
+    assert s["slide_mpp_source"] == "metadata" and s["backend"] == "torch"
     for f in s["files"].values():
         assert Path(f).is_file(), f
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -190,9 +195,10 @@ def test_choose_level_without_mpp(run_dir, tmp_path, caplog, pyramid_writer):
         assert (plan.level, plan.extra_scale) == (1, 1.0)
         assert plan.requested == "downsample 4" and plan.level_mpp_um_per_px is None
         assert plan.map_mpp_um_per_px is None
-        plan = choose_level(r, job(run_dir, path, tmp_path), 32)  # no mpp, nothing asked
-        assert (plan.level, plan.extra_scale) == (0, 1.0)
-        assert "no pixel size (mpp)" in caplog.text
+        # No mpp, nothing asked and a model without data.mpp: no working resolution. This
+        # used to work at level 0 with a warning; it is an error that says how to give one.
+        with pytest.raises(SlideJobError, match=r"has no pixel size \(mpp\) in its metadata"):
+            choose_level(r, job(run_dir, path, tmp_path), 32)
         plan = choose_level(r, job(run_dir, path, tmp_path, downsample_level0_px=6), 32)
         assert plan.level == 1 and plan.tile_level_px == 48  # 32 working px = 48 level-1 px
         assert plan.map_downsample_level_px == 12  # 8 working px

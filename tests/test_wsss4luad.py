@@ -95,7 +95,7 @@ def test_eval_cli_on_wsss4luad_layout_at_full_size(trained, tmp_path):
     for word in ("mIoU", "mDice", "FwIoU", "TUM", "STR", "NOR"):
         assert word in result.output
     scores = json.loads((tmp_path / "val_metrics.json").read_text())
-    for mode in ("pseudo", "predict"):
+    for mode in ("labels", "classifier"):
         res = scores[mode]
         assert res["images"] == 3
         assert 0.0 <= res["mIoU"] <= 1.0 and 0.0 <= res["pixel_acc"] <= 1.0
@@ -104,7 +104,7 @@ def test_eval_cli_on_wsss4luad_layout_at_full_size(trained, tmp_path):
         np.asarray(Image.open(p)).size for p in sorted((evalset / "mask").iterdir())
     )  # 56 x 64 + 90 x 70 + 40 x 120
     assert pixels == 56 * 64 + 90 * 70 + 40 * 120
-    confusion = np.asarray(scores["pseudo"]["confusion"])
+    confusion = np.asarray(scores["labels"]["confusion"])
     assert confusion.sum() == pixels
 
 

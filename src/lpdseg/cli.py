@@ -251,9 +251,22 @@ def evaluate_cmd(
             "eval.cls_threshold=0.4."
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace <split>_metrics.json/.md of another evaluation (other data, gates, "
+            "TTA or overrides) in --out (else refused).",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Score a checkpoint: mIoU, mDice, FwIoU, pixel accuracy and boundary IoU."""
+    """Score a checkpoint: mIoU, mDice, FwIoU, pixel accuracy and boundary IoU.
+
+    <split>_metrics.json records what was evaluated; the metrics of another evaluation
+    (e.g. the run's own test metrics, then --data other data) are not replaced without
+    --overwrite.
+    """
     _setup_logging(quiet)
     from lpdseg.config import GATES, gate_name
     from lpdseg.inference import evaluate_checkpoint
@@ -272,6 +285,7 @@ def evaluate_cmd(
         out_dir=out or checkpoint.parent,
         data_root=str(data) if data else None,
         eval_overrides=overrides,
+        overwrite=overwrite,
     )
     typer.echo(res["table"])
 
@@ -466,37 +480,68 @@ def explain(
 
 @app.command()
 def slide(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (best.pt).")],
-    slide_path: Annotated[
+    checkpoint: Annotated[
         Path,
         typer.Argument(
-            metavar="SLIDE", help="Whole-slide image (SVS, NDPI, MRXS, pyramidal TIFF...) or image."
+            help="Checkpoint (best.pt), or an ONNX model written by `lpdseg export` (a .onnx "
+            "file: run with onnxruntime, at its fixed tile, gate and threshold)."
+        ),
+    ],
+    slide_paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="SLIDE...",
+            help="Whole-slide image (SVS, NDPI, MRXS, pyramidal TIFF...) or image. Many slides: "
+            "several files, a folder (its slides and images), a quoted glob pattern "
+            "('slides/*.svs') or a manifest .csv (column slide: paths relative to the CSV; "
+            "optional column slide_mpp).",
         ),
     ],
     out: Annotated[
-        Path, typer.Option(help="Output folder (created; one run at a time: it is locked).")
+        Path,
+        typer.Option(
+            help="Output folder (created; one run at a time: it is locked). Many slides: one "
+            "folder per slide in it (named by the file stem; -2, -3... when stems collide) and "
+            "slides_summary.csv."
+        ),
     ] = Path("slide_out"),
     mpp: Annotated[
         float | None,
-        typer.Option(help="Working resolution in micrometres per pixel (default 2.0 if known)."),
+        typer.Option(
+            help="Working resolution in micrometres per pixel (default: the model's own: the "
+            "checkpoint's data.mpp or the ONNX model's mpp; 2.0 when it records none)."
+        ),
     ] = None,
     downsample: Annotated[
         float | None,
         typer.Option(help="Working resolution as level-0 pixels per pixel (instead of --mpp)."),
     ] = None,
+    slide_mpp: Annotated[
+        float | None,
+        typer.Option(
+            "--slide-mpp",
+            help="The slide's micrometres per level-0 pixel, when its metadata has none or a "
+            "wrong one (a manifest's slide_mpp column replaces it per slide).",
+        ),
+    ] = None,
     tile: Annotated[
         int | None,
-        typer.Option(help="Tile side in working pixels (default: the checkpoint's eval.tile)."),
+        typer.Option(
+            help="Tile side in working pixels (default: the checkpoint's eval.tile; an ONNX "
+            "model's fixed tile, which cannot be changed)."
+        ),
     ] = None,
     overlap: Annotated[float, typer.Option(help="Fraction of a tile shared by neighbours.")] = 0.25,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
     output_downsample: Annotated[
         int, typer.Option(help="Working pixels per pixel of the stitched class map.")
     ] = 8,
-    tta: Annotated[bool, typer.Option(help="Test-time augmentation.")] = False,
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation (not with ONNX).")] = False,
     threshold: Annotated[
         float | None,
-        typer.Option(help="Class probability threshold (default: the checkpoint's)."),
+        typer.Option(
+            help="Class probability threshold (default: the checkpoint's; not with ONNX)."
+        ),
     ] = None,
     read_workers: Annotated[int, typer.Option(help="Threads reading tiles ahead.")] = 0,
     overwrite: Annotated[
@@ -505,10 +550,28 @@ def slide(
             "--overwrite", help="Replace a finished run of this slide in --out (else refused)."
         ),
     ] = False,
+    skip_done: Annotated[
+        bool,
+        typer.Option(
+            "--skip-done",
+            help="Skip a slide whose folder holds its finished run (its summary JSON), e.g. to "
+            "resume an interrupted batch; listed as skipped.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Segment a whole slide: QuPath GeoJSON, overlay PNG, class map, areas in um^2, summary."""
+    """Segment whole slides: QuPath GeoJSON, overlay PNG, class map, areas in um^2, summary.
+
+    The model works at the resolution it was trained at (the checkpoint's data.mpp)
+    unless --mpp or --downsample say otherwise; a slide without a pixel size needs
+    --slide-mpp or --downsample. Many slides (several files, a folder, a glob, a
+    manifest.csv): a failed slide is listed with its reason in OUT/slides_summary.csv
+    and the others go on; under torchrun the slides are shared over the ranks.
+    Exit code: 0 when every slide is done (or skipped), 1 when some failed, 2 for
+    a usage error (a bad option, a model that cannot be loaded).
+    """
     _setup_logging(quiet)
+    from lpdseg.wsi.batch import is_batch, run_batch
     from lpdseg.wsi.job import SlideJob, SlideJobError
     from lpdseg.wsi.pipeline import run_slide_job
 
@@ -519,6 +582,7 @@ def slide(
         "out_dir": "--out",
         "mpp_um_per_px": "--mpp",
         "downsample_level0_px": "--downsample",
+        "slide_mpp_um_per_px": "--slide-mpp",
         "tile_working_px": "--tile",
         "overlap": "--overlap",
         "batch_tiles": "--batch-size",
@@ -527,30 +591,61 @@ def slide(
         "threshold": "--threshold",
         "read_workers": "--read-workers",
         "overwrite": "--overwrite",
+        "skip_done": "--skip-done",
+    }
+    options = {
+        "mpp_um_per_px": mpp,
+        "downsample_level0_px": downsample,
+        "slide_mpp_um_per_px": slide_mpp,
+        "tile_working_px": tile,
+        "overlap": overlap,
+        "batch_tiles": batch_size,
+        "map_downsample_working_px": output_downsample,
+        "tta": tta,
+        "threshold": threshold,
+        "read_workers": read_workers,
+        "overwrite": overwrite,
     }
 
-    def run() -> dict:
+    def run_one() -> dict:
         try:
-            job = SlideJob(
-                checkpoint=checkpoint,
-                slide=slide_path,
-                out_dir=out,
-                mpp_um_per_px=mpp,
-                downsample_level0_px=downsample,
-                tile_working_px=tile,
-                overlap=overlap,
-                batch_tiles=batch_size,
-                map_downsample_working_px=output_downsample,
-                tta=tta,
-                threshold=threshold,
-                read_workers=read_workers,
-                overwrite=overwrite,
-            )
+            job = SlideJob(checkpoint=checkpoint, slide=slide_paths[0], out_dir=out, **options)
+            if skip_done and not overwrite and job.summary_path.is_file():
+                return {"skipped": str(job.summary_path)}
             return run_slide_job(job, progress=not quiet)
         except SlideJobError as exc:
             raise LpdsegError(exc.for_names(flags)) from None
 
-    summary = _run(run)
+    def run_many():
+        try:
+            return run_batch(
+                checkpoint,
+                slide_paths,
+                out,
+                skip_done=skip_done,
+                progress=not quiet,
+                names=flags,
+                **options,
+            )
+        except SlideJobError as exc:
+            raise LpdsegError(exc.for_names(flags)) from None
+
+    if is_batch(slide_paths):
+        result = _run(run_many)
+        if result.rank == 0:
+            counts = ", ".join(f"{n} {status}" for status, n in result.counts.items())
+            typer.echo(f"{len(result.rows)} slides: {counts}; summary {result.csv_path}")
+            for row in result.failed:
+                typer.secho(
+                    f"failed: {row['slide']}: {row['reason']}", fg=typer.colors.RED, err=True
+                )
+        if result.failed:
+            raise typer.Exit(1)
+        return
+    summary = _run(run_one)
+    if "skipped" in summary:
+        typer.echo(f"skipped: {slide_paths[0]} finished before ({summary['skipped']})")
+        return
     if "rank" in summary:  # a non-zero torchrun rank: rank 0 merges, writes and reports
         return
     typer.echo(

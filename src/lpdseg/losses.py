@@ -1,6 +1,6 @@
 """Losses of LPD and PBIP as pure functions (tensors in, tensors out).
 
-METHOD.md steps 3-5:
+docs/method.md steps 3-5:
 
 - :func:`classification_loss` -- multi-stage BCE on GAP logits;
 - :func:`active_prototypes`, :func:`foreground_background_weights`,
@@ -52,7 +52,7 @@ def diversity_loss(
     ``J = KL(q_j||q_l) + KL(q_l||q_j)`` and the loss is the mean of ``exp(-J)``
     over (n, c present with non-empty R_nc, j < l). All pairs of one (n, c)
     come from one matrix product: ``J = d 1^T + 1 d^T - (S + S^T)``,
-    ``S = Q X^T`` with ``X = A / T`` on R_nc and ``d = diag(S)`` (METHOD.md's
+    ``S = Q X^T`` with ``X = A / T`` on R_nc and ``d = diag(S)`` (docs/method.md's
     ``Q L^T`` form, with the log-normalisers cancelled).
 
     Args:
@@ -243,7 +243,7 @@ def similarity_loss(
         embed_images: image mode: callable ``(M x 3 x H x W) -> M x D`` embeddings.
         fill: image mode: colour (1 x 3 x 1 x 1) of masked-out pixels; with RGB
             inputs the model's mean colour keeps them neutral (0 after normalising).
-        threshold, temperature, fg_weight, bg_weight, activation_reg: METHOD.md's
+        threshold, temperature, fg_weight, bg_weight, activation_reg: docs/method.md's
             delta, T, theta_fg, theta_bg and the 5e-4 activation penalty.
         image_chunk: image mode: masked images embedded per encoder call.
 

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lpdseg.config import Config
 from lpdseg.data.datasets import (
     CONFIG_HINTS,
+    MIN_IMAGE_SIDE,
     BadFile,
     FixHints,
     MaskedDataset,
@@ -97,18 +98,19 @@ class DataBundle:
     hints: FixHints = CONFIG_HINTS
 
     def has_split(self, split: str) -> bool:
-        """Whether an evaluation split (``val``/``test``) exists on disk."""
+        """Whether an evaluation split (``val``/``test``) with images exists on disk.
+
+        The folder is the one :func:`list_split` reads (``val/`` before ``valid/``);
+        an empty ``img/`` folder (e.g. ``lpdseg synth --n-test 0``) is no split.
+        """
         names = {"val": ("val", "valid"), "test": ("test",)}[split]
         if self.format == "csv":
             return any((self.root / f"{n}.csv").is_file() for n in names)
-        if any((self.root / n / "img").is_dir() for n in names):
-            return True
+        base = next((self.root / n for n in names if (self.root / n).is_dir()), None)
+        if base is not None:
+            return _holds_files(base / "img")
         # list_split's fallback: val images in root/img + root/mask (e.g. WSSS4LUAD's val release)
-        return (
-            split == "val"
-            and not any((self.root / n).is_dir() for n in names)
-            and ((self.root / "img").is_dir() and (self.root / "mask").is_dir())
-        )
+        return split == "val" and (self.root / "mask").is_dir() and _holds_files(self.root / "img")
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, len(self.train) // batch_size)
@@ -222,6 +224,13 @@ def resolve_data(
     return bundle
 
 
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` exists and holds a file that is not hidden."""
+    return folder.is_dir() and any(
+        p.is_file() and not p.name.startswith(".") for p in folder.iterdir()
+    )
+
+
 def _since(t0: float) -> float:
     return time.perf_counter() - t0
 
@@ -250,19 +259,18 @@ def check_pseudo_samples(
     problems = _Problems(skip_bad, hints)
     good = []
     for s in samples:
-        reason = _file_problem(s.image, True)
-        if reason is not None:
-            problems.add(s.image, reason)
-            continue
         if s.mask is None:
             problems.add(s.image, "has no pseudo mask in the manifest")
             continue
-        reason = _file_problem(s.mask, True, "mask", 1)
+        image_wh, reason = _header(s.image, "image", MIN_IMAGE_SIDE)
+        if reason is not None:
+            problems.add(s.image, reason)
+            continue
+        mask_wh, reason = _header(s.mask, "mask", 1)
         if reason is not None:
             problems.add(s.mask, reason)
             continue
-        iw, ih = image_header_size(s.image)
-        mw, mh = image_header_size(s.mask, "mask")
+        (iw, ih), (mw, mh) = image_wh, mask_wh
         if (mw, mh) not in ((iw, ih), (ih, iw)):
             problems.add(
                 s.mask,
@@ -272,6 +280,23 @@ def check_pseudo_samples(
             continue
         good.append(s)
     return good, problems.bad
+
+
+def _header(path: Path, what: str, min_side: int) -> tuple[tuple[int, int], str | None]:
+    """``((width, height), None)`` from the header, or ``(_, why it is unusable)``."""
+    reason = _file_problem(path, False)
+    if reason is not None:
+        return (0, 0), reason
+    try:
+        w, h = image_header_size(path, what)
+    except DataError as exc:
+        return (0, 0), str(exc).removeprefix(f"{path}: ")
+    if min(w, h) < min_side:
+        return (w, h), (
+            f"{what} is {h}x{w} pixels (H x W); {what}s must be at least {min_side} px on "
+            "each side - remove it or use a larger crop"
+        )
+    return (w, h), None
 
 
 def check_eval_split(bundle: DataBundle, split: str, skip_bad: bool | None = None) -> list[Sample]:

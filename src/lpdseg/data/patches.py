@@ -97,8 +97,8 @@ class MaskInfo:
     Attributes:
         path: the mask.
         mode: PIL mode (``P`` palette, ``L`` grey, ...).
-        background: the palette index coloured white (the background of every
-            released format), or ``None`` (no palette, or no white entry).
+        background: the palette index (> 0) coloured white, the background of
+            every released format, when the mask uses it; else ``None``.
         palette_format: the format whose released palette this is, or ``None``.
         values: the distinct pixel values, 255 (ignore) excluded.
     """
@@ -129,8 +129,11 @@ def inspect_mask(path: str | Path, read_values: bool = True) -> MaskInfo | None:
     palette_format = None
     if palette:
         colours = [tuple(palette[i : i + 3]) for i in range(0, len(palette) - 2, 3)]
-        white = [i for i, c in enumerate(colours[: _MAX_BACKGROUND_INDEX + 1]) if c == WHITE]
+        # index 0 white is no sign of a class count (a background-first palette)
+        white = [i for i, c in enumerate(colours[: _MAX_BACKGROUND_INDEX + 1]) if c == WHITE and i]
         background = white[0] if white else None
+        if read_values and background not in values:
+            background = None  # an unused white entry (e.g. a padded palette) says nothing
         for fmt, ref in FORMAT_PALETTES.items():
             if tuple(colours[: len(ref)]) == ref:
                 palette_format = fmt
@@ -248,8 +251,8 @@ def infer_data_classes(root: str | Path, sample: int = 24) -> list[ClassEvidence
                 names = csv_class_names(root / name)
             except DataError:
                 continue
-            out.append(
-                ClassEvidence(f"the header of {root / name}", len(names), names, "csv", True)
+            out.append(  # counts only: data.class_names may rename the CSV's columns
+                ClassEvidence(f"the header of {root / name}", len(names), None, "csv")
             )
             break
     folder = next((root / n for n in ("training", "train") if (root / n).is_dir()), None)

@@ -1,6 +1,6 @@
 """Building PBIP's prototype bank: K-Means clusters of frozen-encoder embeddings.
 
-METHOD.md, "PBIP baseline": take the training patches whose label has exactly
+docs/method.md, "PBIP baseline": take the training patches whose label has exactly
 one class, drop mostly-white ones, embed them with a frozen encoder, run
 K-Means per class on the L2-normalised embeddings, keep the ``n_keep`` patches
 nearest each centre, and average their embeddings into one prototype per

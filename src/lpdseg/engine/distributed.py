@@ -6,7 +6,7 @@ device and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 group (NCCL on GPUs, Gloo on CPU); without them (a plain ``lpdseg train``)
 everything here is a no-op for one process, so the same code runs both ways.
 
-Conventions of a distributed run (see README, "Scaling out"):
+Conventions of a distributed run (see docs/usage.md, "Several processes, GPUs and machines"):
 
 - ``train.batch_size`` is per process: the effective batch is
   ``batch_size x world_size``.

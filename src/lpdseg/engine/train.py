@@ -76,8 +76,9 @@ from lpdseg.models.segnet import build_segnet
 log = logging.getLogger(__name__)
 
 #: Config keys a resumed run may change: how long it trains, how often it validates and
-#: saves, where and with how many threads/workers it runs, how it is evaluated, and the
-#: pretrained-weights file (the checkpoint supplies every weight). Any other difference
+#: saves, where and with how many threads/workers it runs, how it is evaluated, the
+#: training images' pixel size (metadata for ``slide``) and the pretrained-weights file
+#: (the checkpoint supplies every weight). Any other difference
 #: from the checkpoint's config (architecture, batch size, data, loss, optimiser, seed,
 #: precision...) is refused, naming the key and both values. ``train.out_dir`` must be
 #: the checkpoint's own folder.
@@ -94,6 +95,7 @@ RESUME_MAY_CHANGE = (
     "train.out_dir",
     "train.num_workers",
     "data.num_workers",
+    "data.mpp",
     "data.allow_other_pseudo",
     "model.weights",
     "eval.*",
@@ -561,11 +563,13 @@ def check_resume_config(resume: str | Path, saved: dict[str, Any], current: Conf
     )
 
 
-def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) -> None:
+def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) -> list[Path]:
     """Refuse to train into a folder that holds a run, unless resuming it or overwriting it.
 
-    With ``overwrite`` the old run's files (:data:`RUN_FILES`, :data:`RUN_GLOBS`) are
-    deleted, so none of them is left mixed with the new run's.
+    Returns:
+        With ``overwrite``, the old run's files (:data:`RUN_FILES`, :data:`RUN_GLOBS`)
+        for :func:`remove_run_files` to delete once the new run is ready to start, so
+        none of them is left mixed with the new run's; else ``[]``.
 
     Raises:
         ConfigError: the folder holds a run (names it and the fixes), ``resume`` is
@@ -584,10 +588,10 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
                 f"{run_dir}; a resumed run writes into its own folder: set "
                 f"train.out_dir={folder}"
             )
-        return
+        return []
     found = [name for name in RUN_MARKERS if (run_dir / name).exists()]
     if not found:
-        return
+        return []
     if not overwrite:
         last = run_dir / "last.pt"
         resume_hint = f"continue it with --resume {last}, " if last.exists() else ""
@@ -596,16 +600,22 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) 
             f"{resume_hint}pass --overwrite to replace it (its files are deleted first), or "
             "set another train.out_dir"
         )
-    removed = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    doomed = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
     for pattern in RUN_GLOBS:
-        removed += [p for p in sorted(run_dir.glob(pattern)) if p.is_file()]
-    for path in removed:
-        path.unlink()
-    log.warning(
-        "--overwrite: removed the earlier run's %s from %s",
-        ", ".join(sorted({p.name for p in removed})),
-        run_dir,
-    )
+        doomed += [p for p in sorted(run_dir.glob(pattern)) if p.is_file()]
+    return doomed
+
+
+def remove_run_files(paths: list[Path]) -> None:
+    """Delete the earlier run's files (``--overwrite``), logged."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if paths:
+        log.warning(
+            "--overwrite: removed the earlier run's %s from %s",
+            ", ".join(sorted({p.name for p in paths})),
+            paths[0].parent,
+        )
 
 
 def trim_metrics(path: Path, step: int) -> int:
@@ -759,10 +769,10 @@ def _train(
             cfg, bundle, allow_other_pseudo or bool(getattr(cfg.data, "allow_other_pseudo", False))
         )
     run_dir = Path(cfg.train.out_dir)
-    problem = None
+    problem, doomed = None, []
     if main:  # rank 0 decides (and deletes with overwrite); every rank raises the same error
         try:
-            check_run_folder(run_dir, resume, overwrite)
+            doomed = check_run_folder(run_dir, resume, overwrite)
         except ConfigError as exc:
             problem = (type(exc), str(exc))
     problem = broadcast_object(ctx, problem)
@@ -791,6 +801,7 @@ def _train(
         log.info("resumed from %s at step %d (epoch %d)", resume, trainer.step, trainer.epoch)
     metrics_path = run_dir / "metrics.jsonl"
     if main:
+        remove_run_files(doomed)  # only now: a run refused above keeps the old one whole
         save_config(trainer.cfg, run_dir / "config.yaml")
         if saved is not None:
             trim_metrics(metrics_path, trainer.step)

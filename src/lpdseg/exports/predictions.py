@@ -145,7 +145,7 @@ def predict_images(
         except (OSError, ValueError):
             earlier = {}
         earlier_names = earlier.get("names") or {}
-        clashing = {n for n in names if any((out / f"{n}{sfx}").exists() for sfx in suffixes)}
+        clashing = [n for n in names if any((out / f"{n}{sfx}").exists() for sfx in suffixes)]
         # an unfinished run of the same checkpoint and settings on the same inputs: go on
         continuing = (
             earlier.get("status") == "running"
@@ -153,12 +153,12 @@ def predict_images(
             and all(earlier_names.get(n) == planned[n] for n in clashing)
         )
         if not continuing:
-            shown = ", ".join(p.name for p in existing[:4])
-            more = f" (+{len(existing) - 4} more)" if len(existing) > 4 else ""
+            shown = ", ".join(f"{n}_mask.png" for n in clashing[:4])
+            more = f" (+{len(clashing) - 4} more images)" if len(clashing) > 4 else ""
             raise DataError(
                 f"{out} already holds predictions of an earlier run that this one would "
-                f"replace: {shown}{more}; write to another --out, or pass --overwrite to "
-                "replace them"
+                f"replace ({len(existing)} files: {shown}{more} and their overlays and "
+                "areas); write to another --out, or pass --overwrite to replace them"
             )
         log.info("continuing the unfinished predict run in %s", out)
     out.mkdir(parents=True, exist_ok=True)

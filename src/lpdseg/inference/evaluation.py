@@ -8,6 +8,7 @@ named with the split the folder does have.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from lpdseg.engine.evaluate import score_split
 from lpdseg.errors import ConfigError, DataError
 from lpdseg.inference.loading import load_model, resolve_device
 from lpdseg.inference.sliding import sliding_window_predict
+from lpdseg.io import atomic_write_json
 from lpdseg.models.decode import decode_scores, predict_scores
 
 
@@ -33,8 +35,15 @@ def evaluate_checkpoint(
     progress: bool = True,
     out_dir: str | Path | None = None,
     data_root: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Score a checkpoint on a split in each gate; write JSON + Markdown tables.
+
+    ``<split>_metrics.json`` records what was evaluated (checkpoint, data root,
+    split, gates, TTA, eval overrides) under ``evaluated``; an existing one from
+    another evaluation (e.g. the run's own test metrics, then ``--data`` other
+    data) is not replaced without ``overwrite``. Re-running the same evaluation
+    rewrites the same result.
 
     Args:
         path: checkpoint.
@@ -45,17 +54,20 @@ def evaluate_checkpoint(
         tta: test-time augmentation.
         out_dir: where ``<split>_metrics.json`` and ``<split>_metrics.md`` go.
         data_root: evaluate on this folder instead of the training data.
+        overwrite: replace the metrics files of another evaluation in ``out_dir``.
 
     Raises:
         ConfigError: an override outside the ``eval`` section, or an invalid value.
         DataError: the data has other classes than the checkpoint (both sets
-            named), or no such split (the one it has is suggested).
+            named), no such split (the one it has is suggested), or ``out_dir``
+            holds the metrics of another evaluation (without ``overwrite``).
     """
     bad = [o for o in eval_overrides or [] if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"only eval.* settings can change at evaluation, got {' '.join(bad)}")
     device = resolve_device("auto")
     model, cfg = load_model(path, device)
+    own_root = cfg.data.root
     if eval_overrides or data_root is not None:
         d = apply_overrides(cfg.to_dict(), list(eval_overrides or []))
         if data_root is not None:
@@ -64,8 +76,19 @@ def evaluate_checkpoint(
     bundle = resolve_data(cfg, need_train=False)
     check_data_classes(path, cfg, bundle.root)
     check_split(bundle, split)
+    evaluated = {
+        "checkpoint": str(Path(path).resolve()),
+        "data_root": str(Path(bundle.root).resolve()),
+        "split": split,
+        "gates": ["seg"] if cfg.train.task == "seg" else sorted(gates),
+        "tta": bool(tta),
+        "eval_overrides": sorted(eval_overrides or []),
+    }
+    target = Path(out_dir) / f"{split}_metrics.json" if out_dir is not None else None
+    if target is not None and target.is_file() and not overwrite:
+        check_same_evaluation(target, evaluated, own_root, Path(path))
     loader = make_eval_loader(cfg, bundle, split)
-    return score_split(
+    results = score_split(
         model,
         cfg,
         loader,
@@ -76,6 +99,47 @@ def evaluate_checkpoint(
         out_dir=out_dir,
         source=str(path),
         scorer=full_size_scorer(model, cfg.eval, len(cfg.data.class_names) + 1, tta),
+    )
+    if target is not None and target.is_file():
+        written = json.loads(target.read_text())
+        atomic_write_json(target, {**written, "evaluated": evaluated})
+    return results
+
+
+def check_same_evaluation(
+    target: Path, now: dict[str, Any], own_root: str | None, checkpoint: Path
+) -> None:
+    """Refuse to replace ``target`` when it holds the metrics of another evaluation.
+
+    A file without an ``evaluated`` record was written by ``lpdseg train`` (the
+    test metrics of ``best.pt``: its own data, both gates, TTA, no overrides).
+
+    Raises:
+        DataError: names the file, what differs (both values) and the fixes.
+    """
+    try:
+        earlier = json.loads(target.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    before = earlier.get("evaluated") if isinstance(earlier, dict) else None
+    if not isinstance(before, dict):
+        recorded = Path(str(earlier.get("checkpoint") or checkpoint.name)).name
+        seg = "seg" in earlier
+        before = {
+            "checkpoint": str((target.parent / recorded).resolve()),
+            "data_root": str(Path(own_root).resolve()) if own_root else None,
+            "split": earlier.get("split", now["split"]),
+            "gates": ["seg"] if seg else sorted(g for g in GATES if g in earlier),
+            "tta": True,
+            "eval_overrides": [],
+        }
+    changed = [k for k in now if before.get(k) != now[k]]
+    if not changed:
+        return
+    diff = "; ".join(f"{k}: {before.get(k)!r} then, {now[k]!r} now" for k in changed)
+    raise DataError(
+        f"{target} holds the {now['split']} metrics of another evaluation ({diff}); write "
+        "these to another --out, or pass --overwrite to replace it"
     )
 
 

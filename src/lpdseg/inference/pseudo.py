@@ -75,8 +75,9 @@ def write_pseudo_masks(
         d = cfg.to_dict()
         d["data"]["root"] = str(data_root)
         cfg = config_from_dict(d)
+    if cfg.data.root:  # before reading the data: its file names may not parse as this format
+        check_data_classes(checkpoint, cfg, cfg.data.root)
     bundle = resolve_data(cfg)
-    check_data_classes(checkpoint, cfg, bundle.root)
     out = Path(out)
     _prepare_output(out, overwrite)
     (out / "masks").mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def build_backbone(
         weights: ``None`` for random init, a local checkpoint path, or a
             backbone-specific keyword such as ``"imagenet"``.
         last_stride: stride of the last stage's downsampling (1 keeps stage 4
-            at the resolution of stage 3, as METHOD.md uses).
+            at the resolution of stage 3, as docs/method.md uses).
         load_weights: ``False`` builds the architecture ``weights`` describes
             (same layers, same frozen BatchNorm, same ``pretrained_cfg``)
             without reading the weights: what loading a checkpoint needs.

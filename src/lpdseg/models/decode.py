@@ -1,4 +1,4 @@
-"""Model outputs -> label scores and masks (METHOD.md, "Turning maps into masks").
+"""Model outputs -> label scores and masks (docs/method.md, "Turning maps into masks").
 
 1. Test-time augmentation (:func:`with_tta`, the one TTA loop): every scale x
    (flip or not); maps are resized back to the input size, un-flipped and

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class WSSSModel(nn.Module):
-    """RGB images -> head maps (METHOD.md LPD steps 1-3).
+    """RGB images -> head maps (docs/method.md LPD steps 1-3).
 
     Attributes:
         preprocess: normalisation + ``input_scale`` (see ``models.preprocess``).

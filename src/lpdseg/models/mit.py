@@ -33,7 +33,7 @@ norms, but PyTorch's default 1e-5 in the patch embeddings and in ``attn.norm``;
 q/kv have biases; attention scale is head_dim^-0.5; dropout rates are 0 in
 every released config (so no dropout layers here, only drop path).
 
-``last_stride`` (lpdseg's addition, METHOD.md): the stride of
+``last_stride`` (lpdseg's addition, docs/method.md): the stride of
 ``patch_embed4``'s conv. 1 keeps stage 4 at the resolution of stage 3 (strides
 4, 8, 16, 16); 2 is the original (4, 8, 16, 32). The conv weights have the same
 shape either way, so pretrained files load into both.
@@ -243,7 +243,7 @@ class MixTransformer(nn.Module):
         Args:
             config: stage hyper-parameters, e.g. ``MIT_CONFIGS["mit_b1"]``.
             last_stride: stride of stage 4's patch embedding: 1 (stage 4 at
-                stride 16, METHOD.md's default) or 2 (the original stride 32).
+                stride 16, docs/method.md's default) or 2 (the original stride 32).
             drop_path_rate: stochastic-depth rate of the last block (0 for the
                 first, linear in between); 0.1 as the release trains with.
             in_chans: input channels.

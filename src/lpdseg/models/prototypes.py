@@ -1,6 +1,6 @@
 """Prototype heads: per-stage prototype activation maps, class maps and logits.
 
-METHOD.md, LPD steps 1-3. Prototypes ``P`` (C x k x D) live in the frozen
+docs/method.md, LPD steps 1-3. Prototypes ``P`` (C x k x D) live in the frozen
 encoder's space; a small MLP per backbone stage projects them to that stage's
 channels, and every pixel is compared with every projected prototype by a
 scaled cosine similarity. Everything is one einsum per stage: no loop over
@@ -130,7 +130,7 @@ class PrototypeHead(nn.Module):
             feats: the backbone's four feature maps.
             stages: which stages to compute (stage weights of 0 need none).
             inference_merge: ``mean`` (training definition) or ``softmax``-over-j
-                weighted class maps (METHOD.md's inference switch).
+                weighted class maps (docs/method.md's inference switch).
         """
         n = len(feats)
         proto_maps: list[Tensor | None] = [None] * n

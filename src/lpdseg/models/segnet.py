@@ -1,6 +1,6 @@
 """Stage-2 network: any registered backbone + SegFormer-style all-MLP decoder.
 
-Fully supervised on pseudo masks (METHOD.md, PBIP stage 2; the paper uses
+Fully supervised on pseudo masks (docs/method.md, PBIP stage 2; the paper uses
 DeepLab-v2, any solid segmentation net is acceptable). Each stage's features
 are mapped to ``decoder_dim`` channels by a 1x1 projection, upsampled to the
 stage-1 resolution, concatenated, fused by 1x1 conv + BN + ReLU and classified

@@ -21,6 +21,16 @@ holes as inner rings), an optional ``id`` (a UUID string), and
 QuPath imports such a file with File > Import objects from file, or by
 drag and drop.
 
+Options of the writer: the QuPath object type (``"annotation"``: editable
+regions, the default; ``"detection"``: read-only objects QuPath draws and
+counts faster, for slides with many regions), a measurement of each
+region's area (``properties.measurements``, the object form QuPath writes
+since v0.4, ``{"Area µm^2": ...}`` - ``"Area px^2"`` in level-0 pixels when
+the slide has no pixel size; QuPath also still reads v0.3's list form
+``[{"name": ..., "value": ...}]``), and a simplification tolerance in
+level-0 pixels (``shapely`` ``simplify`` with ``preserve_topology``; 0
+keeps the exact pixel outlines).
+
 Every file is written atomically (temporary file in the same folder, then
 ``os.replace``) through ``lpdseg.io``.
 """
@@ -32,7 +42,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -54,6 +64,13 @@ _RASTER_INSET = 0.4
 _RASTER_SHIFT = 8  # fractional bits of the fillPoly coordinates
 # Stable namespace for feature ids: the same map gives the same file.
 _ID_NAMESPACE = uuid.UUID("6f1c1e2a-2f4e-4c55-9a37-1d0a5b7f3c21")
+
+#: QuPath object types the writer offers (``properties.objectType``).
+ObjectType = Literal["annotation", "detection"]
+OBJECT_TYPES: tuple[str, ...] = ("annotation", "detection")
+#: QuPath's names of its area measurement, with and without a pixel size.
+AREA_UM2 = "Area µm^2"
+AREA_PX2 = "Area px^2"
 
 
 # ---------------------------------------------------------------- polygons
@@ -200,6 +217,41 @@ def _check_colors(class_names: Sequence[str], colors: Sequence[Color]) -> None:
         )
 
 
+def _pixel_area_um2(mpp_level0: float | Sequence[float] | None) -> float | None:
+    """µm² per level-0 pixel from ``mpp`` (one number or ``(x, y)``), None when unknown."""
+    if mpp_level0 is None:
+        return None
+    if np.ndim(mpp_level0) == 0:
+        mx = my = float(mpp_level0)  # type: ignore[arg-type]
+    else:
+        mx, my = (float(v) for v in mpp_level0)  # type: ignore[union-attr]
+    if not (np.isfinite(mx) and np.isfinite(my) and mx > 0 and my > 0):
+        raise ValueError(f"mpp_level0 must be positive and finite (or None), got {mpp_level0}")
+    return mx * my
+
+
+def _check_options(object_type: str, simplify_tolerance_px: float) -> None:
+    if object_type not in OBJECT_TYPES:
+        raise ValueError(
+            f"object_type must be one of {', '.join(OBJECT_TYPES)} (QuPath objectType), "
+            f"got {object_type!r}"
+        )
+    if not (np.isfinite(simplify_tolerance_px) and simplify_tolerance_px >= 0):
+        raise ValueError(
+            f"simplify_tolerance_px must be >= 0 (level-0 pixels), got {simplify_tolerance_px}"
+        )
+
+
+def _simplified(geom: BaseGeometry, tolerance: float) -> list[Polygon]:
+    """``geom`` simplified (Douglas-Peucker, topology preserved) as valid polygons."""
+    if tolerance <= 0:
+        return _polygons_of(geom)
+    out = geom.simplify(tolerance, preserve_topology=True)
+    if not out.is_valid:
+        out = shapely.make_valid(out)
+    return _polygons_of(out)
+
+
 def geojson_features(
     class_map: np.ndarray,
     class_names: Sequence[str],
@@ -208,8 +260,12 @@ def geojson_features(
     offset: tuple[float, float] = (0.0, 0.0),
     min_area_px: float = 1.0,
     ndigits: int = 2,
+    *,
+    object_type: ObjectType = "annotation",
+    simplify_tolerance_px: float = 0.0,
+    mpp_level0: float | Sequence[float] | None = None,
 ) -> list[dict]:
-    """QuPath annotation features of every region of every class (background excluded).
+    """QuPath objects of every region of every class (background excluded).
 
     Args:
         class_map: ``h x w`` label map, classes ``0..C-1``, background ``C``.
@@ -219,28 +275,50 @@ def geojson_features(
         offset: ``(x, y)`` of the map's top-left corner in level-0 pixels.
         min_area_px: regions smaller than this (map pixels) are left out.
         ndigits: decimals kept in the coordinates.
+        object_type: QuPath ``objectType``: ``"annotation"`` (editable) or
+            ``"detection"`` (read-only, drawn faster).
+        simplify_tolerance_px: largest distance, in level-0 pixels, an
+            outline may move when simplified (``shapely`` ``simplify`` with
+            ``preserve_topology``); 0 keeps the exact pixel outlines.
+        mpp_level0: the slide's micrometres per level-0 pixel, one number or
+            ``(x, y)``: each feature gets ``measurements`` ``{"Area µm^2": a}``
+            with ``a`` = its polygon area (level-0 px, as written) x
+            ``mpp_x * mpp_y``; None gives ``{"Area px^2": area}`` in level-0 pixels.
 
     Returns:
         GeoJSON ``Feature`` dicts, one per region (Polygon or MultiPolygon).
+
+    Raises:
+        ValueError: too few colours, an unknown ``object_type``, a negative
+            tolerance or a bad ``mpp_level0``.
     """
     _check_colors(class_names, colors)
+    _check_options(object_type, simplify_tolerance_px)
+    pixel_area = _pixel_area_um2(mpp_level0)
+    area_name = AREA_PX2 if pixel_area is None else AREA_UM2
     features = []
     for c, name in enumerate(class_names):
         color = [int(v) for v in colors[c][:3]]
         regions = _region_geometries(class_map == c, min_area_px)
         for k, region in enumerate(regions):
-            geom = mapping(_to_level0(region, float(scale_to_level0), offset))
+            moved = _to_level0(region, float(scale_to_level0), offset)
+            parts = _simplified(moved, float(simplify_tolerance_px))
+            if not parts:
+                continue
+            geom = mapping(parts[0] if len(parts) == 1 else MultiPolygon(parts))
+            geometry = {"type": geom["type"], "coordinates": _rounded(geom["coordinates"], ndigits)}
+            area = float(shape(geometry).area)  # of the polygon as written
+            if pixel_area is not None:
+                area *= pixel_area
             features.append(
                 {
                     "type": "Feature",
                     "id": str(uuid.uuid5(_ID_NAMESPACE, f"{name}/{k}/{region.bounds}")),
-                    "geometry": {
-                        "type": geom["type"],
-                        "coordinates": _rounded(geom["coordinates"], ndigits),
-                    },
+                    "geometry": geometry,
                     "properties": {
-                        "objectType": "annotation",
+                        "objectType": object_type,
                         "classification": {"name": name, "color": color},
+                        "measurements": {area_name: round(area, 4)},
                     },
                 }
             )
@@ -255,6 +333,10 @@ def write_geojson(
     scale_to_level0: float,
     offset: tuple[float, float] = (0.0, 0.0),
     min_area_px: float = 1.0,
+    *,
+    object_type: ObjectType = "annotation",
+    simplify_tolerance_px: float = 0.0,
+    mpp_level0: float | Sequence[float] | None = None,
 ) -> int:
     """Write the regions of a label map as a QuPath-importable GeoJSON FeatureCollection.
 
@@ -266,19 +348,33 @@ def write_geojson(
         scale_to_level0: level-0 pixels per map pixel.
         offset: ``(x, y)`` of the map's top-left corner in level-0 pixels.
         min_area_px: regions smaller than this (map pixels) are left out.
+        object_type: QuPath ``objectType``, ``"annotation"`` or ``"detection"``.
+        simplify_tolerance_px: outline simplification tolerance in level-0
+            pixels (0 = exact pixel outlines).
+        mpp_level0: micrometres per level-0 pixel (``(x, y)`` or one number)
+            for the ``"Area µm^2"`` measurement; None: ``"Area px^2"``.
 
     Returns:
         The number of features written.
     """
     features = geojson_features(
-        class_map, class_names, colors, scale_to_level0, offset, min_area_px
+        class_map,
+        class_names,
+        colors,
+        scale_to_level0,
+        offset,
+        min_area_px,
+        object_type=object_type,
+        simplify_tolerance_px=simplify_tolerance_px,
+        mpp_level0=mpp_level0,
     )
     atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
-    log.info("wrote %d regions to %s", len(features), path)
+    log.info("wrote %d regions (%ss) to %s", len(features), object_type, path)
     return len(features)
 
 
-def _feature_class(feature: dict) -> str | None:
+def feature_class_name(feature: dict) -> str | None:
+    """A feature's QuPath classification name (``"a: b"`` for a derived class), or None."""
     props = feature.get("properties") or {}
     cls = props.get("classification")
     if isinstance(cls, str):
@@ -289,6 +385,67 @@ def _feature_class(feature: dict) -> str | None:
         if cls.get("names"):
             return ": ".join(str(n) for n in cls["names"])  # QuPath's derived-class form
     return None
+
+
+def read_geojson_features(path: str | Path) -> list[Any]:
+    """The features of a GeoJSON file: a FeatureCollection, a list of features or one feature.
+
+    Raises:
+        DataError: the file is missing or not GeoJSON.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(
+            f"{path} cannot be read as GeoJSON ({exc}); export it from QuPath "
+            "with File > Export objects as GeoJSON"
+        ) from exc
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        return list(data.get("features", []))
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        return [data]
+    if isinstance(data, list):
+        return data
+    raise DataError(
+        f"{path} is JSON but not a GeoJSON Feature, FeatureCollection or list of features"
+    )
+
+
+def feature_geometry(path: str | Path, feature: dict) -> BaseGeometry:
+    """The shapely geometry of a feature.
+
+    Raises:
+        DataError: the geometry is missing or invalid (``path`` names the file).
+    """
+    try:
+        return shape(feature["geometry"])
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        shapely.errors.ShapelyError,
+    ) as exc:
+        raise DataError(
+            f"{path}: a feature of class {feature_class_name(feature)!r} has an invalid "
+            f"geometry ({exc})"
+        ) from exc
+
+
+def rasterize_geometry(out: np.ndarray, geom: BaseGeometry, value: int) -> None:
+    """Paint ``value`` into ``out`` where a pixel's centre lies inside ``geom`` (holes honoured).
+
+    ``geom`` is in ``out``'s pixel coordinates: pixel ``(i, j)`` covers
+    ``[j, j + 1] x [i, i + 1]``. Points and lines paint nothing.
+    """
+    geom = shapely.make_valid(geom) if not geom.is_valid else geom
+    one = float(1 << _RASTER_SHIFT)
+    for poly in _polygons_of(geom.buffer(-_RASTER_INSET, join_style="mitre")):
+        # Shift by -0.5 so pixel centres sit on integer coordinates (fillPoly's grid).
+        rings = [np.asarray(poly.exterior.coords)] + [np.asarray(r.coords) for r in poly.interiors]
+        pts = [np.round((r[:, :2] - 0.5) * one).astype(np.int32) for r in rings]
+        cv2.fillPoly(out, pts, int(value), lineType=cv2.LINE_8, shift=_RASTER_SHIFT)
 
 
 def read_geojson_to_mask(
@@ -317,58 +474,21 @@ def read_geojson_to_mask(
     Raises:
         DataError: the file is missing or not GeoJSON.
     """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(
-            f"{path} cannot be read as GeoJSON ({exc}); export it from QuPath "
-            "with File > Export objects as GeoJSON"
-        ) from exc
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features", [])
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, list):
-        features = data
-    else:
-        raise DataError(
-            f"{path} is JSON but not a GeoJSON Feature, FeatureCollection or list of features"
-        )
+    features = read_geojson_features(path)
     index = {name: i for i, name in enumerate(class_names)}
     out = np.full(shape_hw, len(class_names), np.uint8)
     skipped: dict[str, int] = {}
     off = np.asarray(offset, np.float64)
-    one = float(1 << _RASTER_SHIFT)
     for feature in features:
-        name = _feature_class(feature) if isinstance(feature, dict) else None
+        name = feature_class_name(feature) if isinstance(feature, dict) else None
         if name not in index:
             skipped[str(name)] = skipped.get(str(name), 0) + 1
             continue
-        try:
-            geom = shape(feature["geometry"])
-        except (
-            KeyError,
-            TypeError,
-            ValueError,
-            AttributeError,
-            shapely.errors.ShapelyError,
-        ) as exc:
-            raise DataError(
-                f"{path}: a feature of class {name!r} has an invalid geometry ({exc})"
-            ) from exc
+        geom = feature_geometry(path, feature)
         local = shapely.transform(geom, lambda xy: (xy - off) / scale_to_level0)
-        local = shapely.make_valid(local) if not local.is_valid else local
-        for poly in _polygons_of(local.buffer(-_RASTER_INSET, join_style="mitre")):
-            # Shift by -0.5 so pixel centres sit on integer coordinates (fillPoly's grid).
-            rings = [np.asarray(poly.exterior.coords)] + [
-                np.asarray(r.coords) for r in poly.interiors
-            ]
-            pts = [np.round((r[:, :2] - 0.5) * one).astype(np.int32) for r in rings]
-            cv2.fillPoly(out, pts, int(index[name]), lineType=cv2.LINE_8, shift=_RASTER_SHIFT)
+        rasterize_geometry(out, local, index[name])
     if skipped:
         log.warning(
             "%s: skipped features of classes not in %s: %s", path, list(class_names), skipped
         )
     return out
-

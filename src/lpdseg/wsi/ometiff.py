@@ -29,10 +29,12 @@ every label: key ``"0"``, value ``"tumor"``, and key ``"color 0"``, value
 
 Memory stays flat whatever the map's size: level 0 is streamed tile by tile
 from the input (an array, a memory map or a tile generator) straight into
-the TIFF writer; each tile is reduced as it passes into a temporary memory
-map of the next level (next to the output, deleted afterwards), which is
-streamed the same way in turn. Only a few tiles are in memory at a time.
-The file is written atomically (``lpdseg.io.atomic_open``).
+the TIFF writer; each tile is reduced as it passes, and its reduced block
+written to a temporary file of the next level (next to the output, deleted
+afterwards; plain reads and writes, not a memory map, so the level is in
+the page cache, not in the process's resident memory), which is streamed
+the same way in turn. Only a few tiles are in memory at a time. The file
+is written atomically (``lpdseg.io.atomic_open``).
 """
 
 from __future__ import annotations
@@ -140,19 +142,22 @@ def _even(block: np.ndarray) -> np.ndarray:
 def mode_2x2(block: np.ndarray) -> np.ndarray:
     """Most frequent label of each 2 x 2 block (``... x h x w`` -> ``... x ceil(h/2) x ceil(w/2)``).
 
-    Ties go to the first of top-left, top-right, bottom-left, bottom-right
+    Ties go to the first of top-left, top-right, bottom-left (reading order)
     holding a tied label; an odd edge repeats its last row/column.
     """
     b = _even(block)
-    q = (b[..., 0::2, 0::2], b[..., 0::2, 1::2], b[..., 1::2, 0::2], b[..., 1::2, 1::2])
-    out = q[0].copy()
-    best = np.zeros(out.shape, np.uint8)
-    for i, a in enumerate(q):
-        votes = sum((a == other).astype(np.uint8) for j, other in enumerate(q) if j != i)
-        better = votes > best
-        out[better] = a[better]
-        best = np.maximum(best, votes)
-    return out
+    if b.size and b.min() == b.max():  # constant (background, a large region): fast path
+        return np.full((*b.shape[:-2], b.shape[-2] // 2, b.shape[-1] // 2), b.flat[0], b.dtype)
+    a, r, c, d = (
+        np.ascontiguousarray(q)
+        for q in (b[..., 0::2, 0::2], b[..., 0::2, 1::2], b[..., 1::2, 0::2], b[..., 1::2, 1::2])
+    )
+    # a with a partner has >= 2 votes, and nothing can have more unless it is a's:
+    # a wins (ties included). Else a is alone and r wins with a partner; else c with d;
+    # else all four differ and a (top-left) is kept.
+    out = np.where(c == d, c, a)
+    out = np.where((r == c) | (r == d), r, out)
+    return np.where((a == r) | (a == c) | (a == d), a, out)
 
 
 def mean_2x2(block: np.ndarray) -> np.ndarray:
@@ -175,6 +180,9 @@ def _array_blocks(
     """``(plane, y, x, block)`` of a ``planes x h x w`` (or ``h x w``) array, plane by plane."""
     for p in range(planes):
         for y, x in _tile_origins(shape_hw, tile):
+            if isinstance(source, _LevelFile):
+                yield p, y, x, source.read(p, y, x)
+                continue
             key = (slice(y, y + tile), slice(x, x + tile))
             block = source[key] if len(source.shape) == 2 else source[(p, *key)]
             yield p, y, x, np.asarray(block)
@@ -205,22 +213,67 @@ def _iterator_blocks(
         raise ValueError(f"the tile iterator yielded more tiles than a {h} x {w} map has")
 
 
+class _LevelFile:
+    """A reduced level (``planes x h x w`` uint8) in a temporary file, by blocks.
+
+    The level is built from the tiles of the level above: each ``tile x tile``
+    tile there reduces to one ``tile/2`` block here, stored padded at a fixed
+    offset; a ``tile x tile`` tile of this level is then four blocks.
+    """
+
+    def __init__(self, path: Path, planes: int, shape_hw: tuple[int, int], tile: int) -> None:
+        self.shape = (planes, *shape_hw)
+        self.tile, self.block = tile, tile // 2
+        self.rows = -(-shape_hw[0] // self.block)
+        self.cols = -(-shape_hw[1] // self.block)
+        self._file = path.open("w+b")
+
+    def _seek(self, p: int, by: int, bx: int) -> None:
+        index = (p * self.rows + by) * self.cols + bx
+        self._file.seek(index * self.block * self.block)
+
+    def put(self, p: int, y: int, x: int, small: np.ndarray) -> None:
+        """Store the reduced block of the tile at ``(y, x)`` of the level above."""
+        full = np.zeros((self.block, self.block), np.uint8)
+        full[: small.shape[0], : small.shape[1]] = small
+        self._seek(p, y // self.tile, x // self.tile)
+        self._file.write(full.tobytes())
+
+    def read(self, p: int, y: int, x: int) -> np.ndarray:
+        """The tile at ``(y, x)`` of this level (cut at its edge)."""
+        b, t = self.block, self.tile
+        out = np.zeros((t, t), np.uint8)
+        part = np.empty((b, b), np.uint8)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                by, bx = 2 * (y // t) + dy, 2 * (x // t) + dx
+                if by < self.rows and bx < self.cols:
+                    self._seek(p, by, bx)
+                    if self._file.readinto(part) != part.nbytes:  # type: ignore[arg-type]
+                        raise OSError(f"short read from the temporary level {self._file.name}")
+                    out[dy * b : (dy + 1) * b, dx * b : (dx + 1) * b] = part
+        return out[: min(t, self.shape[1] - y), : min(t, self.shape[2] - x)]
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _writer_tiles(
     blocks: Iterator[tuple[int, int, int, np.ndarray]],
     tile: int,
     reduce: Any,
-    below: np.ndarray | None,
+    below: _LevelFile | None,
 ) -> Iterator[np.ndarray]:
     """Full ``tile x tile`` uint8 tiles for the TIFF writer; each block reduced into ``below``."""
     for p, y, x, block in blocks:
+        if block.dtype.kind not in "biu":
+            raise ValueError(f"tiles must hold integers (uint8), got {block.dtype}")
         if block.dtype != np.uint8:
             if block.size and (block.min() < 0 or block.max() > 255):
                 raise ValueError(f"values must fit uint8, got {block.min()}..{block.max()}")
             block = block.astype(np.uint8)
         if below is not None:
-            small = reduce(block)
-            y2, x2 = y // 2, x // 2
-            below[p, y2 : y2 + small.shape[0], x2 : x2 + small.shape[1]] = small
+            below.put(p, y, x, reduce(block))
         if block.shape == (tile, tile):
             yield np.ascontiguousarray(block)
         else:
@@ -365,7 +418,7 @@ def class_map_ome_xml(
             else "channel -> class name ('N'), channel -> colour ('color N', #rrggbb)"
         )
         value = ET.SubElement(note, "Value")
-        for key, name, color in labelled:
+        for key, name, _ in labelled:
             ET.SubElement(value, "M", {"K": key}).text = str(name)
         for key, _, color in labelled:
             ET.SubElement(value, "M", {"K": f"color {key}"}).text = _hex(color)
@@ -467,6 +520,12 @@ def write_class_map_ome_tiff(
             raise ValueError(
                 f"probabilities must be C x h x w = {(n, *hw)} (one plane per class), got {p_shape}"
             )
+        p_dtype = np.dtype(getattr(probabilities, "dtype", np.uint8))
+        if p_dtype != np.uint8:
+            raise ValueError(
+                f"probabilities must be uint8 (probability x 255), got {p_dtype}; e.g. "
+                "np.rint(p * 255).astype(np.uint8), or CanvasProbabilities(canvas)"
+            )
     shapes = pyramid_shapes(hw, levels, tile)
     xml = class_map_ome_xml(
         hw,
@@ -494,75 +553,69 @@ def write_class_map_ome_tiff(
 
     with atomic_open(path, "wb") as handle:
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.levels.", dir=path.parent) as tmp:
+            files: list[_LevelFile] = []
 
-            def spill(name: str, count: int, level: int) -> np.ndarray | None:
+            def spill(name: str, count: int, level: int) -> _LevelFile | None:
                 if level >= len(shapes):
                     return None
-                h, w = shapes[level]
-                return np.memmap(
-                    Path(tmp) / f"{name}{level}.u8", np.uint8, mode="w+", shape=(count, h, w)
-                )
+                level_file = _LevelFile(Path(tmp) / f"{name}{level}.u8", count, shapes[level], tile)
+                files.append(level_file)
+                return level_file
 
-            with tifffile.TiffWriter(
-                handle, bigtiff=raw > BIGTIFF_ABOVE_BYTES, ome=False, shaped=False
-            ) as tif:
-                # The class map: level 0 from the input, then each level from the one above.
-                below = spill("labels", 1, 1)
-                blocks = (
-                    _array_blocks(class_map, 1, hw, tile)  # type: ignore[arg-type]
-                    if sliced
-                    else _iterator_blocks(class_map, hw, tile)  # type: ignore[arg-type]
-                )
+            def pyramid(
+                tif: Any, first: Iterator[Any], planes: int, name: str, reduce: Any, **kind: Any
+            ) -> None:
+                """Level 0 from ``first`` (with its SubIFDs), then each level from the one above."""
+                below = spill(name, planes, 1)
+                page_shape = (lambda hw_: hw_) if planes == 1 else (lambda hw_: (planes, *hw_))
                 tif.write(
-                    _writer_tiles(blocks, tile, mode_2x2, below),
-                    shape=hw,
+                    _writer_tiles(first, tile, reduce, below),
+                    shape=page_shape(hw),
                     subifds=len(shapes) - 1,
-                    description=xml.encode("utf-8"),
-                    **palette,
+                    **kind,
                     **options,
                 )
                 for level in range(1, len(shapes)):
-                    above, below = below, spill("labels", 1, level + 1)
+                    above, below = below, spill(name, planes, level + 1)
                     assert above is not None
                     tif.write(
                         _writer_tiles(
-                            _array_blocks(above, 1, shapes[level], tile), tile, mode_2x2, below
+                            _array_blocks(above, planes, shapes[level], tile), tile, reduce, below
                         ),
-                        shape=shapes[level],
+                        shape=page_shape(shapes[level]),
                         subfiletype=1,
+                        **kind,
+                        **options,
+                    )
+                    above.close()
+
+            # A named handle: tifffile asks a stream for its name (os.fdopen's is the fd).
+            named = tifffile.FileHandle(handle, mode="wb", name=path.name)
+            try:
+                with tifffile.TiffWriter(
+                    named, bigtiff=raw > BIGTIFF_ABOVE_BYTES, ome=False, shaped=False
+                ) as tif:
+                    blocks = (
+                        _array_blocks(class_map, 1, hw, tile)  # type: ignore[arg-type]
+                        if sliced
+                        else _iterator_blocks(class_map, hw, tile)  # type: ignore[arg-type]
+                    )
+                    pyramid(
+                        tif,
+                        blocks,
+                        1,
+                        "labels",
+                        mode_2x2,
+                        description=xml.encode("utf-8"),
                         **palette,
-                        **options,
                     )
-                    del above
-                if probabilities is not None:
-                    below = spill("probabilities", n, 1)
-                    tif.write(
-                        _writer_tiles(
-                            _array_blocks(probabilities, n, hw, tile), tile, mean_2x2, below
-                        ),
-                        shape=(n, *hw),
-                        subifds=len(shapes) - 1,
-                        **gray,
-                        **options,
-                    )
-                    for level in range(1, len(shapes)):
-                        above, below = below, spill("probabilities", n, level + 1)
-                        assert above is not None
-                        tif.write(
-                            _writer_tiles(
-                                _array_blocks(above, n, shapes[level], tile),
-                                tile,
-                                mean_2x2,
-                                below,
-                            ),
-                            shape=(n, *shapes[level]),
-                            subfiletype=1,
-                            **gray,
-                            **options,
-                        )
-                        del above
-                del below
-        size = handle.tell()
+                    if probabilities is not None:
+                        blocks = _array_blocks(probabilities, n, hw, tile)
+                        pyramid(tif, blocks, n, "probabilities", mean_2x2, **gray)
+            finally:
+                for level_file in files:
+                    level_file.close()
+    size = path.stat().st_size
     images = ["class map"] + (["class probabilities"] if probabilities is not None else [])
     log.info(
         "wrote %s: %s levels %s, %.1f MiB",

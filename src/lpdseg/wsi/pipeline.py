@@ -89,6 +89,7 @@ __all__ = [
     "choose_level",
     "find_tissue",
     "infer_tiles",
+    "job_device",
     "load_predictor",
     "lock_output",
     "merge_ranks",
@@ -96,6 +97,7 @@ __all__ = [
     "model_tile",
     "peak_rss_mb",
     "run_slide_job",
+    "slide_mpp",
     "write_outputs",
 ]
 
@@ -144,10 +146,18 @@ def check_output(job: SlideJob) -> None:
 
 
 # ---------------------------------------------------------------- 2. model
-def _device(name: str, ctx: DistContext) -> torch.device:
+def job_device(name: str, ctx: DistContext) -> torch.device:
+    """The device for ``SlideJob.device`` ``name`` on this rank (``cuda:LOCAL_RANK`` under torchrun).
+
+    Raises:
+        SlideJobError: a CUDA device is asked for and there is none.
+    """
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SlideJobError("device", name, "but no CUDA device is available; use auto or cpu")
     return resolve_device(training_device(name, ctx))
+
+
+_device = job_device
 
 
 def load_predictor(job: SlideJob, device: torch.device) -> Any:
