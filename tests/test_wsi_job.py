@@ -21,7 +21,10 @@ def test_defaults_and_paths():
     assert j.overlap == 0.25 and j.batch_tiles == 8 and j.map_downsample_working_px == 8
     assert not j.overwrite
     files = j.output_files()
-    assert list(files) == ["geojson", "overlay", "class_map", "areas_csv", "areas_json", "summary"]
+    assert list(files) == [
+        "geojson", "overlay", "class_map", "areas_csv", "areas_json", "ome_tiff", "summary"
+    ]
+    assert "ome_tiff" not in job(ome_tiff=False).output_files()
     assert files["summary"] == j.summary_path == Path("out/slide_summary.json")
     assert files["geojson"] == Path("out/slide.geojson")
     assert "overwrite" in SlideJob.field_names()

@@ -558,6 +558,28 @@ def slide(
             "resume an interrupted batch; listed as skipped.",
         ),
     ] = False,
+    tissue_mask: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your tissue mask instead of the automatic one: a binary image (any size, "
+            "scaled to the slide) or a QuPath GeoJSON of annotations."
+        ),
+    ] = None,
+    pen_filter: Annotated[
+        bool, typer.Option(help="Remove blue/green/black pen marks from the automatic mask.")
+    ] = False,
+    ome_tiff: Annotated[
+        bool, typer.Option(help="Also write the class map as a pyramidal OME-TIFF.")
+    ] = True,
+    probabilities: Annotated[
+        bool, typer.Option(help="Add uint8 per-class probabilities to the OME-TIFF.")
+    ] = False,
+    geojson_type: Annotated[
+        str, typer.Option(help="QuPath object type of the regions: annotation or detection.")
+    ] = "annotation",
+    simplify: Annotated[
+        float, typer.Option(help="GeoJSON outline simplification tolerance, level-0 pixels.")
+    ] = 0.0,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment whole slides: QuPath GeoJSON, overlay PNG, class map, areas in um^2, summary.
@@ -592,6 +614,12 @@ def slide(
         "read_workers": "--read-workers",
         "overwrite": "--overwrite",
         "skip_done": "--skip-done",
+        "tissue_mask": "--tissue-mask",
+        "pen_filter": "--pen-filter",
+        "ome_tiff": "--ome-tiff",
+        "ome_probabilities": "--probabilities",
+        "geojson_object_type": "--geojson-type",
+        "geojson_simplify_level0_px": "--simplify",
     }
     options = {
         "mpp_um_per_px": mpp,
@@ -605,6 +633,12 @@ def slide(
         "threshold": threshold,
         "read_workers": read_workers,
         "overwrite": overwrite,
+        "tissue_mask": tissue_mask,
+        "pen_filter": pen_filter,
+        "ome_tiff": ome_tiff,
+        "ome_probabilities": probabilities,
+        "geojson_object_type": geojson_type,
+        "geojson_simplify_level0_px": simplify,
     }
 
     def run_one() -> dict:

@@ -157,6 +157,17 @@ class SlideJob:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         overwrite: replace the outputs of a finished run of this slide in
             ``out_dir`` (otherwise such a run is refused).
+        tissue_mask: the user's tissue mask instead of the automatic one: a
+            binary image (any size, scaled to the slide; non-zero = tissue) or a
+            QuPath GeoJSON of annotations (level-0 pixels).
+        pen_filter: remove blue/green/black ink from the automatic tissue mask.
+        ome_tiff: also write the class map as a pyramidal OME-TIFF
+            (``<stem>_classmap.ome.tif``, palette + pixel size).
+        ome_probabilities: add uint8 per-class probabilities to the OME-TIFF.
+        geojson_object_type: QuPath object type of the regions,
+            ``annotation`` or ``detection``.
+        geojson_simplify_level0_px: polygon simplification tolerance in level-0
+            pixels (0: exact outlines).
     """
 
     checkpoint: Path
@@ -178,6 +189,12 @@ class SlideJob:
     read_workers: int = 0
     device: str = "auto"
     overwrite: bool = False
+    tissue_mask: Path | None = None
+    pen_filter: bool = False
+    ome_tiff: bool = True
+    ome_probabilities: bool = False
+    geojson_object_type: str = "annotation"
+    geojson_simplify_level0_px: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("checkpoint", "slide", "out_dir"):
@@ -227,6 +244,29 @@ class SlideJob:
         ):
             raise SlideJobError("device", self.device, "must be auto, cpu, cuda or cuda:N")
         _flag("overwrite", self.overwrite)
+        if self.tissue_mask is not None:
+            object.__setattr__(self, "tissue_mask", Path(self.tissue_mask))
+            if not self.tissue_mask.is_file():
+                raise SlideJobError(
+                    "tissue_mask",
+                    self.tissue_mask,
+                    "is not a file: give a binary image or a QuPath GeoJSON of tissue",
+                )
+        for name in ("pen_filter", "ome_tiff", "ome_probabilities"):
+            _flag(name, getattr(self, name))
+        if self.ome_probabilities and not self.ome_tiff:
+            raise SlideJobError(
+                "ome_probabilities", True, "needs {ome_tiff}", related={"ome_tiff": False}
+            )
+        if self.geojson_object_type not in ("annotation", "detection"):
+            raise SlideJobError(
+                "geojson_object_type", self.geojson_object_type, "must be annotation or detection"
+            )
+        _number("geojson_simplify_level0_px", self.geojson_simplify_level0_px)
+        if self.geojson_simplify_level0_px < 0:
+            raise SlideJobError(
+                "geojson_simplify_level0_px", self.geojson_simplify_level0_px, "must be >= 0"
+            )
         if self.backend == "onnx":
             why = "cannot be used with an ONNX model ({checkpoint}): "
             if self.tta:
@@ -264,14 +304,16 @@ class SlideJob:
     def output_files(self) -> dict[str, Path]:
         """Every file the job writes into ``out_dir``, by kind (``summary`` last)."""
         stem, out = self.slide.stem, self.out_dir
-        return {
+        files = {
             "geojson": out / f"{stem}.geojson",
             "overlay": out / f"{stem}_overlay.png",
             "class_map": out / f"{stem}_classmap.png",
             "areas_csv": out / f"{stem}_areas.csv",
             "areas_json": out / f"{stem}_areas.json",
-            "summary": self.summary_path,
         }
+        if self.ome_tiff:
+            files["ome_tiff"] = out / f"{stem}_classmap.ome.tif"
+        return {**files, "summary": self.summary_path}
 
 
 # ---------------------------------------------------------------- checks

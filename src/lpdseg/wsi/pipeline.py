@@ -503,8 +503,13 @@ def lock_output(job: SlideJob, ctx: DistContext) -> OutputLock:
 
 # ---------------------------------------------------------------- 5. tissue
 def find_tissue(reader: ImageReader, job: SlideJob) -> np.ndarray:
-    """Tissue mask of a ``job.thumbnail_side_px`` thumbnail (``detect_tissue``)."""
-    return detect_tissue(reader.thumbnail(job.thumbnail_side_px))
+    """Tissue mask at the ``job.thumbnail_side_px`` thumbnail: the user's, or ``detect_tissue``."""
+    thumb = reader.thumbnail(job.thumbnail_side_px)
+    if job.tissue_mask is not None:
+        from lpdseg.wsi.tissue import load_tissue_mask
+
+        return load_tissue_mask(job.tissue_mask, reader.dimensions, thumb.shape[:2])
+    return detect_tissue(thumb, remove_pen=job.pen_filter)
 
 
 # ---------------------------------------------------------------- 6. infer
@@ -640,7 +645,21 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
         colors,
         scale,
         min_area_px=job.min_region_area_map_px,
+        object_type=job.geojson_object_type,
+        simplify_tolerance_px=job.geojson_simplify_level0_px,
+        mpp_level0=result.mpp_level0,
     )
+    if job.ome_tiff:
+        from lpdseg.wsi.ometiff import CanvasProbabilities, write_class_map_ome_tiff
+
+        write_class_map_ome_tiff(
+            files["ome_tiff"],
+            class_map,
+            names,
+            colors[: len(names)],
+            plan.map_mpp_um_per_px,
+            probabilities=CanvasProbabilities(canvas) if job.ome_probabilities else None,
+        )
     pictured = overlay(result.picture, class_map, colors[: len(names)])
     write_png(files["overlay"], add_legend(pictured, names, colors[: len(names)]))
     write_png(files["class_map"], class_map)
