@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# demo_output/ is the demo's own folder: `make demo` (re)creates its runs
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/lpdseg demo --out demo_output
+	HF_HUB_OFFLINE=1 $(BIN)/lpdseg demo --out demo_output --overwrite
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests

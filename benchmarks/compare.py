@@ -106,13 +106,13 @@ def run(args: argparse.Namespace) -> dict:
                     common + METHODS[method] + [f"train.seed={seed}", f"train.out_dir={run_dir}"],
                 )
             logging.info("stage 1: %s seed %d", method, seed)
-            s1 = train(cfg, progress=False)
+            s1 = train(cfg, progress=False, overwrite=True)  # a comparison re-runs all
             results[method]["stage1"].append({k: s1["test"]["labels"][k] for k in METRICS})
             if not args.stage2:
                 _write(out, args, results, extra, time.perf_counter() - start)
                 continue
             pseudo_dir = out / "pseudo" / tag
-            write_pseudo_masks(run_dir / "best.pt", pseudo_dir, progress=False)
+            write_pseudo_masks(run_dir / "best.pt", pseudo_dir, progress=False, overwrite=True)
             seg_cfg = load_config(
                 args.preset,
                 common
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
                 ],
             )
             logging.info("stage 2: %s seed %d", method, seed)
-            train(seg_cfg, progress=False, evaluate_test=False)
+            train(seg_cfg, progress=False, evaluate_test=False, overwrite=True)
             s2 = evaluate_checkpoint(out / "seg" / tag / "best.pt", split="test", progress=False)
             results[method]["stage2"].append({k: s2["seg"][k] for k in METRICS})
             _write(out, args, results, extra, time.perf_counter() - start)

@@ -205,7 +205,14 @@ def run_one(
         res = json.loads(cached.read_text())
     else:
         if not (out / "best.pt").is_file():
-            train(load_config("wsss4luad", overrides), progress=False, evaluate_test=False)
+            # an interrupted run continues from its last checkpoint
+            last = out / "last.pt"
+            train(
+                load_config("wsss4luad", overrides),
+                progress=False,
+                evaluate_test=False,
+                resume=last if last.is_file() else None,
+            )
             t_train = time.perf_counter() - t0
         res = evaluate_checkpoint(
             out / "best.pt",

@@ -30,6 +30,14 @@ OverridesArg = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, warnings only.")]
+# the image-level label rule of `synth` and `patches` (one option, one wording)
+MinFractionOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="A class is in a patch's label if it covers this fraction of it "
+        "(default: the preset's data.label_min_fraction, else 0.02)."
+    ),
+]
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -103,13 +111,7 @@ def synth(
         typer.Option(help="Patch side in pixels (default: the preset's synthetic.size, else 224)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes identical files.")] = 0,
-    min_fraction: Annotated[
-        float | None,
-        typer.Option(
-            help="A class is in a patch's label if it covers this fraction of it "
-            "(default: the preset's data.label_min_fraction, else 0.02)."
-        ),
-    ] = None,
+    min_fraction: MinFractionOpt = None,
     preset: Annotated[
         str | None,
         typer.Option(
@@ -259,6 +261,9 @@ def evaluate_cmd(
             "TTA or overrides) in --out (else refused).",
         ),
     ] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable images (listed) instead of stopping.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score a checkpoint: mIoU, mDice, FwIoU, pixel accuracy and boundary IoU.
@@ -269,6 +274,7 @@ def evaluate_cmd(
     """
     _setup_logging(quiet)
     from lpdseg.config import GATES, gate_name
+    from lpdseg.data.datasets import cli_hints
     from lpdseg.inference import evaluate_checkpoint
 
     if split not in ("val", "test"):
@@ -286,6 +292,8 @@ def evaluate_cmd(
         data_root=str(data) if data else None,
         eval_overrides=overrides,
         overwrite=overwrite,
+        skip_bad=skip_bad or None,  # without the flag: the checkpoint's data.skip_bad
+        hints=cli_hints(),
     )
     typer.echo(res["table"])
 
@@ -357,6 +365,9 @@ def pseudo(
         bool,
         typer.Option("--overwrite", help="Replace pseudo masks already in --out (else refused)."),
     ] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable images (listed) instead of stopping.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write pseudo masks of the training set for stage 2 (train.task=seg data.pseudo=OUT).
@@ -366,6 +377,7 @@ def pseudo(
     the checkpoint's is refused.
     """
     _setup_logging(quiet)
+    from lpdseg.data.datasets import cli_hints
     from lpdseg.inference import write_pseudo_masks
 
     summary = _run(
@@ -376,6 +388,8 @@ def pseudo(
         tta=tta,
         progress=not quiet,
         overwrite=overwrite,
+        skip_bad=skip_bad or None,  # without the flag: the checkpoint's data.skip_bad
+        hints=cli_hints(),
     )
     typer.echo(
         f"wrote {summary['images']} pseudo masks to {out} "
@@ -719,13 +733,7 @@ def patches(
     stride: Annotated[
         int, typer.Option(help="Distance between patch origins (< size overlaps).")
     ] = 224,
-    min_fraction: Annotated[
-        float | None,
-        typer.Option(
-            help="A class is in a patch's label if it covers this fraction of it "
-            "(default: the preset's data.label_min_fraction, else 0.02)."
-        ),
-    ] = None,
+    min_fraction: MinFractionOpt = None,
     preset: Annotated[
         str | None,
         typer.Option(
@@ -825,6 +833,9 @@ def demo(
         ),
     ] = "demo_pretrained",
     overrides: OverridesArg = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the runs of an earlier demo in --out.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Synthetic H&E -> train LPD and the CAM baseline -> test table + overlays."""
@@ -832,7 +843,13 @@ def demo(
     from lpdseg.demo import run_demo
 
     report = _run(
-        run_demo, out, quick=quick, progress=not quiet, preset=preset, overrides=overrides
+        run_demo,
+        out,
+        quick=quick,
+        progress=not quiet,
+        preset=preset,
+        overrides=overrides,
+        overwrite=overwrite,
     )
     typer.echo(report)
 

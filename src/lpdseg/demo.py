@@ -66,6 +66,7 @@ def run_demo(
     progress: bool = True,
     preset: str = DEFAULT_PRESET,
     overrides: list[str] | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Run the whole demo and return the Markdown report it also writes.
 
@@ -75,6 +76,7 @@ def run_demo(
         progress: progress bars.
         preset: config preset both methods start from.
         overrides: dotted config overrides applied to both methods.
+        overwrite: replace the runs of an earlier demo in ``out`` (else refused).
     """
     from lpdseg.data.synthetic import write_dataset
 
@@ -108,7 +110,7 @@ def run_demo(
             cfg.model.backbone,
             cfg.train.max_steps or f"{cfg.train.epochs} epochs",
         )
-        summaries[name] = train(cfg, progress=progress)
+        summaries[name] = train(cfg, progress=progress, overwrite=overwrite)
         runs[name] = Path(summaries[name]["run_dir"]) / "best.pt"
     overlays = _overlays(data_root, runs, out)
     elapsed = time.perf_counter() - start

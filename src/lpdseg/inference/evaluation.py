@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from lpdseg.config import GATES, Config, EvalConfig, apply_overrides, config_from_dict
+from lpdseg.data.datasets import API_HINTS, FixHints
 from lpdseg.data.loaders import DataBundle, make_eval_loader, resolve_data
 from lpdseg.data.patches import data_class_problem
 from lpdseg.engine.evaluate import score_split
@@ -36,6 +37,8 @@ def evaluate_checkpoint(
     out_dir: str | Path | None = None,
     data_root: str | None = None,
     overwrite: bool = False,
+    skip_bad: bool | None = None,
+    hints: FixHints = API_HINTS,
 ) -> dict[str, Any]:
     """Score a checkpoint on a split in each gate; write JSON + Markdown tables.
 
@@ -73,7 +76,8 @@ def evaluate_checkpoint(
         if data_root is not None:
             d["data"]["root"] = str(data_root)
         cfg = config_from_dict(d)
-    bundle = resolve_data(cfg, need_train=False)
+    # only the scored split is checked (and, with skip_bad, its bad files skipped)
+    bundle = resolve_data(cfg, need_train=False, eval_splits=(), skip_bad=skip_bad, hints=hints)
     check_data_classes(path, cfg, bundle.root)
     check_split(bundle, split)
     evaluated = {

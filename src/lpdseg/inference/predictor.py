@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from lpdseg.config import Config, EvalConfig
 from lpdseg.errors import ConfigError
 from lpdseg.inference.loading import load_model, resolve_device
-from lpdseg.models.decode import predict_scores
+from lpdseg.models.decode import (
+    predict_scores,
+    seamless_scores,
+    slide_layout,
+    slide_raw_maps,
+)
+from lpdseg.models.lpd import WSSSModel
 
 
 class Predictor:
@@ -95,6 +101,63 @@ class Predictor:
             gate=self.gate,
             tta=self.tta,
         ).cpu()
+
+    # ------------------------------------------------------------ slide scoring
+    @property
+    def supports_seamless(self) -> bool:
+        """Whether :meth:`slide_raw` exists for this model (prototype / CAM heads).
+
+        Stage-2 networks give per-pixel softmax scores, already comparable across
+        tiles: their slides use ``__call__``.
+        """
+        return isinstance(self.model, WSSSModel)
+
+    @property
+    def slide_channels(self) -> int:
+        """K, channels of :meth:`slide_raw` (see ``decode.SlideLayout``)."""
+        return slide_layout(self.model, self.eval_cfg).channels
+
+    @property
+    def gate_window_px(self) -> int:
+        """Side (model input px) of the field the slide gate pools: ``eval.gate_window``,
+        else the training crop (the size the classifier is calibrated for)."""
+        return int(self.eval_cfg.gate_window or self.cfg.data.crop_size)
+
+    @torch.no_grad()
+    def slide_raw(self, tiles: Tensor) -> Tensor:
+        """RGB tiles in [0, 1] (B x 3 x h x w) -> stitchable raw maps (B x K x h x w) on the CPU.
+
+        Nothing in them is normalised or gated per tile (``decode.slide_raw_maps``);
+        :meth:`finish_slide` turns the stitched canvas into label scores.
+        """
+        return slide_raw_maps(
+            self.model, tiles.to(self.device).float(), self.eval_cfg, tta=self.tta
+        ).cpu()
+
+    @torch.no_grad()
+    def finish_slide(
+        self, raw: Tensor, valid: Tensor, window: int, background: Tensor | None = None
+    ) -> Tensor:
+        """Stitched raw maps (K x h x w) -> label scores (L x h x w) (``decode.seamless_scores``).
+
+        Args:
+            raw: blended means of :meth:`slide_raw` over the canvas.
+            valid: h x w bool, canvas pixels some tile covered.
+            window: the gate field in canvas pixels (:attr:`gate_window_px` rescaled).
+            background: h x w bool forced to background (e.g. not tissue).
+        """
+        if self.gate == "labels":
+            raise ConfigError("slide scoring uses the classifier gate (no labels on a slide)")
+        dev = self.device
+        out = seamless_scores(
+            raw.to(dev),
+            valid.to(dev),
+            self.model,
+            self.eval_cfg,
+            window,
+            background=None if background is None else background.to(dev),
+        )
+        return out.cpu()
 
     def scores(self, image: np.ndarray, progress: bool = False) -> Tensor:
         """One ``H x W x 3`` uint8 RGB image -> label scores (L x H x W)."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lpdseg.data.datasets import read_image
+from lpdseg.data.datasets import API_HINTS, FixHints, read_image
 from lpdseg.data.loaders import resolve_data
 from lpdseg.errors import DataError
 from lpdseg.inference.evaluation import check_data_classes
@@ -48,6 +48,8 @@ def write_pseudo_masks(
     batch_size: int = 16,
     progress: bool = True,
     overwrite: bool = False,
+    skip_bad: bool | None = None,
+    hints: FixHints = API_HINTS,
 ) -> dict[str, Any]:
     """Write pseudo masks for every training patch of the checkpoint's dataset.
 
@@ -77,20 +79,34 @@ def write_pseudo_masks(
         cfg = config_from_dict(d)
     if cfg.data.root:  # before reading the data: its file names may not parse as this format
         check_data_classes(checkpoint, cfg, cfg.data.root)
-    bundle = resolve_data(cfg)
+    # training patches only (val/test are not read), bad ones skipped with skip_bad
+    bundle = resolve_data(cfg, eval_splits=(), skip_bad=skip_bad, hints=hints)
+    skip_bad = cfg.data.skip_bad if skip_bad is None else skip_bad
     out = Path(out)
     _prepare_output(out, overwrite)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    names = unique_stems([s.image for s in bundle.train])
+    names = dict(zip((s.image for s in bundle.train), unique_stems([s.image for s in bundle.train])))
     c = len(bundle.class_names)
     counts = np.zeros(c + 1, np.int64)
     rows = [["image", "mask", "label"]]
     samples = bundle.train
+    skipped: list[str] = []
     for start in tqdm(
         range(0, len(samples), batch_size), desc="pseudo", disable=not progress, unit="batch"
     ):
-        group = samples[start : start + batch_size]
-        images = [read_image(s.image) for s in group]
+        group, images = [], []
+        for s in samples[start : start + batch_size]:
+            try:  # headers were checked at start; a file can still fail to decode
+                images.append(read_image(s.image))
+            except DataError as exc:
+                if not skip_bad:
+                    raise hints.with_skip_advice(exc) from None
+                log.warning("skipped %s: %s", s.image, exc)
+                skipped.append(str(s.image))
+                continue
+            group.append(s)
+        if not group:
+            continue
         same = len({im.shape for im in images}) == 1
         chunks = [images] if same else [[im] for im in images]
         labels_all = torch.tensor(np.stack([s.label for s in group]), dtype=torch.float32)
@@ -102,8 +118,8 @@ def write_pseudo_masks(
             offset += len(chunk)
             pred, _ = predict_masks(model, x, cfg.eval, lab, gate="labels", tta=tta)
             preds.extend(pred.cpu().numpy().astype(np.uint8))
-        for index, (s, pred) in enumerate(zip(group, preds)):
-            name = f"{names[start + index]}.png"
+        for s, pred in zip(group, preds):
+            name = f"{names[s.image]}.png"
             save_png(out / "masks" / name, pred)
             counts += np.bincount(pred.ravel(), minlength=c + 1)[: c + 1]
             label = " ".join(str(int(v)) for v in s.label)
@@ -113,7 +129,8 @@ def write_pseudo_masks(
     atomic_write_text(out / "manifest.csv", buf.getvalue())
     summary = {
         "checkpoint": str(checkpoint),
-        "images": len(samples),
+        "images": len(samples) - len(skipped),
+        "skipped": skipped + [str(b.path) for b in bundle.bad],
         "tta": tta,
         "class_names": list(bundle.class_names),
         "data_root": str(Path(bundle.root).resolve()),

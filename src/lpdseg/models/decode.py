@@ -26,6 +26,7 @@ from torch import Tensor
 from lpdseg.config import GATES, EvalConfig
 from lpdseg.data.glass import glass_mask
 from lpdseg.models.lpd import WSSSModel, needed_stages
+from lpdseg.models.prototypes import merge_prototype_scores
 
 
 @dataclass
@@ -294,3 +295,202 @@ def predict_masks(
     """Images -> label masks (B x H x W, background = C) and the maps they came from."""
     scores, out = _decode_one(model, images, cfg, labels, gate, tta, amp_dtype)
     return scores.argmax(1), out
+
+
+# ---------------------------------------------------------------- slide scoring (seamless)
+# ``slide_scoring: seamless``: tiles give quantities that are comparable across tiles
+# (raw stage maps, the per-pixel inputs of the classifier logit, a glass flag); they are
+# stitched (blended means are linear) and only then normalised, gated and turned into
+# label scores, over the stitched canvas (:func:`seamless_scores`). Nothing is decided
+# per tile, so tile borders leave no trace. An image given whole is the one-tile case.
+
+SLIDE_SCORINGS = ("seamless", "per_tile")
+
+
+@dataclass(frozen=True)
+class SlideLayout:
+    """Channels of :func:`slide_raw_maps`, in order.
+
+    Attributes:
+        num_classes: C.
+        stages: stages with a non-zero fuse weight (C raw class-map channels each).
+        weights: their fuse weights.
+        gate_channels: G, per-pixel inputs of the stage-4 classifier logit (the
+            prototype maps ``C x k`` of a prototype head, the class maps of a CAM head).
+    """
+
+    num_classes: int
+    stages: tuple[int, ...]
+    weights: tuple[float, ...]
+    gate_channels: int
+
+    @property
+    def channels(self) -> int:
+        """K = C * stages + G + 1 (the last channel: glass fraction)."""
+        return self.num_classes * len(self.stages) + self.gate_channels + 1
+
+
+def slide_layout(model: WSSSModel, cfg: EvalConfig) -> SlideLayout:
+    """The channel layout :func:`slide_raw_maps` gives for ``model``."""
+    head = model.head
+    c = int(head.num_classes)
+    stages = tuple(i for i, w in enumerate(cfg.fuse_weights) if w)
+    if not stages:
+        raise ValueError("eval.fuse_weights selects no stage")
+    k = int(getattr(head, "prototypes_per_class", 1)) if hasattr(head, "prototypes") else 1
+    return SlideLayout(c, stages, tuple(float(cfg.fuse_weights[i]) for i in stages), c * k)
+
+
+@torch.no_grad()
+def slide_raw_maps(
+    model: WSSSModel,
+    images: Tensor,
+    cfg: EvalConfig,
+    tta: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Tiles (RGB in [0, 1]) -> comparable per-pixel quantities (B x K x H x W, float32).
+
+    Channels (:class:`SlideLayout`): the raw class maps of every fused stage (scaled
+    cosines / CAM logits, no per-image normalisation), the stage-4 per-pixel logit
+    inputs (their mean over a window is that window's pooled classifier input), and
+    the glass flag (0/1, the :mod:`lpdseg.data.glass` rule). All are TTA-averaged and
+    resized to the input size, so their window-weighted means can be stitched.
+    """
+    layout = slide_layout(model, cfg)
+    stages = needed_stages(cfg.fuse_weights)
+    has_protos = hasattr(model.head, "prototypes")
+
+    def forward(x: Tensor, scale: float) -> tuple[list[Tensor | None], list[Tensor]]:
+        with torch.autocast(
+            x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            out = model(x, stages=stages, inference_merge=cfg.inference_merge)
+        maps = [out.class_maps[i].float() for i in layout.stages]
+        gate = out.proto_maps[3].flatten(1, 2) if has_protos else out.class_maps[3]
+        return [*maps, gate.float()], []
+
+    maps, _ = with_tta(images, cfg, tta, forward)
+    glass = glass_mask(images.float(), cfg.glass_brightness, cfg.glass_spread)
+    return torch.cat([*maps, glass[:, None].to(maps[0].dtype)], dim=1)
+
+
+def gate_logits(model: WSSSModel, pooled: Tensor) -> Tensor:
+    """Window-pooled stage-4 logit inputs (B x G x h x w) -> classifier logits (B x C x h x w).
+
+    The head's own merge of sub-prototype scores and its logit bias, as in
+    ``forward`` / ``window_logits``; a CAM head's pooled maps are its logits.
+    """
+    head = model.head
+    if not hasattr(head, "prototypes"):
+        return pooled
+    b, _, h, w = pooled.shape
+    c = int(head.num_classes)
+    scores = pooled.reshape(b, c, -1, h, w).permute(0, 1, 3, 4, 2)  # B x C x h x w x k
+    logits = merge_prototype_scores(scores, head.merge)
+    if head.logit_bias is not None:
+        logits = logits + head.logit_bias[3].to(logits)[None, :, None, None]
+    return logits
+
+
+def _masked_minmax(maps: Tensor, valid: Tensor) -> Tensor:
+    """Min-max normalise each class map (C x h x w) over the ``valid`` pixels (h x w)."""
+    if not bool(valid.any()):
+        return torch.zeros_like(maps)
+    vals = maps[:, valid]
+    lo = vals.min(-1).values[:, None, None]
+    hi = vals.max(-1).values[:, None, None]
+    return ((maps - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+
+
+def _box_sum(x: Tensor, window: int) -> Tensor:
+    """Sum over the odd ``window`` x ``window`` box centred on each pixel (zero outside), ... x h x w.
+
+    Cumulative sums along each axis: linear in the pixels whatever the window.
+    """
+    pad = window // 2
+    out = x.double()
+    for dim in (-2, -1):
+        n = out.shape[dim]
+        padded = F.pad(out.movedim(dim, -1), (pad + 1, pad))  # one leading zero for the difference
+        c = padded.cumsum(-1)
+        out = (c[..., window : window + n] - c[..., :n]).movedim(-1, dim)
+    return out
+
+
+def _window_mean(x: Tensor, valid: Tensor, window: int) -> Tensor:
+    """Mean of ``x`` (G x h x w) over the valid pixels of the window centred on each pixel."""
+    window = max(1, int(window)) | 1  # odd: centred
+    v = valid.to(torch.float64)
+    num = _box_sum(x.double() * v, window)
+    den = _box_sum(v, window)
+    return (num / den.clamp_min(1e-12)).to(x.dtype)
+
+
+def _window_any(x: Tensor, window: int) -> Tensor:
+    """Whether any pixel of the odd ``window`` box centred on each pixel is set (C x h x w bool)."""
+    window = max(1, int(window)) | 1
+    return _box_sum(x.double(), window) > 0.5
+
+
+def seamless_scores(
+    raw: Tensor,
+    valid: Tensor,
+    model: WSSSModel,
+    cfg: EvalConfig,
+    window: int,
+    *,
+    background: Tensor | None = None,
+    glass_fraction: float = 0.5,
+) -> Tensor:
+    """Stitched raw maps (K x h x w, :func:`slide_raw_maps` layout) -> label scores ((C+1) x h x w).
+
+    1. Each fused stage's raw maps are min-max normalised over the whole canvas
+       (the ``valid`` pixels), fused with the fuse weights and normalised again:
+       one common scale for every tile.
+    2. Gate per pixel: the classifier logit of the ``window`` x ``window`` field
+       centred on every pixel (the head's pooling, merge and bias over that
+       field); a class may appear at a pixel when some field of that size
+       containing it passes ``eval.cls_threshold`` (or ``cls_thresholds``).
+    3. Background channel ``(1 - max)^gamma``.
+    4. Pixels whose glass fraction exceeds ``glass_fraction``, pixels in
+       ``background`` (e.g. outside the tissue mask) and invalid pixels are
+       background.
+
+    Args:
+        raw: blended means of the stitched tiles.
+        valid: h x w bool, pixels some tile covered.
+        model: the model (its head's merge and logit bias).
+        cfg: fuse weights, thresholds, ``bg_gamma``.
+        window: the gate's field side in canvas pixels (the training crop / ``eval.gate_window``).
+        background: h x w bool forced to background (None: none).
+        glass_fraction: glass-flag mean above which a pixel is glass.
+    """
+    layout = slide_layout(model, cfg)
+    if raw.shape[0] != layout.channels:
+        raise ValueError(f"raw maps have {raw.shape[0]} channels, the layout {layout.channels}")
+    raw = raw.float()
+    c, ns = layout.num_classes, len(layout.stages)
+    fused = None
+    for i, wt in enumerate(layout.weights):
+        term = wt * _masked_minmax(raw[i * c : (i + 1) * c], valid)
+        fused = term if fused is None else fused + term
+    fused = _masked_minmax(fused, valid)
+    gate_in = raw[c * ns : c * ns + layout.gate_channels]
+    probs = torch.sigmoid(gate_logits(model, _window_mean(gate_in, valid, window)[None])[0])
+    if cfg.cls_thresholds is not None:
+        if len(cfg.cls_thresholds) != c:
+            raise ValueError(
+                f"eval.cls_thresholds has {len(cfg.cls_thresholds)} values for {c} classes"
+            )
+        thr = probs.new_tensor(cfg.cls_thresholds)[:, None, None]
+    else:
+        thr = cfg.cls_threshold
+    keep = _window_any((probs > thr) & valid[None], window)
+    gated = fused * keep.to(fused.dtype)
+    bg = (1.0 - gated.max(0, keepdim=True).values).clamp_min(0) ** cfg.bg_gamma
+    scores = torch.cat([gated, bg], dim=0)[None]
+    forced = ~valid | (raw[-1] > glass_fraction)
+    if background is not None:
+        forced = forced | background.to(forced.device)
+    return force_background(scores, forced[None])[0]

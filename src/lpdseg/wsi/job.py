@@ -168,6 +168,11 @@ class SlideJob:
             ``annotation`` or ``detection``.
         geojson_simplify_level0_px: polygon simplification tolerance in level-0
             pixels (0: exact outlines).
+        slide_scoring: ``seamless`` (default: raw maps stitched, then normalised,
+            gated over fields of the training crop and glass/non-tissue made
+            background on the stitched canvas, so tiles leave no seams) or
+            ``per_tile`` (each tile's label scores as ``predict`` gives them,
+            stitched). ONNX exports and stage-2 networks always use ``per_tile``.
     """
 
     checkpoint: Path
@@ -195,6 +200,7 @@ class SlideJob:
     ome_probabilities: bool = False
     geojson_object_type: str = "annotation"
     geojson_simplify_level0_px: float = 0.0
+    slide_scoring: str = "seamless"
 
     def __post_init__(self) -> None:
         for name in ("checkpoint", "slide", "out_dir"):
@@ -267,6 +273,8 @@ class SlideJob:
             raise SlideJobError(
                 "geojson_simplify_level0_px", self.geojson_simplify_level0_px, "must be >= 0"
             )
+        if self.slide_scoring not in ("seamless", "per_tile"):
+            raise SlideJobError("slide_scoring", self.slide_scoring, "must be seamless or per_tile")
         if self.backend == "onnx":
             why = "cannot be used with an ONNX model ({checkpoint}): "
             if self.tta:

@@ -76,7 +76,13 @@ from lpdseg.wsi.job import (
 )
 from lpdseg.wsi.lock import OutputLock
 from lpdseg.wsi.reader import ImageReader, open_image
-from lpdseg.wsi.tiling import SlideCanvas, merge_partial, stitch_slide
+from lpdseg.wsi.tiling import (
+    SlideCanvas,
+    canvas_from_scores,
+    canvas_means,
+    merge_partial,
+    stitch_slide,
+)
 from lpdseg.wsi.tissue import detect_tissue
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,7 @@ __all__ = [
     "check_output",
     "choose_level",
     "find_tissue",
+    "finish_canvas",
     "infer_tiles",
     "job_device",
     "load_predictor",
@@ -97,6 +104,7 @@ __all__ = [
     "model_tile",
     "peak_rss_mb",
     "run_slide_job",
+    "slide_scoring",
     "slide_mpp",
     "write_outputs",
 ]
@@ -578,6 +586,44 @@ def infer_tiles(
     )
 
 
+def slide_scoring(predictor: Any, job: SlideJob) -> str:
+    """``seamless`` when the job asks for it and the predictor can (``slide_raw``), else ``per_tile``.
+
+    ONNX exports give per-tile label scores only, and stage-2 networks' softmax
+    needs no slide-level decision: both stitch their label scores as they are.
+    """
+    if job.slide_scoring == "seamless" and getattr(predictor, "supports_seamless", False):
+        return "seamless"
+    return "per_tile"
+
+
+def finish_canvas(
+    canvas: SlideCanvas,
+    predictor: Any,
+    tissue: np.ndarray | None,
+    level_per_model: float = 1.0,
+) -> SlideCanvas:
+    """A seamless canvas of raw maps -> a canvas of label scores, decided on the stitched canvas.
+
+    The gate field is the model's (``predictor.gate_window_px``, model pixels)
+    in canvas pixels (``level_per_model``: level pixels per model pixel, the
+    plan's ``tile_level_px / tile_model_px``); pixels outside ``tissue`` (resized to the canvas) and
+    glass pixels (the glass channel) become background.
+    """
+    import cv2
+
+    raw = torch.from_numpy(canvas_means(canvas))
+    valid = torch.from_numpy(canvas.covered)
+    window = max(1, round(predictor.gate_window_px * level_per_model / canvas.output_downsample))
+    background = None
+    if tissue is not None:
+        h, w = canvas.shape_hw
+        resized = cv2.resize(tissue.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        background = torch.from_numpy(resized == 0)
+    scores = predictor.finish_slide(raw, valid, window, background)
+    return canvas_from_scores(canvas, scores.numpy())
+
+
 def merge_ranks(canvas: SlideCanvas, ctx: DistContext) -> SlideCanvas | None:
     """Every rank's canvas summed on rank 0 (None on the other ranks; as is for one process)."""
     if not ctx.enabled:
@@ -612,6 +658,7 @@ class SlideResult:
     dimensions_level0: tuple[int, int]
     tissue_fraction: float
     device: str
+    slide_scoring: str = "per_tile"
 
 
 def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[str, Any]:
@@ -696,9 +743,10 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
     }
     atomic_write_json(files["summary"], summary)
     log.info(
-        "%s: %d tiles in %.1f s, %d regions, peak RSS %.0f MiB -> %s",
+        "%s: %d tiles (%s scoring) in %.1f s, %d regions, peak RSS %.0f MiB -> %s",
         job.slide,
         canvas.tiles,
+        result.slide_scoring,
         seconds,
         regions,
         summary["peak_rss_mb"],
@@ -763,11 +811,13 @@ def run_slide_job(
             plan = choose_level(reader, job, tile, *model_mpp(predictor))
             lock = lock_output(job, ctx)
             tissue = find_tissue(reader, job)
+            scoring = slide_scoring(predictor, job)
+            seamless = scoring == "seamless"
             canvas = infer_tiles(
                 reader,
                 plan,
-                predictor,
-                predictor.num_labels,
+                predictor.slide_raw if seamless else predictor,
+                predictor.slide_channels if seamless else predictor.num_labels,
                 job,
                 tissue,
                 rank=ctx.rank,
@@ -777,6 +827,10 @@ def run_slide_job(
             merged = merge_ranks(canvas, ctx)
             if merged is None:  # not rank 0: rank 0 merges, writes and reports
                 return {"rank": ctx.rank, "tiles": canvas.tiles}
+            if seamless:
+                merged = finish_canvas(
+                    merged, predictor, tissue, plan.tile_level_px / plan.tile_model_px
+                )
             h, w = merged.shape_hw
             result = SlideResult(
                 plan=plan,
@@ -788,6 +842,7 @@ def run_slide_job(
                 dimensions_level0=reader.dimensions,
                 tissue_fraction=float(tissue.mean()),
                 device=_predictor_device(predictor, device),
+                slide_scoring=scoring,
             )
         return write_outputs(job, result, started)
     except BaseException:

@@ -421,3 +421,100 @@ def stitch_slide(
         if pool:
             pool.shutdown()
     return SlideCanvas(score_sum, weight_sum, level, float(lds), ds, len(mine))
+
+
+# ---------------------------------------------------------------- seamless canvases
+def canvas_means(canvas: SlideCanvas) -> np.ndarray:
+    """``K x h x w`` float32 blended means of a canvas of raw channels (0 where no tile)."""
+    w = np.maximum(canvas.weight_sum, 1).astype(np.float64)
+    out = (canvas.score_sum / w).astype(np.float32)
+    out[:, ~canvas.covered] = 0.0
+    return out
+
+
+def canvas_from_scores(raw: SlideCanvas, scores: np.ndarray) -> SlideCanvas:
+    """A label-score canvas with ``raw``'s weights and geometry whose means are ``scores``.
+
+    ``scores`` (``L x h x w``) are decided on the stitched canvas (seamless slide
+    scoring); the result behaves as a canvas stitched from per-tile label scores
+    (``class_map``, ``scores``, OME-TIFF probabilities).
+    """
+    scores = np.asarray(scores, np.float64)
+    if scores.shape[1:] != raw.shape_hw:
+        raise ValueError(f"scores {scores.shape} do not match the canvas {raw.shape_hw}")
+    score_sum = np.rint(scores * raw.weight_sum[None]).astype(np.int64)
+    return SlideCanvas(
+        score_sum, raw.weight_sum.copy(), raw.level, raw.level_downsample,
+        raw.output_downsample, raw.tiles,
+    )
+
+
+def tile_border_zones(origins: Sequence[int], tile: int, length: int) -> list[tuple[float, float]]:
+    """Where neighbouring tiles hand over, along one axis (same pixels as ``origins``).
+
+    Between consecutive tiles ``[o_i, o_i + tile)`` and ``[o_j, ...)`` the blending
+    weights are equal at the middle of their overlap ``(o_j + o_i + tile) / 2``
+    (the edge ``o_j`` without overlap): a per-tile decision flips there. Returned
+    as zero-width zones ``(c, c)``; ``seam_score``'s ``band`` widens them.
+    """
+    starts = sorted(set(int(o) for o in origins))
+    zones = []
+    for a, b in zip(starts, starts[1:]):
+        c = 0.5 * (b + min(a + tile, length))
+        zones.append((c, c))
+    return zones
+
+
+def seam_score(
+    class_map: np.ndarray,
+    zones_y: Sequence[tuple[float, float]],
+    zones_x: Sequence[tuple[float, float]],
+    *,
+    band: float = 2.0,
+    valid: np.ndarray | None = None,
+) -> float:
+    """Class changes on tile borders / class changes elsewhere, per unit length.
+
+    A change is a pair of 4-neighbours with different labels, placed between
+    them; changes between horizontal neighbours are counted against the vertical
+    borders (``zones_x``, columns) and vertical ones against the horizontal borders
+    (``zones_y``, rows). A pair lies on a border when it is within ``band`` pixels
+    of a zone. The score is the rate (changes per pair) on borders over the rate
+    elsewhere: ~1 when borders are nowhere special, large for tile-shaped artefacts.
+
+    Args:
+        class_map: ``h x w`` labels.
+        zones_y / zones_x: border intervals in map pixels (``tile_border_zones``
+            divided by the map's downsample).
+        band: half-width added to every zone.
+        valid: ``h x w`` bool, pairs with an invalid pixel are ignored (None: all).
+
+    Returns:
+        The ratio (1.0 when there are no changes at all, ``inf`` when all are on borders).
+    """
+    m = np.asarray(class_map)
+    h, w = m.shape
+    ok = np.ones((h, w), bool) if valid is None else np.asarray(valid, bool)
+
+    def near(n: int, zones) -> np.ndarray:
+        pos = np.arange(n - 1) + 0.5  # between pixel i and i + 1
+        hit = np.zeros(n - 1, bool)
+        for lo, hi in zones:
+            hit |= (pos >= lo - band) & (pos <= hi + band)
+        return hit
+
+    dx = m[:, 1:] != m[:, :-1]
+    okx = ok[:, 1:] & ok[:, :-1]
+    dy = m[1:] != m[:-1]
+    oky = ok[1:] & ok[:-1]
+    zx = np.broadcast_to(near(w, zones_x)[None], dx.shape)
+    zy = np.broadcast_to(near(h, zones_y)[:, None], dy.shape)
+    on_n = (dx & okx & zx).sum() + (dy & oky & zy).sum()
+    on_d = (okx & zx).sum() + (oky & zy).sum()
+    off_n = (dx & okx & ~zx).sum() + (dy & oky & ~zy).sum()
+    off_d = (okx & ~zx).sum() + (oky & ~zy).sum()
+    rate_on = on_n / max(on_d, 1)
+    rate_off = off_n / max(off_d, 1)
+    if rate_off == 0:
+        return 1.0 if rate_on == 0 else float("inf")
+    return float(rate_on / rate_off)
