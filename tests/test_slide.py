@@ -138,12 +138,13 @@ def test_slide_outputs_and_geojson_round_trip(run_dir, slide_path, tmp_path):
             "regions", "seconds", "tiles_per_second", "peak_rss_mb", "device", "files",
             # where the resolutions came from (tests/test_wsi_resolution.py)
             "working_mpp", "resolution_source", "model_mpp", "slide_mpp", "slide_mpp_source",
-            "slide_mpp_metadata", "backend",
+            "slide_mpp_metadata", "backend", "slide_scoring",
         ]
     )  # fmt: skip
     assert s["requested"] == "2 um/px" and s["tile_model_px"] == 64 and s["overlap"] == 0.25
     assert s["resolution_source"] == "--mpp" and s["working_mpp"] == pytest.approx(2.0)
     assert s["slide_mpp_source"] == "metadata" and s["backend"] == "torch"
+    assert s["slide_scoring"] == "seamless"  # the default for a PyTorch prototype model
     for f in s["files"].values():
         assert Path(f).is_file(), f
     assert sorted(p.name for p in out.iterdir()) == sorted(

@@ -594,6 +594,14 @@ def slide(
     simplify: Annotated[
         float, typer.Option(help="GeoJSON outline simplification tolerance, level-0 pixels.")
     ] = 0.0,
+    slide_scoring: Annotated[
+        str,
+        typer.Option(
+            help="seamless: raw maps stitched, then normalised and gated on the whole slide "
+            "(no tile-shaped blocks); per_tile: each tile scored on its own (what ONNX "
+            "models and stage-2 networks use)."
+        ),
+    ] = "seamless",
     quiet: QuietOpt = False,
 ) -> None:
     """Segment whole slides: QuPath GeoJSON, overlay PNG, class map, areas in um^2, summary.
@@ -634,6 +642,7 @@ def slide(
         "ome_probabilities": "--probabilities",
         "geojson_object_type": "--geojson-type",
         "geojson_simplify_level0_px": "--simplify",
+        "slide_scoring": "--slide-scoring",
     }
     options = {
         "mpp_um_per_px": mpp,
@@ -653,6 +662,7 @@ def slide(
         "ome_probabilities": probabilities,
         "geojson_object_type": geojson_type,
         "geojson_simplify_level0_px": simplify,
+        "slide_scoring": slide_scoring,
     }
 
     def run_one() -> dict:

@@ -723,6 +723,7 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
         "requested": plan.requested,
         **plan.resolution_fields(),
         "backend": job.backend,
+        "slide_scoring": result.slide_scoring,
         "level": plan.level,
         "level_downsample": plan.level_downsample,
         "level_mpp": plan.level_mpp_um_per_px,
