@@ -60,3 +60,23 @@ def test_the_gate_uses_per_class_thresholds_when_set():
     assert class_gate(EvalConfig(), probs, None, "classifier").tolist() == [[False, True]]
     per_class = EvalConfig(cls_thresholds=[0.2, 0.8])
     assert class_gate(per_class, probs, None, "classifier").tolist() == [[True, False]]
+
+
+def test_training_calibrates_the_gate_on_val_and_stores_it_in_best_pt(tiny_run_dir):
+    import json
+
+    from lpdseg.data.loaders import make_eval_loader, resolve_data
+    from lpdseg.engine.calibration import collect_outputs
+    from lpdseg.inference import load_model
+
+    record = json.loads((tiny_run_dir / "summary.json").read_text())["gate_calibration"]
+    model, cfg = load_model(tiny_run_dir / "best.pt")
+    assert record["images"] == 2  # the tiny set's val split
+    assert record["val_mIoU_calibrated"] >= record["val_mIoU_fixed_threshold"]
+    assert cfg.eval.cls_thresholds == record["cls_thresholds"]  # stored only when better
+    # the record is reproducible from best.pt's weights and the val split
+    fixed = EvalConfig(**{**cfg.eval.__dict__, "cls_thresholds": None})
+    loader = make_eval_loader(cfg, resolve_data(cfg, need_train=False), "val")
+    outputs = collect_outputs(model, loader, fixed, torch.device("cpu"))
+    _, base, best = choose_thresholds(outputs, fixed, cfg.data.class_names)
+    assert base == record["val_mIoU_fixed_threshold"] and best == record["val_mIoU_calibrated"]

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from lpdseg.config import Config, config_from_dict, save_config
 from lpdseg.data.loaders import DataBundle, make_eval_loader, make_train_loader, resolve_data
+from lpdseg.engine.calibration import choose_thresholds, collect_outputs
 from lpdseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lpdseg.engine.distributed import (
     DistContext,
@@ -1002,6 +1003,10 @@ def _finish(
         "best_by": "val_mIoU" if has_val else "last_step (no val split)",
         "skipped_steps": trainer.skipped_steps,
     }
+    if has_val:
+        calibration = _calibrate_gate(trainer, run_dir / "best.pt", bundle)
+        if calibration is not None:
+            summary["gate_calibration"] = calibration
     if evaluate_test and bundle.has_split("test"):
         best = run_dir / "best.pt"
         trainer.model.load_state_dict(load_checkpoint(best, map_location=trainer.device)["model"])
@@ -1016,3 +1021,43 @@ def _finish(
         )
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _calibrate_gate(trainer: Trainer, best: Path, bundle: DataBundle) -> dict[str, Any] | None:
+    """Per-class classifier-gate thresholds of ``best.pt``, chosen on the val split.
+
+    They are stored in ``best.pt``'s config (``eval.cls_thresholds``, rewritten
+    atomically) only when they raise the val mIoU of the classifier gate over the
+    fixed ``eval.cls_threshold``; either way the record goes into summary.json.
+    """
+    cfg = trainer.cfg
+    if trainer.seg or not cfg.eval.calibrate_gate or not best.is_file():
+        return None
+    ckpt = load_checkpoint(best, map_location=trainer.device)
+    trainer.model.load_state_dict(ckpt["model"])
+    loader = make_eval_loader(cfg, bundle, "val")
+    outputs = collect_outputs(trainer.model, loader, cfg.eval, trainer.device)
+    if not outputs:
+        return None
+    thresholds, fixed, calibrated = choose_thresholds(outputs, cfg.eval, bundle.class_names)
+    used = calibrated > fixed
+    if used:
+        ckpt["config"]["eval"]["cls_thresholds"] = thresholds
+        save_checkpoint(best, ckpt)
+        trainer.cfg = config_from_dict(ckpt["config"])
+    log.info(
+        "classifier gate on val (%d images): mIoU %.4f at threshold %.2f, %.4f with per-class "
+        "thresholds %s%s",
+        len(outputs),
+        fixed,
+        cfg.eval.cls_threshold,
+        calibrated,
+        thresholds,
+        " (stored in best.pt)" if used else " (not better: best.pt keeps the fixed threshold)",
+    )
+    return {
+        "images": len(outputs),
+        "val_mIoU_fixed_threshold": fixed,
+        "val_mIoU_calibrated": calibrated,
+        "cls_thresholds": thresholds if used else None,
+    }
