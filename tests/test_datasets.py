@@ -17,14 +17,10 @@ from lpdseg.data.datasets import (
     FORMATS,
     BadFile,
     MaskedDataset,
-    Sample,
-    WeakDataset,
-    collate_list,
     csv_class_names,
     get_format,
     list_split,
     mask_to_label,
-    pad_collate,
     parse_label,
     read_image,
     read_mask,
@@ -412,18 +408,21 @@ def test_csv_errors_and_escape(tmp_path):
 
 
 # ------------------------------------------------------------------ datasets / collate
-def test_weak_and_masked_datasets(tmp_path):
+def test_training_and_masked_datasets_and_eval_collate(tmp_path):
+    from lpdseg.data.loaders import SeededWeakDataset, collate_eval
+
     root = make_dataset(tmp_path, "bcss_wsss", [[1, 0, 1, 0], [0, 1, 0, 0]])
     train, _ = list_split(root, "bcss_wsss", "train")
-    ds = WeakDataset(train, TrainTransform(AugmentConfig(crop_size=8)))
+    ds = SeededWeakDataset(train, TrainTransform(AugmentConfig(crop_size=8)), seed=0, epoch=0)
     item = ds[0]
     assert item["image"].shape == (3, 8, 8) and item["image"].dtype == torch.float32
+    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0  # RGB: models normalise
     assert item["label"].tolist() == [1.0, 0.0, 1.0, 0.0] and item["label"].dtype == torch.float32
-    assert item["name"] == train[0].image.name
+    assert torch.equal(item["image"], ds[0]["image"])  # seeded by (seed, epoch, index)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
     assert batch["image"].shape == (2, 3, 8, 8)
 
-    # two val images of another size -> collate_list keeps lists
+    # a val image of another size -> the eval collate keeps lists
     save(root / "val" / "img" / "big.png", rgb(20, 12))
     big_mask = np.full((20, 12), 4, np.uint8)
     big_mask[0, 0] = 3
@@ -433,18 +432,11 @@ def test_weak_and_masked_datasets(tmp_path):
     item = mds[[s.image.name for s in val].index("big.png")]
     assert item["image"].shape == (3, 20, 12) and item["mask"].dtype == torch.long
     assert item["label"].tolist() == [0.0, 0.0, 0.0, 1.0]
-    mixed = collate_list([mds[i] for i in range(len(mds))])
+    mixed = collate_eval([mds[i] for i in range(len(mds))])
     assert isinstance(mixed["image"], list) and len(mixed["image"]) == 4
-    same = collate_list([mds[i] for i in range(len(mds)) if val[i].image.name != "big.png"])
+    same = collate_eval([mds[i] for i in range(len(mds)) if val[i].image.name != "big.png"])
     assert same["image"].shape == (3, 3, 16, 16) and same["mask"].shape == (3, 16, 16)
     assert same["label"].shape == (3, 4) and len(same["name"]) == 3
-    padded = pad_collate([mds[i] for i in range(len(mds))])
-    assert padded["image"].shape == (4, 3, 20, 16) and padded["mask"].shape == (4, 20, 16)
-    b = [s.image.name for s in val].index("big.png")
-    small = [i for i in range(4) if i != b]
-    assert (padded["mask"][small, 16:] == 255).all() and (padded["mask"][b, :, 12:] == 255).all()
-    assert (padded["mask"][small, :16, :16] != 255).all()
-    assert (20, 12) in padded["size"]
 
     # a mask of the wrong size is reported when read
     save_mask(root / "val" / "mask" / "big.png", np.zeros((5, 5), np.uint8))
@@ -452,8 +444,6 @@ def test_weak_and_masked_datasets(tmp_path):
     raises_naming(
         lambda: mds[[s.image.name for s in val].index("big.png")], "big.png", "5x5", "20x12"
     )
-    with pytest.raises(DataError, match="no image-level label"):
-        WeakDataset([Sample(val[0].image, None, val[0].mask)], EvalTransform())[0]
 
 
 # ------------------------------------------------------------------ transforms

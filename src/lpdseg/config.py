@@ -315,7 +315,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss terms and their weights (METHOD.md, LPD defaults)."""
+    """Loss terms and their weights (docs/method.md, LPD defaults)."""
 
     stage_weights: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0, 1.0])
     sim_mode: str = "feature"  # feature (one encoder pass) | image (faithful) | off
@@ -419,7 +419,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Maps to masks (METHOD.md, "Turning maps into masks")."""
+    """Maps to masks (docs/method.md, "Turning maps into masks")."""
 
     # which classes may appear in a mask: labels (the image's labelled classes) |
     # classifier (classes whose probability exceeds cls_threshold)

@@ -1,4 +1,4 @@
-"""Readers for the dataset folder layouts of DATA.md, all producing the same samples.
+"""Readers for the dataset folder layouts of docs/data.md, all producing the same samples.
 
 Class convention across lpdseg: tissue classes are ``0..C-1``, background is
 ``C`` and ``255`` is ignored. Every supported mask format already follows it
@@ -153,7 +153,7 @@ FORMATS: dict[str, DatasetFormat] = {
         (0.6916, 0.5050, 0.7343),
         (0.1552, 0.2277, 0.1885),
     ),
-    # DATA.md gives no statistics for WSSS4LUAD: these are the pixel mean/std of
+    # docs/data.md gives no statistics for WSSS4LUAD: these are the pixel mean/std of
     # the shared real subset (31 val images + 4 train patches, background included).
     "wsss4luad": DatasetFormat(
         "wsss4luad", ("TUM", "STR", "NOR"), (0.7510, 0.5416, 0.6988), (0.2046, 0.2608, 0.1850)
@@ -783,38 +783,6 @@ def _accepts(fn: Callable, name: str) -> bool:
         return False
 
 
-class WeakDataset(Dataset):
-    """Training images with image-level labels.
-
-    Items: ``{"image": 3 x H x W float (normalised), "label": (C,) float, "name": str}``.
-    The transform's randomness comes from torch's global generator, so the
-    DataLoader's per-worker seeding makes it deterministic.
-    """
-
-    def __init__(self, samples: list[Sample], transform: Callable) -> None:
-        """Args:
-        samples: samples with labels (from ``list_split(..., "train")``).
-        transform: ``uint8 H x W x 3 -> 3 x S x S`` tensor (e.g. TrainTransform).
-        """
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        if sample.label is None:
-            raise DataError(f"{sample.image}: no image-level label; training samples need one")
-        out = self.transform(read_image(sample.image))
-        image = out[0] if isinstance(out, tuple) else out
-        return {
-            "image": image,
-            "label": torch.as_tensor(sample.label, dtype=torch.float32),
-            "name": sample.image.name,
-        }
-
-
 class MaskedDataset(Dataset):
     """Images with pixel masks (val/test), at full size (sizes may vary).
 
@@ -878,60 +846,3 @@ class MaskedDataset(Dataset):
             "label": torch.from_numpy(label.astype(np.float32)),
             "name": sample.image.name,
         }
-
-
-def collate_list(items: list[dict]) -> dict:
-    """Batch dict items: stack tensors when every image has the same shape, else keep lists.
-
-    Args:
-        items: dataset items (dicts of tensors and names).
-
-    Returns:
-        ``{key: stacked tensor or list}``; string values are always lists.
-    """
-    same = len({tuple(it["image"].shape) for it in items}) == 1
-    out: dict = {}
-    for key in items[0]:
-        vals = [it[key] for it in items]
-        if isinstance(vals[0], torch.Tensor):
-            shapes = {tuple(v.shape) for v in vals}
-            out[key] = torch.stack(vals) if same and len(shapes) == 1 else vals
-        else:
-            out[key] = vals
-    return out
-
-
-def pad_collate(items: list[dict], image_value: float = 0.0) -> dict:
-    """Batch items of varying size by padding to the largest (bottom/right).
-
-    Images are padded with ``image_value`` (0 = the mean after normalisation),
-    masks with 255 (ignore). ``"size"`` holds each item's original ``(H, W)``.
-
-    Args:
-        items: dataset items with ``"image"`` (3 x H x W) and optionally ``"mask"``.
-        image_value: padding value of the images.
-
-    Returns:
-        ``{"image": B x 3 x Hmax x Wmax, "mask": B x Hmax x Wmax, "label": B x C,
-        "name": [...], "size": [(H, W), ...]}`` (keys present in the items).
-    """
-    sizes = [tuple(it["image"].shape[-2:]) for it in items]
-    h = max(s[0] for s in sizes)
-    w = max(s[1] for s in sizes)
-    out: dict = {"size": sizes}
-    img = items[0]["image"]
-    images = img.new_full((len(items), img.shape[0], h, w), image_value)
-    for i, it in enumerate(items):
-        images[i, :, : sizes[i][0], : sizes[i][1]] = it["image"]
-    out["image"] = images
-    if "mask" in items[0]:
-        masks = torch.full((len(items), h, w), IGNORE_INDEX, dtype=torch.long)
-        for i, it in enumerate(items):
-            masks[i, : sizes[i][0], : sizes[i][1]] = it["mask"]
-        out["mask"] = masks
-    for key in items[0]:
-        if key in ("image", "mask"):
-            continue
-        vals = [it[key] for it in items]
-        out[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
-    return out

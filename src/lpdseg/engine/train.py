@@ -346,7 +346,7 @@ class Trainer:
         )
 
     def compute_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Forward + all loss terms (METHOD.md step 6); stage 2: pixel cross-entropy."""
+        """Forward + all loss terms (docs/method.md step 6); stage 2: pixel cross-entropy."""
         lc = self.cfg.loss
         if self.seg:  # labels are pseudo masks (B x H x W, 255 = ignore)
             with torch.autocast(

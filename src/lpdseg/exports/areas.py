@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lpdseg.io import atomic_write_text
+from lpdseg.io import atomic_write_text, dumps_strict, finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +99,6 @@ def area_table(
     return rows
 
 
-def _finite_or_none(value: Any) -> Any:
-    """Non-finite floats -> None, recursively (numpy scalars -> Python numbers)."""
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_area_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write area rows as CSV atomically (header from the first row; None / non-finite empty)."""
     if not rows:
@@ -121,13 +107,13 @@ def write_area_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in _finite_or_none(r).items()})
+        writer.writerow({k: ("" if v is None else v) for k, v in finite_or_none(r).items()})
     atomic_write_text(path, buf.getvalue())
 
 
 def area_json(rows: Sequence[dict[str, Any]]) -> str:
     """Area rows as strict JSON text (non-finite numbers become ``null``)."""
-    return json.dumps(_finite_or_none(list(rows)), indent=2, allow_nan=False) + "\n"
+    return dumps_strict(list(rows), indent=2) + "\n"
 
 
 def write_area_json(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:

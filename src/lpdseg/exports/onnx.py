@@ -46,7 +46,7 @@ import lpdseg
 from lpdseg.config import Config, EvalConfig
 from lpdseg.errors import LpdsegError
 from lpdseg.inference import load_model
-from lpdseg.io import atomic_write_bytes
+from lpdseg.io import atomic_write_bytes, dumps_strict
 from lpdseg.models.decode import predict_scores
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,8 @@ def onnx_metadata(cfg: Config, tile: int, checkpoint: str | Path | None = None) 
         "format": META_FORMAT,
         "version": lpdseg.__version__,
         "checkpoint": "" if checkpoint is None else str(checkpoint),
-        "class_names": json.dumps(names),
-        "colors": json.dumps(colors),
+        "class_names": dumps_strict(names),
+        "colors": dumps_strict(colors),
         "num_labels": str(len(names) + 1),
         "tile": str(int(tile)),
         "input": _INPUT_DOC,
@@ -152,12 +152,12 @@ def onnx_metadata(cfg: Config, tile: int, checkpoint: str | Path | None = None) 
         "gate": "classifier",
         "tta": "false",
         "cls_threshold": repr(float(cfg.eval.cls_threshold)),
-        "glass_background": json.dumps(bool(cfg.eval.glass_background)),
-        "eval": json.dumps(_plain(cfg.eval.__dict__)),
+        "glass_background": dumps_strict(bool(cfg.eval.glass_background)),
+        "eval": dumps_strict(_plain(cfg.eval.__dict__)),
     }
     mpp = getattr(cfg.data, "mpp", None)
     if mpp is not None:
-        meta["mpp"] = json.dumps(_plain(mpp))
+        meta["mpp"] = dumps_strict(_plain(mpp))
     return {META_PREFIX + k: v for k, v in meta.items()}
 
 

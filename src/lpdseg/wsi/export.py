@@ -51,7 +51,7 @@ from shapely.geometry import LineString, MultiPolygon, Point, Polygon, mapping, 
 from shapely.geometry.base import BaseGeometry
 
 from lpdseg.errors import DataError
-from lpdseg.io import atomic_write_text
+from lpdseg.io import atomic_write_text, dumps_strict
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ def write_geojson(
         simplify_tolerance_px=simplify_tolerance_px,
         mpp_level0=mpp_level0,
     )
-    atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
+    atomic_write_text(path, dumps_strict({"type": "FeatureCollection", "features": features}))
     log.info("wrote %d regions (%ss) to %s", len(features), object_type, path)
     return len(features)
 
