@@ -62,15 +62,19 @@ def test_the_gate_uses_per_class_thresholds_when_set():
     assert class_gate(per_class, probs, None, "classifier").tolist() == [[True, False]]
 
 
-def test_training_calibrates_the_gate_on_val_and_stores_it_in_best_pt(tiny_run_dir):
+def test_training_calibrates_the_gate_on_val_and_stores_it_in_best_pt(
+    tiny_run_dir, tiny_run_factory
+):
     import json
 
     from lpdseg.data.loaders import make_eval_loader, resolve_data
     from lpdseg.engine.calibration import collect_outputs
     from lpdseg.inference import load_model
 
-    record = json.loads((tiny_run_dir / "summary.json").read_text())["gate_calibration"]
-    model, cfg = load_model(tiny_run_dir / "best.pt")
+    assert "gate_calibration" not in json.loads((tiny_run_dir / "summary.json").read_text())
+    run = tiny_run_factory("eval.calibrate_gate=true", evaluate_test=True)  # opt-in
+    record = json.loads((run / "summary.json").read_text())["gate_calibration"]
+    model, cfg = load_model(run / "best.pt")
     assert record["images"] == 2  # the tiny set's val split
     assert record["val_mIoU_calibrated"] >= record["val_mIoU_fixed_threshold"]
     assert cfg.eval.cls_thresholds == record["cls_thresholds"]  # stored only when better

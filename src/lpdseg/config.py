@@ -426,9 +426,10 @@ class EvalConfig:
     gate: str = "labels"
     cls_threshold: float = 0.5  # classifier gate: keep a class when its probability exceeds this
     # classifier gate, per class (overrides cls_threshold when set): chosen on the validation
-    # split at the end of training when calibrate_gate is on, and stored in best.pt
+    # split at the end of training when calibrate_gate is on, and stored in best.pt. Off by
+    # default: on the demo's 40 val images it moved CAM's test mIoU by -0.75 (docs/results.md)
     cls_thresholds: list[float] | None = None
-    calibrate_gate: bool = True
+    calibrate_gate: bool = False
     # classifier gate: a class's probability is the max over sliding windows of this many input
     # px (e.g. the training crop) of the window's pooled logit, instead of the whole
     # image's; null: the whole image (the training definition)
