@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,3 +184,59 @@ def tiny_run_factory(tmp_path_factory: pytest.TempPathFactory):
         return cached_tiny_run(tmp_path_factory, *extra, steps=steps, evaluate_test=evaluate_test)
 
     return make
+
+
+# ---------------------------------------------------------------- helpers shared by test modules
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes); {} when it does not exist."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _png_bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A PNG signature + IHDR claiming ``width x height``, no pixels (a decompression bomb header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr))
+    return path
+
+
+def _tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    """Overrides of a 2-step training run at 32 px (the ``demo`` preset underneath)."""
+    return [
+        f"data.root={root}",
+        "data.crop_size=32",
+        "data.num_workers=0",
+        "model.prototypes_per_class=2",
+        "model.proj_hidden=16",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "train.threads=2",
+        f"train.out_dir={out}",
+        "eval.tta_scales=[1.0]",
+        "eval.tta_flip=false",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    """``snapshot(folder)``: every file's bytes, to show earlier outputs are untouched."""
+    return _snapshot
+
+
+@pytest.fixture(scope="session")
+def png_bomb():
+    """``png_bomb(path, width, height)``: a decompression-bomb PNG header."""
+    return _png_bomb
+
+
+@pytest.fixture(scope="session")
+def overrides():
+    """``overrides(root, out, *extra)``: a 2-step 32-px training run's config overrides."""
+    return _tiny_overrides

@@ -13,8 +13,6 @@ import csv
 import dataclasses
 import logging
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +37,6 @@ torch.set_num_threads(2)
 
 
 # ---------------------------------------------------------------- helpers
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
-    """A PNG signature + IHDR claiming ``width x height``, no pixels (a decompression bomb header)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr))
-    return path
 
 
 def tiny_png(path: Path) -> Path:
@@ -62,31 +51,6 @@ def truncated_png(path: Path, size: int = 32) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     return path
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (relative path -> bytes); {} when it does not exist."""
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def overrides(root: Path, out: Path, *extra: str) -> list[str]:
-    """A 2-step training run at 32 px (as tests/test_train.py's tiny_cfg)."""
-    return [
-        f"data.root={root}",
-        "data.crop_size=32",
-        "data.num_workers=0",
-        "model.prototypes_per_class=2",
-        "model.proj_hidden=16",
-        "train.batch_size=4",
-        "train.max_steps=2",
-        "train.threads=2",
-        f"train.out_dir={out}",
-        "eval.tta_scales=[1.0]",
-        "eval.tta_flip=false",
-        *extra,
-    ]
 
 
 def small_data(root: Path, n_train: int = 8, n_val: int = 2, n_test: int = 2) -> Path:
@@ -108,7 +72,7 @@ def run_dir(tiny_run_dir) -> Path:
 
 
 @pytest.fixture
-def bad_images(run_dir, tmp_path) -> Path:
+def bad_images(run_dir, tmp_path, png_bomb) -> Path:
     """a_good.png (a real test image), b_tiny.png (1 x 1), c_bomb.png (20000^2 header)."""
     folder = tmp_path / "images"
     folder.mkdir()
@@ -121,7 +85,7 @@ def bad_images(run_dir, tmp_path) -> Path:
 
 # ---------------------------------------------------------------- predict
 def test_predict_skip_bad_skips_tiny_and_bomb_images_and_lists_them(
-    run_dir, bad_images, tmp_path, caplog
+    run_dir, bad_images, tmp_path, caplog, snapshot
 ):
     def outputs(folder: Path) -> dict[str, bytes]:  # the per-image files (not the run record)
         return {k: v for k, v in snapshot(folder).items() if k != "predict_run.json"}
@@ -151,7 +115,7 @@ def test_predict_skip_bad_skips_tiny_and_bomb_images_and_lists_them(
 
 # ---------------------------------------------------------------- explain
 def test_explain_skip_bad_skips_bad_images_and_training_patches(
-    run_dir, bad_images, tmp_path, caplog
+    run_dir, bad_images, tmp_path, caplog, snapshot
 ):
     (bad_images / "d_text.png").write_text("not a PNG")
     out = tmp_path / "explain"
@@ -183,7 +147,9 @@ def test_explain_skip_bad_skips_bad_images_and_training_patches(
 
 
 # ---------------------------------------------------------------- training and eval, when read
-def test_undecodable_training_and_val_images_are_named_or_skipped_when_read(tmp_path, caplog):
+def test_undecodable_training_and_val_images_are_named_or_skipped_when_read(
+    tmp_path, caplog, overrides
+):
     data = small_data(tmp_path / "data")
     bad_train = truncated_png(data / "training" / "zz+s[1000].png")
     bad_val = truncated_png(sorted((data / "val" / "img").glob("*.png"))[0])
@@ -210,7 +176,9 @@ def test_undecodable_training_and_val_images_are_named_or_skipped_when_read(tmp_
     assert names == [p.name for p in sorted((data / "val" / "img").glob("*.png"))][1:]
 
 
-def test_training_eval_and_pseudo_honour_data_skip_bad(run_dir, tmp_path, caplog):
+def test_training_eval_and_pseudo_honour_data_skip_bad(
+    run_dir, tmp_path, caplog, snapshot, png_bomb, overrides
+):
     data = small_data(tmp_path / "data")
     truncated = truncated_png(data / "training" / "zz+s[1000].png")
     bomb = png_bomb(data / "training" / "zy+s[0100].png")
@@ -296,7 +264,7 @@ def test_bank_cli_skip_bad(tmp_path):
 
 
 # ---------------------------------------------------------------- hints name real options
-def test_skip_hints_are_in_the_callers_words_and_name_options_that_exist(tmp_path):
+def test_skip_hints_are_in_the_callers_words_and_name_options_that_exist(tmp_path, overrides):
     data = small_data(tmp_path / "data", n_val=0, n_test=0)
     bad = data / "training" / "zz+s[1000].png"
     bad.write_text("not a PNG")

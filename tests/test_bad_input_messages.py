@@ -171,7 +171,7 @@ def test_a_short_checkpoint_write_says_file_too_large_or_disk_full(tmp_path, mon
 
 
 def test_training_stopped_by_a_full_disk_names_the_file_and_keeps_the_previous(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, overrides
 ):
     from lpdseg.data.synthetic import write_dataset
 
@@ -196,16 +196,7 @@ def test_training_stopped_by_a_full_disk_names_the_file_and_keeps_the_previous(
         [
             "train",
             "demo",
-            f"data.root={data}",
-            "data.crop_size=32",
-            "data.num_workers=0",
-            "model.prototypes_per_class=2",
-            "model.proj_hidden=16",
-            "train.batch_size=4",
-            "train.max_steps=3",
-            "train.ckpt_every=1",
-            "train.threads=2",
-            f"train.out_dir={out}",
+            *overrides(data, out, "train.max_steps=3", "train.ckpt_every=1"),
             "-q",
         ],
     )
@@ -263,7 +254,7 @@ def test_json_writers_turn_nan_and_infinity_into_null(tmp_path):
 
 
 def test_a_run_without_val_writes_strict_json_and_says_best_is_the_last(
-    tmp_path, monkeypatch, caplog
+    tmp_path, monkeypatch, caplog, overrides
 ):
     import logging
 
@@ -285,17 +276,7 @@ def test_a_run_without_val_writes_strict_json_and_says_best_is_the_last(
     monkeypatch.setattr(Trainer, "compute_loss", nan_at_first_step)
     cfg = load_config(
         "demo",
-        [
-            f"data.root={data}",
-            "data.crop_size=32",
-            "data.num_workers=0",
-            "model.prototypes_per_class=2",
-            "model.proj_hidden=16",
-            "train.batch_size=4",
-            "train.max_steps=2",
-            "train.threads=2",
-            f"train.out_dir={out}",
-        ],
+        overrides(data, out),
     )
     with caplog.at_level(logging.WARNING, logger="lpdseg.engine.train"):
         summary = train(cfg, progress=False)

@@ -46,28 +46,14 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def tiny(root: Path, out: Path, steps: int = 2, *extra: str) -> list[str]:
-    """CLI overrides of a tiny run (32 px, 2 steps)."""
-    return [
-        f"data.root={root}",
-        "data.crop_size=32",
-        "data.num_workers=0",
-        "model.prototypes_per_class=2",
-        "model.proj_hidden=16",
-        "train.batch_size=4",
-        f"train.max_steps={steps}",
-        "train.threads=2",
-        f"train.out_dir={out}",
-        "eval.tta_scales=[1.0]",
-        "eval.tta_flip=false",
-        *extra,
-    ]
+@pytest.fixture
+def tiny(overrides):
+    """``tiny(root, out, steps, *extra)``: CLI overrides of a tiny 32-px run of ``steps`` steps."""
 
+    def make(root: Path, out: Path, steps: int = 2, *extra: str) -> list[str]:
+        return overrides(root, out, f"train.max_steps={steps}", *extra)  # later keys win
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
+    return make
 
 
 def step_records(run: Path) -> list[int]:
@@ -76,7 +62,9 @@ def step_records(run: Path) -> list[int]:
 
 
 # ---------------------------------------------------------------- 1. no silent overwrite
-def test_train_into_a_finished_run_is_refused_and_overwrite_replaces_it_whole(data, tmp_path):
+def test_train_into_a_finished_run_is_refused_and_overwrite_replaces_it_whole(
+    data, tmp_path, snapshot, tiny
+):
     runner = CliRunner()
     out = tmp_path / "run"
     first = runner.invoke(app, ["train", "demo", *tiny(data, out, 3), "-q"])
@@ -119,7 +107,7 @@ def same_stem(tmp_path) -> Path:
 
 
 def test_predict_names_same_stem_inputs_apart_and_never_overwrites_silently(
-    tiny_run_dir, same_stem, tmp_path
+    tiny_run_dir, same_stem, tmp_path, snapshot
 ):
     runner = CliRunner()
     out = tmp_path / "pred"
@@ -159,7 +147,7 @@ def test_predict_names_same_stem_inputs_apart_and_never_overwrites_silently(
     assert "a_png_mask.png" in " ".join(runner.invoke(app, ["predict", "--help"]).output.split())
 
 
-def test_pseudo_and_patches_refuse_an_earlier_output_folder(tiny_run_dir, tmp_path):
+def test_pseudo_and_patches_refuse_an_earlier_output_folder(tiny_run_dir, tmp_path, snapshot):
     from lpdseg.data.patches import build_patch_dataset
     from lpdseg.errors import DataError
     from lpdseg.inference import write_pseudo_masks
@@ -229,7 +217,7 @@ def test_pseudo_and_patches_refuse_an_earlier_output_folder(tiny_run_dir, tmp_pa
     assert len(list((ds / "train").glob("*.png"))) == 4  # 2 x 2 tiles of 32, none of the 16s left
 
 
-def test_eval_does_not_replace_the_metrics_of_another_evaluation(tiny_run_dir, tmp_path):
+def test_eval_does_not_replace_the_metrics_of_another_evaluation(tiny_run_dir, tmp_path, snapshot):
     import shutil
 
     run = tmp_path / "run"
@@ -337,7 +325,7 @@ def test_sigterm_saves_the_current_step_and_resume_equals_uninterrupted(data, tm
 
 
 def test_sigint_saves_and_resume_drops_replayed_records_and_refuses_changed_keys(
-    data, tmp_path, monkeypatch
+    data, tmp_path, monkeypatch, tiny
 ):
     runner = CliRunner()
     out = tmp_path / "run"

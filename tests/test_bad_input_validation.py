@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +30,6 @@ torch.set_num_threads(2)
 
 
 # ---------------------------------------------------------------- helpers
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
-    """A PNG signature + IHDR claiming ``width x height``, no pixels (a decompression bomb header)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr))
-    return path
 
 
 def bmp_bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
@@ -47,31 +37,6 @@ def bmp_bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
     info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
     path.write_bytes(b"BM" + struct.pack("<IHHI", 14 + 40, 0, 0, 14 + 40) + info)
     return path
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (relative path -> bytes); {} when it does not exist."""
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def overrides(root: Path, out: Path, *extra: str) -> list[str]:
-    """A 2-step training run at 32 px (as tests/test_train.py's tiny_cfg)."""
-    return [
-        f"data.root={root}",
-        "data.crop_size=32",
-        "data.num_workers=0",
-        "model.prototypes_per_class=2",
-        "model.proj_hidden=16",
-        "train.batch_size=4",
-        "train.max_steps=2",
-        "train.threads=2",
-        f"train.out_dir={out}",
-        "eval.tta_scales=[1.0]",
-        "eval.tta_flip=false",
-        *extra,
-    ]
 
 
 def small_data(root: Path, n_val: int = 3, n_test: int = 2) -> Path:
@@ -106,7 +71,9 @@ def test_image(run_dir) -> Path:
 
 
 # ---------------------------------------------------------------- options
-def test_predict_threshold_and_batch_size_refused_before_any_output(run_dir, test_image, tmp_path):
+def test_predict_threshold_and_batch_size_refused_before_any_output(
+    run_dir, test_image, tmp_path, snapshot
+):
     out = tmp_path / "pred"
     base = ["predict", str(run_dir / "best.pt"), str(test_image), "--out", str(out), "-q"]
     assert CliRunner().invoke(app, base).exit_code == 0
@@ -161,7 +128,7 @@ def test_bank_cluster_options_refused_by_the_cli(tmp_path):
 
 
 # ---------------------------------------------------------------- val / test at start
-def test_bad_val_mask_stops_training_before_the_first_step(tmp_path):
+def test_bad_val_mask_stops_training_before_the_first_step(tmp_path, overrides):
     data = small_data(tmp_path / "data")
     val = masks(data, "val")
     write_mask(val[0], np.zeros((16, 16)))  # its image is 32 x 32
@@ -188,7 +155,7 @@ def test_bad_val_mask_stops_training_before_the_first_step(tmp_path):
 
 
 def test_skip_bad_skips_bad_val_and_test_masks_and_training_still_saves_a_checkpoint(
-    tmp_path, caplog
+    tmp_path, caplog, overrides
 ):
     data = small_data(tmp_path / "data")
     val, test = masks(data, "val"), masks(data, "test")
@@ -214,7 +181,7 @@ def test_skip_bad_skips_bad_val_and_test_masks_and_training_still_saves_a_checkp
 
 
 # ---------------------------------------------------------------- training headers at start
-def test_bad_training_headers_are_found_at_start(tmp_path, caplog):
+def test_bad_training_headers_are_found_at_start(tmp_path, caplog, png_bomb, overrides):
     data = small_data(tmp_path / "data", n_val=2, n_test=1)
     train = data / "training"
     bad = {
@@ -255,7 +222,7 @@ def test_bad_training_headers_are_found_at_start(tmp_path, caplog):
     assert len(bundle.train) == 8
 
 
-def test_stage2_pseudo_pairs_are_checked_at_start(tmp_path):
+def test_stage2_pseudo_pairs_are_checked_at_start(tmp_path, png_bomb):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     Image.new("L", (32, 32)).save(tmp_path / "a_mask.png")
     Image.new("L", (16, 32)).save(tmp_path / "b_mask.png")
