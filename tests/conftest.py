@@ -16,6 +16,7 @@ import tifffile
 from lpdseg.config import load_config
 from lpdseg.data.synthetic import write_dataset
 from lpdseg.engine.train import train
+from lpdseg.errors import DataError
 
 #: OpenSlide's CC0 test slide CMU-1-Small-Region, when the shared data is present.
 CMU_SVS = Path(__file__).resolve().parents[1].parent / "shared/data/slides/cmu_small_region.svs"
@@ -222,6 +223,36 @@ def _tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
         "eval.tta_flip=false",
         *extra,
     ]
+
+
+def _raises_naming(fn, name: str, *words: str) -> str:
+    """Call ``fn``; it must raise a DataError whose message names ``name`` and every word."""
+    with pytest.raises(DataError) as info:
+        fn()
+    msg = str(info.value)
+    assert name in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def _bmp_bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A BMP file + info header (24-bit) claiming ``width x height``, no pixels."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    path.write_bytes(b"BM" + struct.pack("<IHHI", 14 + 40, 0, 0, 14 + 40) + info)
+    return path
+
+
+@pytest.fixture(scope="session")
+def raises_naming():
+    """``raises_naming(fn, name, *words)``: a DataError naming the file and the fix."""
+    return _raises_naming
+
+
+@pytest.fixture(scope="session")
+def bmp_bomb():
+    """``bmp_bomb(path, width, height)``: a BMP header of a huge image, no pixels."""
+    return _bmp_bomb
 
 
 @pytest.fixture(scope="session")

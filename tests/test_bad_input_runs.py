@@ -180,39 +180,12 @@ def test_pseudo_and_patches_refuse_an_earlier_output_folder(tiny_run_dir, tmp_pa
         src / "img", src / "mask", ds, fmt="wsss4luad", rule=_rule(16), progress=False
     )
     before = snapshot(ds)
-    res = runner.invoke(
-        app,
-        [
-            "patches",
-            str(src / "img"),
-            str(src / "mask"),
-            "--out",
-            str(ds),
-            "--size",
-            "32",
-            "--stride",
-            "32",
-            "-q",
-        ],
-    )
+    args = ["patches", str(src / "img"), str(src / "mask"), "--out", str(ds)]
+    args += ["--size", "32", "--stride", "32", "-q"]
+    res = runner.invoke(app, args)
     assert res.exit_code == 2 and str(ds) in res.output and "--overwrite" in res.output
     assert snapshot(ds) == before
-    res = runner.invoke(
-        app,
-        [
-            "patches",
-            str(src / "img"),
-            str(src / "mask"),
-            "--out",
-            str(ds),
-            "--size",
-            "32",
-            "--stride",
-            "32",
-            "--overwrite",
-            "-q",
-        ],
-    )
+    res = runner.invoke(app, [*args, "--overwrite"])
     assert res.exit_code == 0, res.output
     assert len(list((ds / "train").glob("*.png"))) == 4  # 2 x 2 tiles of 32, none of the 16s left
 

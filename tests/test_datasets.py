@@ -95,16 +95,6 @@ def make_dataset(
     return root
 
 
-def raises_naming(fn, name: str, *words: str) -> str:
-    with pytest.raises(DataError) as info:
-        fn()
-    msg = str(info.value)
-    assert name in msg, msg
-    for w in words:
-        assert w in msg, msg
-    return msg
-
-
 # ------------------------------------------------------------------ formats / labels
 def test_formats_table():
     assert set(FORMATS) == {"bcss_wsss", "luad_histoseg", "wsss4luad"}
@@ -142,7 +132,7 @@ def test_parse_label_formats(name, fmt, expected):
         ("x-1-2-[0, 0, 0].png", "wsss4luad", "no positive class"),
     ],
 )
-def test_parse_label_errors_name_the_file(name, fmt, word):
+def test_parse_label_errors_name_the_file(name, fmt, word, raises_naming):
     raises_naming(lambda: parse_label(name, fmt), name, word)
 
 
@@ -180,7 +170,7 @@ def test_val_and_valid_and_train_folder_names(tmp_path, val_name, train_dir):
     assert len(list_split(root, "luad_histoseg", "train")[0]) == 1
 
 
-def test_val_falls_back_to_root_img_mask(tmp_path):
+def test_val_falls_back_to_root_img_mask(tmp_path, raises_naming):
     make_masked_split(tmp_path, 2, 3, palette=True)
     val, _ = list_split(tmp_path, "wsss4luad", "val")
     assert [s.image.name for s in val] == ["00.png", "01.png"]
@@ -193,7 +183,7 @@ def test_bare_training_folder(tmp_path):
     assert len(train) == 1
 
 
-def test_missing_and_empty_folders(tmp_path):
+def test_missing_and_empty_folders(tmp_path, raises_naming):
     raises_naming(
         lambda: list_split(tmp_path / "nope", "bcss_wsss", "train"), "nope", "does not exist"
     )
@@ -213,7 +203,7 @@ def test_missing_and_empty_folders(tmp_path):
         list_split(tmp_path, "bcss_wsss", "holdout")
 
 
-def test_image_without_mask_and_skip_bad(tmp_path, caplog):
+def test_image_without_mask_and_skip_bad(tmp_path, caplog, raises_naming):
     make_masked_split(tmp_path / "val", 3, 4)
     save(tmp_path / "val" / "img" / "lonely.png", rgb())
     raises_naming(lambda: list_split(tmp_path, "bcss_wsss", "val"), "lonely.png", "no mask")
@@ -225,7 +215,7 @@ def test_image_without_mask_and_skip_bad(tmp_path, caplog):
     assert "lonely.png" in caplog.text
 
 
-def test_bad_training_files_reported_or_skipped(tmp_path, caplog):
+def test_bad_training_files_reported_or_skipped(tmp_path, caplog, raises_naming):
     fmt = "bcss_wsss"
     good = save(tmp_path / "training" / train_name([1, 0, 0, 0], fmt), rgb())
     names = {
@@ -264,7 +254,7 @@ def test_bad_training_files_reported_or_skipped(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------ reading images
-def test_read_image_unreadable_files(tmp_path):
+def test_read_image_unreadable_files(tmp_path, raises_naming):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     raises_naming(lambda: read_image(empty), "empty.png", "0 bytes")
@@ -317,7 +307,7 @@ def test_read_image_conversions(tmp_path):
 
 
 # ------------------------------------------------------------------ reading masks
-def test_read_mask_modes_and_errors(tmp_path):
+def test_read_mask_modes_and_errors(tmp_path, raises_naming):
     m = np.array([[0, 1, 2], [3, 255, 3]], np.uint8)
     assert np.array_equal(read_mask(save_mask(tmp_path / "l.png", m), 3), m)
     pm = np.array([[0, 1, 2], [3, 3, 3]], np.uint8)
@@ -355,7 +345,7 @@ def write_csv(path: Path, rows: list[str]) -> Path:
     return path
 
 
-def test_csv_manifest(tmp_path):
+def test_csv_manifest(tmp_path, raises_naming):
     save(tmp_path / "imgs" / "a.png", rgb())
     save(tmp_path / "imgs" / "b.png", rgb())
     save_mask(tmp_path / "masks" / "b.png", np.zeros((16, 16), np.uint8))
@@ -380,7 +370,7 @@ def test_csv_manifest(tmp_path):
     )
 
 
-def test_csv_errors_and_escape(tmp_path):
+def test_csv_errors_and_escape(tmp_path, raises_naming):
     root = tmp_path / "data"
     save(root / "a.png", rgb())
     save(tmp_path / "outside.png", rgb())
@@ -408,7 +398,7 @@ def test_csv_errors_and_escape(tmp_path):
 
 
 # ------------------------------------------------------------------ datasets / collate
-def test_training_and_masked_datasets_and_eval_collate(tmp_path):
+def test_training_and_masked_datasets_and_eval_collate(tmp_path, raises_naming):
     from lpdseg.data.loaders import SeededWeakDataset, collate_eval
 
     root = make_dataset(tmp_path, "bcss_wsss", [[1, 0, 1, 0], [0, 1, 0, 0]])

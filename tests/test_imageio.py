@@ -15,7 +15,6 @@ from PIL import Image, ImageOps
 
 from lpdseg import imageio
 from lpdseg.data import datasets
-from lpdseg.errors import DataError
 from lpdseg.imageio import (
     IMAGE_SUFFIXES,
     MAX_PIXELS_ENV,
@@ -47,23 +46,6 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr))
     return path
-
-
-def _bmp_header_only(path: Path, width: int, height: int) -> Path:
-    """A BMP file + info header (24-bit) claiming ``width x height``, no pixels."""
-    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
-    path.write_bytes(b"BM" + struct.pack("<IHHI", 14 + 40, 0, 0, 14 + 40) + info)
-    return path
-
-
-def _raises_naming(fn, name: str, *words: str) -> str:
-    with pytest.raises(DataError) as info:
-        fn()
-    msg = str(info.value)
-    assert name in msg, msg
-    for w in words:
-        assert w in msg, msg
-    return msg
 
 
 # ---------------------------------------------------------------- one decoder
@@ -205,72 +187,72 @@ def test_plain_slide_reader_applies_orientation_and_keeps_dpi(tmp_path):
 
 
 # ---------------------------------------------------------------- limits
-def test_bomb_header_png_raises_data_error_naming_the_file(tmp_path):
+def test_bomb_header_png_raises_data_error_naming_the_file(tmp_path, raises_naming):
     path = _png_header_only(tmp_path / "bomb.png", 20000, 20000)
     assert path.stat().st_size < 100
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no DecompressionBombWarning either
-        msg = _raises_naming(lambda: read_image(path), "bomb.png", "20000x20000", MAX_PIXELS_ENV)
-        _raises_naming(lambda: read_mask(path, 3), "bomb.png", MAX_PIXELS_ENV)
-        _raises_naming(lambda: open_image(path), "bomb.png", MAX_PIXELS_ENV)
+        msg = raises_naming(lambda: read_image(path), "bomb.png", "20000x20000", MAX_PIXELS_ENV)
+        raises_naming(lambda: read_mask(path, 3), "bomb.png", MAX_PIXELS_ENV)
+        raises_naming(lambda: open_image(path), "bomb.png", MAX_PIXELS_ENV)
     assert "400,000,000" in msg and "decompression bomb" in msg
 
 
-def test_bomb_header_pil_checks_is_a_data_error_too(tmp_path):
+def test_bomb_header_pil_checks_is_a_data_error_too(tmp_path, raises_naming, bmp_bomb):
     """A BMP header: the size is PIL's to read, and PIL's own bomb error is translated."""
-    path = _bmp_header_only(tmp_path / "bomb.bmp", 20000, 20000)
+    path = bmp_bomb(tmp_path / "bomb.bmp", 20000, 20000)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _raises_naming(lambda: read_image(path), "bomb.bmp", MAX_PIXELS_ENV)
+        raises_naming(lambda: read_image(path), "bomb.bmp", MAX_PIXELS_ENV)
 
 
-def test_header_size_is_cheap_and_checked(tmp_path):
+def test_header_size_is_cheap_and_checked(tmp_path, raises_naming, bmp_bomb):
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "ok.png")
     assert image_header_size(tmp_path / "ok.png") == (40, 30)
-    bomb = _bmp_header_only(tmp_path / "bomb.bmp", 20000, 20000)
+    bomb = bmp_bomb(tmp_path / "bomb.bmp", 20000, 20000)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _raises_naming(lambda: image_header_size(bomb), "bomb.bmp", MAX_PIXELS_ENV)
+        raises_naming(lambda: image_header_size(bomb), "bomb.bmp", MAX_PIXELS_ENV)
     (tmp_path / "t.png").write_text("text")
-    _raises_naming(lambda: image_header_size(tmp_path / "t.png"), "t.png", "not a readable")
+    raises_naming(lambda: image_header_size(tmp_path / "t.png"), "t.png", "not a readable")
 
 
-def test_limit_can_be_lowered_and_raised(tmp_path, monkeypatch):
+def test_limit_can_be_lowered_and_raised(tmp_path, monkeypatch, raises_naming):
     path = tmp_path / "img.jpg"
     Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(path)
     monkeypatch.setenv(MAX_PIXELS_ENV, "1000")
-    _raises_naming(lambda: read_image(path), "img.jpg", "50x40", "2,000", f"{MAX_PIXELS_ENV}=2000")
+    raises_naming(lambda: read_image(path), "img.jpg", "50x40", "2,000", f"{MAX_PIXELS_ENV}=2000")
     monkeypatch.setenv(MAX_PIXELS_ENV, "2000")
     assert read_image(path).shape == (40, 50, 3)
     monkeypatch.setenv(MAX_PIXELS_ENV, "0")  # no limit
     assert read_image(path).shape == (40, 50, 3)
     monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
-    _raises_naming(lambda: read_image(path), MAX_PIXELS_ENV, "whole number")
+    raises_naming(lambda: read_image(path), MAX_PIXELS_ENV, "whole number")
 
 
-def test_limit_above_pils_own_is_honoured(tmp_path, monkeypatch):
+def test_limit_above_pils_own_is_honoured(tmp_path, monkeypatch, raises_naming, bmp_bomb):
     # a header claiming 20000 x 20000 passes our raised limit; it then fails as what it
     # is (no pixel data), still a DataError naming the file, never PIL's bomb error
-    path = _bmp_header_only(tmp_path / "big.bmp", 20000, 20000)
+    path = bmp_bomb(tmp_path / "big.bmp", 20000, 20000)
     monkeypatch.setenv(MAX_PIXELS_ENV, str(20000 * 20000))
-    msg = _raises_naming(lambda: read_image(path), "big.bmp")
+    msg = raises_naming(lambda: read_image(path), "big.bmp")
     assert MAX_PIXELS_ENV not in msg
     assert Image.MAX_IMAGE_PIXELS is not None  # PIL's limit is restored afterwards
 
 
-def test_too_small_image_is_refused_naming_the_file(tmp_path):
+def test_too_small_image_is_refused_naming_the_file(tmp_path, raises_naming):
     path = tmp_path / "tiny.png"
     Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(path)
-    _raises_naming(lambda: read_image(path), "tiny.png", "1x1", f"{MIN_IMAGE_SIDE} px")
+    raises_naming(lambda: read_image(path), "tiny.png", "1x1", f"{MIN_IMAGE_SIDE} px")
     Image.fromarray(np.zeros((MIN_IMAGE_SIDE - 1, 64, 3), np.uint8)).save(path)
-    _raises_naming(lambda: read_image(path), "tiny.png", f"{MIN_IMAGE_SIDE - 1}x64")
+    raises_naming(lambda: read_image(path), "tiny.png", f"{MIN_IMAGE_SIDE - 1}x64")
     Image.fromarray(np.zeros((MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 3), np.uint8)).save(path)
     assert read_image(path).shape == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE, 3)
     assert read_image(path.parent / "tiny.png", min_side=1).shape[0] == MIN_IMAGE_SIDE
 
 
 # ---------------------------------------------------------------- errors
-def test_every_decode_error_is_a_data_error_naming_the_file(tmp_path):
+def test_every_decode_error_is_a_data_error_naming_the_file(tmp_path, raises_naming):
     good = tmp_path / "good.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(good)
     jpg = tmp_path / "good.jpg"
@@ -288,18 +270,18 @@ def test_every_decode_error_is_a_data_error_naming_the_file(tmp_path):
         path = tmp_path / name
         if data is not None:
             path.write_bytes(data)
-        _raises_naming(lambda p=path: read_image(p), name)
-        _raises_naming(lambda p=path: read_mask(p, 3), name)
+        raises_naming(lambda p=path: read_image(p), name)
+        raises_naming(lambda p=path: read_mask(p, 3), name)
     f32 = tmp_path / "float.tif"
     Image.fromarray(np.zeros((8, 8), np.float32)).save(f32)
-    _raises_naming(lambda: read_image(f32), "float.tif", "floating-point")
+    raises_naming(lambda: read_image(f32), "float.tif", "floating-point")
 
 
-def test_masks_keep_their_values(tmp_path):
+def test_masks_keep_their_values(tmp_path, raises_naming):
     m = np.array([[0, 1, 2], [3, 255, 3]], np.uint8)
     Image.fromarray(m, "L").save(tmp_path / "l.png")
     assert np.array_equal(read_mask(tmp_path / "l.png", 3), m)  # masks may be tiny
     m16 = np.array([[0, 1, 2, 3]], np.uint16)
     Image.fromarray(m16).save(tmp_path / "m16.png")  # 16-bit labels: not rescaled
     assert read_mask(tmp_path / "m16.png", 3).tolist() == [[0, 1, 2, 3]]
-    _raises_naming(lambda: read_mask(tmp_path / "l.png", 2), "l.png", "3", "0..1")
+    raises_naming(lambda: read_mask(tmp_path / "l.png", 2), "l.png", "3", "0..1")
