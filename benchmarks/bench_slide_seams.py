@@ -64,34 +64,53 @@ def class_map(predictor: Predictor, path: Path, tile: int, overlap: float, ds: i
     with open_image(path) as reader:
         if mode == "seamless":
             canvas = stitch_slide(
-                reader, 0, predictor.slide_raw, predictor.slide_channels, tile=tile,
-                overlap=overlap, output_downsample=ds, batch_size=4, progress=False,
+                reader,
+                0,
+                predictor.slide_raw,
+                predictor.slide_channels,
+                tile=tile,
+                overlap=overlap,
+                output_downsample=ds,
+                batch_size=4,
+                progress=False,
             )
             canvas = finish_canvas(canvas, predictor, None)
         else:
             canvas = stitch_slide(
-                reader, 0, predictor, predictor.num_labels, tile=tile, overlap=overlap,
-                output_downsample=ds, batch_size=4, progress=False,
+                reader,
+                0,
+                predictor,
+                predictor.num_labels,
+                tile=tile,
+                overlap=overlap,
+                output_downsample=ds,
+                batch_size=4,
+                progress=False,
             )
     return canvas.class_map(), time.perf_counter() - t0
 
 
-def synthetic(args, predictor: Predictor) -> dict:
+def synthetic_one(args, predictor: Predictor, seed: int) -> dict:
+    """One synthetic slide (``generate_patch(seed)``): both modes, tiled and whole."""
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
-    patch = generate_patch(args.seed, args.size, classes=classes)
+    patch = generate_patch(seed, args.size, classes=classes)
     n = predictor.num_labels
     ds = args.ds
     gt = patch.mask[ds // 2 :: ds, ds // 2 :: ds]
     grid = TileGrid.from_overlap((args.size, args.size), args.tile, args.overlap)
     zones = [
-        [(a / ds, b / ds) for a, b in tile_border_zones([o[i] for o in grid.origins], args.tile,
-                                                        args.size)]
+        [
+            (a / ds, b / ds)
+            for a, b in tile_border_zones([o[i] for o in grid.origins], args.tile, args.size)
+        ]
         for i in (0, 1)
     ]
-    out: dict = {"classes": classes,
-                 "gt_label_fractions": (np.bincount(gt.ravel(), minlength=n) / gt.size).round(3).tolist(),
-                 "size": args.size, "tile": args.tile, "overlap": args.overlap, "ds": ds,
-                 "tiles": len(grid.origins), "glass_fraction_gt": float((gt == n - 1).mean())}
+    out: dict = {
+        "seed": seed,
+        "gt_label_fractions": (np.bincount(gt.ravel(), minlength=n) / gt.size).round(3).tolist(),
+        "tiles": len(grid.origins),
+        "glass_fraction_gt": float((gt == n - 1).mean()),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.png"
         cv2.imwrite(str(path), cv2.cvtColor(patch.image, cv2.COLOR_RGB2BGR))
@@ -109,9 +128,38 @@ def synthetic(args, predictor: Predictor) -> dict:
                 "seconds_slide": round(t_tiled, 1),
                 "seconds_whole": round(t_whole, 1),
             }
-            print(f"{mode:9s} mIoU slide {100 * m_t:6.2f}  whole {100 * m_w:6.2f}  "
-                  f"diff {100 * (m_t - m_w):+6.2f}  seam slide {out[mode]['seam_score_slide']:.3f}"
-                  f"  (whole {out[mode]['seam_score_whole']:.3f})", flush=True)
+            print(
+                f"seed {seed} {mode:9s} mIoU slide {100 * m_t:6.2f}  whole {100 * m_w:6.2f}  "
+                f"diff {100 * (m_t - m_w):+6.2f}  seam slide {out[mode]['seam_score_slide']:.3f}"
+                f"  (whole {out[mode]['seam_score_whole']:.3f})",
+                flush=True,
+            )
+    return out
+
+
+def synthetic(args, predictor: Predictor) -> dict:
+    """Every ``--seeds`` slide, and per mode the means over them (the headline figures)."""
+    seeds = [int(s) for s in str(args.seeds).split(",")]
+    runs = [synthetic_one(args, predictor, s) for s in seeds]
+    out: dict = {
+        "classes": args.classes,
+        "size": args.size,
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "ds": args.ds,
+        "seeds": seeds,
+    }
+    for mode in ("seamless", "per_tile"):
+        keys = runs[0][mode].keys()
+        out[mode] = {k: round(float(np.mean([r[mode][k] for r in runs])), 3) for k in keys}
+        m = out[mode]
+        print(
+            f"mean over {len(seeds)} slides, {mode:9s}: mIoU slide {m['miou_slide']:.2f} "
+            f"whole {m['miou_whole']:.2f} diff {m['miou_diff_points']:+.2f} "
+            f"seam slide {m['seam_score_slide']:.3f}",
+            flush=True,
+        )
+    out["per_seed"] = runs
     return out
 
 
@@ -120,27 +168,39 @@ def cmu(args, predictor: Predictor) -> dict:
     out: dict = {"slide": str(args.cmu_path)}
     for mode in ("seamless", "per_tile"):
         with tempfile.TemporaryDirectory() as tmp:
-            job = SlideJob(args.checkpoint, args.cmu_path, Path(tmp) / mode, device="cpu",
-                           slide_scoring=mode, ome_tiff=False)
+            job = SlideJob(
+                args.checkpoint,
+                args.cmu_path,
+                Path(tmp) / mode,
+                device="cpu",
+                slide_scoring=mode,
+                ome_tiff=False,
+            )
             t0 = time.perf_counter()
-            s = run_slide_job(job, progress=False, predictor=predictor,
-                              device=torch.device("cpu"))
+            s = run_slide_job(job, progress=False, predictor=predictor, device=torch.device("cpu"))
             seconds = time.perf_counter() - t0
             labels = cv2.imread(s["files"]["class_map"], cv2.IMREAD_UNCHANGED)
         h, w = labels.shape
         with open_image(args.cmu_path) as reader:
             picture = reader.thumbnail(max(h, w))
         picture = cv2.resize(picture, (w, h), interpolation=cv2.INTER_AREA)
-        glass = glass_mask_np(picture, predictor.eval_cfg.glass_brightness,
-                              predictor.eval_cfg.glass_spread)
+        glass = glass_mask_np(
+            picture, predictor.eval_cfg.glass_brightness, predictor.eval_cfg.glass_spread
+        )
         tissue_labelled = labels != predictor.num_labels - 1
         frac = float(tissue_labelled[glass].mean()) if glass.any() else 0.0
-        out[mode] = {"non_tissue_labelled_tissue": round(frac, 4),
-                     "non_tissue_fraction": round(float(glass.mean()), 4),
-                     "map_shape_hw": [h, w], "tiles": s["tiles"], "seconds": round(seconds, 1)}
-        print(f"CMU {mode:9s}: {100 * frac:.2f} % of non-tissue pixels labelled tissue "
-              f"({100 * glass.mean():.1f} % of the map is non-tissue, {s['tiles']} tiles)",
-              flush=True)
+        out[mode] = {
+            "non_tissue_labelled_tissue": round(frac, 4),
+            "non_tissue_fraction": round(float(glass.mean()), 4),
+            "map_shape_hw": [h, w],
+            "tiles": s["tiles"],
+            "seconds": round(seconds, 1),
+        }
+        print(
+            f"CMU {mode:9s}: {100 * frac:.2f} % of non-tissue pixels labelled tissue "
+            f"({100 * glass.mean():.1f} % of the map is non-tissue, {s['tiles']} tiles)",
+            flush=True,
+        )
     return out
 
 
@@ -151,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile", type=int, default=None, help="tile side (default eval.tile)")
     p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--ds", type=int, default=2, help="pixels per class-map pixel")
-    p.add_argument("--seed", type=int, default=11)
-    p.add_argument("--classes", default="0,1,2,3", help="classes on the synthetic slide ('' = random)")
+    p.add_argument("--seeds", default="11,12,13", help="synthetic slides (generator seeds)")
+    p.add_argument(
+        "--classes", default="0,1,2,3", help="classes on the synthetic slide ('' = random)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cmu-path", type=Path, default=CMU)
     p.add_argument("--no-cmu", action="store_true")

@@ -557,7 +557,9 @@ def slide(
             help="Class probability threshold (default: the checkpoint's; not with ONNX)."
         ),
     ] = None,
-    read_workers: Annotated[int, typer.Option(help="Threads reading tiles ahead.")] = 0,
+    read_workers: Annotated[
+        int, typer.Option(help="Threads reading tiles ahead of the model (0: between batches).")
+    ] = 1,
     overwrite: Annotated[
         bool,
         typer.Option(

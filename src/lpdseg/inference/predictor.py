@@ -22,8 +22,9 @@ from lpdseg.config import Config, EvalConfig
 from lpdseg.errors import ConfigError
 from lpdseg.inference.loading import load_model, resolve_device
 from lpdseg.models.decode import (
+    SeamlessDecoder,
+    SeamlessNorm,
     predict_scores,
-    seamless_scores,
     slide_layout,
     slide_raw_maps,
 )
@@ -62,7 +63,9 @@ class Predictor:
         self.model = model.eval()
         self.cfg = cfg
         self.eval_cfg = (
-            cfg.eval if threshold is None else dataclasses.replace(cfg.eval, cls_threshold=threshold)
+            cfg.eval
+            if threshold is None
+            else dataclasses.replace(cfg.eval, cls_threshold=threshold)
         )
         self.tta = tta
         self.gate = gate
@@ -134,6 +137,19 @@ class Predictor:
             self.model, tiles.to(self.device).float(), self.eval_cfg, tta=self.tta
         ).cpu()
 
+    def seamless_decoder(self, window: int) -> SeamlessDecoder:
+        """The decoder that turns a stitched canvas (whole or in row bands) into label scores.
+
+        Args:
+            window: the gate field in canvas pixels (:attr:`gate_window_px` rescaled).
+
+        Raises:
+            ConfigError: the predictor gates with labels (a slide has none).
+        """
+        if self.gate == "labels":
+            raise ConfigError("slide scoring uses the classifier gate (no labels on a slide)")
+        return SeamlessDecoder(self.model, self.eval_cfg, window)
+
     @torch.no_grad()
     def finish_slide(
         self, raw: Tensor, valid: Tensor, window: int, background: Tensor | None = None
@@ -146,18 +162,13 @@ class Predictor:
             window: the gate field in canvas pixels (:attr:`gate_window_px` rescaled).
             background: h x w bool forced to background (e.g. not tissue).
         """
-        if self.gate == "labels":
-            raise ConfigError("slide scoring uses the classifier gate (no labels on a slide)")
+        decoder = self.seamless_decoder(window)
         dev = self.device
-        out = seamless_scores(
-            raw.to(dev),
-            valid.to(dev),
-            self.model,
-            self.eval_cfg,
-            window,
-            background=None if background is None else background.to(dev),
-        )
-        return out.cpu()
+        raw, valid = raw.to(dev), valid.to(dev)
+        lo, hi = decoder.stage_extremes(raw, valid)
+        norm = SeamlessNorm(lo, hi, *decoder.fused_extremes(raw, valid, lo, hi))
+        bg = None if background is None else background.to(dev)
+        return decoder.scores(raw, valid, norm, bg).cpu()
 
     def scores(self, image: np.ndarray, progress: bool = False) -> Tensor:
         """One ``H x W x 3`` uint8 RGB image -> label scores (L x H x W)."""

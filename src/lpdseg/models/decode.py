@@ -393,16 +393,6 @@ def gate_logits(model: WSSSModel, pooled: Tensor) -> Tensor:
     return logits
 
 
-def _masked_minmax(maps: Tensor, valid: Tensor) -> Tensor:
-    """Min-max normalise each class map (C x h x w) over the ``valid`` pixels (h x w)."""
-    if not bool(valid.any()):
-        return torch.zeros_like(maps)
-    vals = maps[:, valid]
-    lo = vals.min(-1).values[:, None, None]
-    hi = vals.max(-1).values[:, None, None]
-    return ((maps - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-
-
 def _box_sum(x: Tensor, window: int) -> Tensor:
     """Sum over the odd ``window`` x ``window`` box centred on each pixel (zero outside), ... x h x w.
 
@@ -433,6 +423,143 @@ def _window_any(x: Tensor, window: int) -> Tensor:
     return _box_sum(x.double(), window) > 0.5
 
 
+@dataclass(frozen=True)
+class SeamlessNorm:
+    """The canvas-wide scale of :func:`seamless_scores`: per-stage and fused class extremes.
+
+    Attributes:
+        stage_lo, stage_hi: ``S x C`` min / max of each fused stage's raw class maps
+            over the valid canvas pixels.
+        fused_lo, fused_hi: ``C`` min / max of the weighted sum of the normalised stages.
+    """
+
+    stage_lo: Tensor
+    stage_hi: Tensor
+    fused_lo: Tensor
+    fused_hi: Tensor
+
+
+def _scale(maps: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Min-max normalise C x h x w maps with per-class extremes, clipped to [0, 1]."""
+    lo, hi = lo[:, None, None].to(maps), hi[:, None, None].to(maps)
+    return ((maps - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+
+
+def _extremes(maps: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (min, max) of C x h x w maps over the valid pixels (+inf / -inf: none)."""
+    if not bool(valid.any()):
+        c = maps.shape[0]
+        return maps.new_full((c,), float("inf")), maps.new_full((c,), float("-inf"))
+    vals = maps[:, valid]
+    return vals.min(-1).values, vals.max(-1).values
+
+
+class SeamlessDecoder:
+    """Stitched raw maps -> label scores, decided over the canvas, in row bands or whole.
+
+    The canvas of a large slide need not be held at once: with the canvas split
+    into row bands, :meth:`stage_extremes` over every band, then
+    :meth:`fused_extremes` over every band, give the :class:`SeamlessNorm`, and
+    :meth:`scores` decides one band from the band grown by :attr:`margin` rows
+    each side (the gate's window needs them). The result equals deciding the
+    whole canvas in one piece (:func:`seamless_scores`, the one-band case).
+
+    Args:
+        model: the model (its head's merge and logit bias, its layout).
+        cfg: fuse weights, thresholds, ``bg_gamma``.
+        window: the gate's field side in canvas pixels (made odd: centred).
+        glass_fraction: glass-flag mean above which a pixel is glass.
+    """
+
+    def __init__(
+        self, model: WSSSModel, cfg: EvalConfig, window: int, glass_fraction: float = 0.5
+    ) -> None:
+        self.model, self.cfg = model, cfg
+        self.layout = slide_layout(model, cfg)
+        self.window = max(1, int(window)) | 1
+        self.glass_fraction = glass_fraction
+        c = self.layout.num_classes
+        if cfg.cls_thresholds is not None and len(cfg.cls_thresholds) != c:
+            raise ValueError(
+                f"eval.cls_thresholds has {len(cfg.cls_thresholds)} values for {c} classes"
+            )
+
+    @property
+    def margin(self) -> int:
+        """Rows of context each side a band needs: the gate's window mean, then its spread."""
+        return 2 * (self.window // 2)
+
+    def _check(self, raw: Tensor) -> None:
+        if raw.shape[0] != self.layout.channels:
+            raise ValueError(
+                f"raw maps have {raw.shape[0]} channels, the layout {self.layout.channels}"
+            )
+
+    def _stage(self, raw: Tensor, i: int) -> Tensor:
+        c = self.layout.num_classes
+        return raw[i * c : (i + 1) * c].float()
+
+    def stage_extremes(self, raw: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """``S x C`` (min, max) of every fused stage's raw maps on a band; combine with min / max."""
+        self._check(raw)
+        pairs = [_extremes(self._stage(raw, i), valid) for i in range(len(self.layout.stages))]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def _fuse(self, raw: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        fused = None
+        for i, wt in enumerate(self.layout.weights):
+            term = wt * _scale(self._stage(raw, i), lo[i], hi[i])
+            fused = term if fused is None else fused + term
+        return fused
+
+    def fused_extremes(
+        self, raw: Tensor, valid: Tensor, stage_lo: Tensor, stage_hi: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``C`` (min, max) of the fused normalised stages on a band (given the stage extremes)."""
+        self._check(raw)
+        return _extremes(self._fuse(raw, stage_lo, stage_hi), valid)
+
+    def scores(
+        self,
+        raw: Tensor,
+        valid: Tensor,
+        norm: SeamlessNorm,
+        background: Tensor | None = None,
+        rows: slice | None = None,
+    ) -> Tensor:
+        """Label scores ((C+1) x h x w) of ``raw[:, rows]``, decided with context ``raw``.
+
+        Args:
+            raw: K x h x w raw means of the band and its margin rows.
+            valid: h x w bool, pixels some tile covered.
+            norm: the canvas-wide scale.
+            background: h x w bool forced to background (None: none).
+            rows: the band's rows within ``raw`` (None: all).
+        """
+        self._check(raw)
+        raw = raw.float()
+        c, ns, g = self.layout.num_classes, len(self.layout.stages), self.layout.gate_channels
+        rows = rows or slice(None)
+        fused = _scale(self._fuse(raw, norm.stage_lo, norm.stage_hi), norm.fused_lo, norm.fused_hi)
+        if not bool(valid.any()):
+            fused = torch.zeros_like(fused)
+        gate_in = raw[c * ns : c * ns + g]
+        pooled = _window_mean(gate_in, valid, self.window)
+        probs = torch.sigmoid(gate_logits(self.model, pooled[None])[0])
+        if self.cfg.cls_thresholds is not None:
+            thr = probs.new_tensor(self.cfg.cls_thresholds)[:, None, None]
+        else:
+            thr = self.cfg.cls_threshold
+        keep = _window_any((probs > thr) & valid[None], self.window)[:, rows]
+        gated = fused[:, rows] * keep.to(fused.dtype)
+        bg = (1.0 - gated.max(0, keepdim=True).values).clamp_min(0) ** self.cfg.bg_gamma
+        scores = torch.cat([gated, bg], dim=0)[None]
+        forced = ~valid[rows] | (raw[-1, rows] > self.glass_fraction)
+        if background is not None:
+            forced = forced | background[rows].to(forced.device)
+        return force_background(scores, forced[None])[0]
+
+
 def seamless_scores(
     raw: Tensor,
     valid: Tensor,
@@ -457,6 +584,9 @@ def seamless_scores(
        ``background`` (e.g. outside the tissue mask) and invalid pixels are
        background.
 
+    The whole canvas as one band of :class:`SeamlessDecoder` (which decides a
+    canvas too large to hold band by band, with the same result).
+
     Args:
         raw: blended means of the stitched tiles.
         valid: h x w bool, pixels some tile covered.
@@ -466,31 +596,7 @@ def seamless_scores(
         background: h x w bool forced to background (None: none).
         glass_fraction: glass-flag mean above which a pixel is glass.
     """
-    layout = slide_layout(model, cfg)
-    if raw.shape[0] != layout.channels:
-        raise ValueError(f"raw maps have {raw.shape[0]} channels, the layout {layout.channels}")
-    raw = raw.float()
-    c, ns = layout.num_classes, len(layout.stages)
-    fused = None
-    for i, wt in enumerate(layout.weights):
-        term = wt * _masked_minmax(raw[i * c : (i + 1) * c], valid)
-        fused = term if fused is None else fused + term
-    fused = _masked_minmax(fused, valid)
-    gate_in = raw[c * ns : c * ns + layout.gate_channels]
-    probs = torch.sigmoid(gate_logits(model, _window_mean(gate_in, valid, window)[None])[0])
-    if cfg.cls_thresholds is not None:
-        if len(cfg.cls_thresholds) != c:
-            raise ValueError(
-                f"eval.cls_thresholds has {len(cfg.cls_thresholds)} values for {c} classes"
-            )
-        thr = probs.new_tensor(cfg.cls_thresholds)[:, None, None]
-    else:
-        thr = cfg.cls_threshold
-    keep = _window_any((probs > thr) & valid[None], window)
-    gated = fused * keep.to(fused.dtype)
-    bg = (1.0 - gated.max(0, keepdim=True).values).clamp_min(0) ** cfg.bg_gamma
-    scores = torch.cat([gated, bg], dim=0)[None]
-    forced = ~valid | (raw[-1] > glass_fraction)
-    if background is not None:
-        forced = forced | background.to(forced.device)
-    return force_background(scores, forced[None])[0]
+    decoder = SeamlessDecoder(model, cfg, window, glass_fraction)
+    lo, hi = decoder.stage_extremes(raw, valid)
+    flo, fhi = decoder.fused_extremes(raw, valid, lo, hi)
+    return decoder.scores(raw, valid, SeamlessNorm(lo, hi, flo, fhi), background)

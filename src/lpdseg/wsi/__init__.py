@@ -5,6 +5,8 @@
 * ``tiling``: tissue tiles and bounded-memory slide stitching split over
   ranks (the tile grid, blending and the sliding window over an image are
   the inference layer's: ``lpdseg.inference.sliding``);
+* ``storage``: slide-sized arrays on disk (canvases), released band by band;
+* ``finish``: a stitched canvas -> class map and probabilities, band by band;
 * ``export``: polygons, QuPath GeoJSON, area tables, overlays;
 * ``job`` / ``pipeline`` / ``lock``: ``lpdseg slide`` as one validated
   ``SlideJob`` and the steps that run it (choose level, find tissue, infer,

@@ -153,7 +153,7 @@ class SlideJob:
         overlay_side_px: longest side of the overlay PNG (at most the map's).
         min_region_area_map_px: regions smaller than this many map pixels are
             left out of the GeoJSON.
-        read_workers: threads reading tiles ahead of the model (0: none).
+        read_workers: threads reading tiles ahead of the model (0: read between batches).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         overwrite: replace the outputs of a finished run of this slide in
             ``out_dir`` (otherwise such a run is refused).
@@ -191,7 +191,7 @@ class SlideJob:
     tissue_min_fraction: float = 0.05
     overlay_side_px: int = 2048
     min_region_area_map_px: float = 1.0
-    read_workers: int = 0
+    read_workers: int = 1
     device: str = "auto"
     overwrite: bool = False
     tissue_mask: Path | None = None

@@ -44,6 +44,7 @@ and releases the lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -68,6 +69,7 @@ from lpdseg.engine.distributed import (
     training_device,
 )
 from lpdseg.errors import LpdsegError
+from lpdseg.wsi.finish import SlideMap, finish_per_tile, finish_seamless
 from lpdseg.wsi.job import (
     DEFAULT_MPP_UM_PER_PX,
     MAX_MPP_UM_PER_PX,
@@ -76,13 +78,8 @@ from lpdseg.wsi.job import (
 )
 from lpdseg.wsi.lock import OutputLock
 from lpdseg.wsi.reader import ImageReader, open_image
-from lpdseg.wsi.tiling import (
-    SlideCanvas,
-    canvas_from_scores,
-    canvas_means,
-    merge_partial,
-    stitch_slide,
-)
+from lpdseg.wsi.storage import DiskArrays
+from lpdseg.wsi.tiling import SlideCanvas, merge_partial, stitch_slide
 from lpdseg.wsi.tissue import detect_tissue
 
 log = logging.getLogger(__name__)
@@ -550,6 +547,7 @@ def infer_tiles(
     *,
     rank: int = 0,
     world_size: int = 1,
+    storage: DiskArrays | None = None,
     progress: bool = True,
 ) -> SlideCanvas:
     """This rank's share of the tissue tiles through the model, stitched into a canvas.
@@ -564,6 +562,7 @@ def infer_tiles(
         tissue: mask from ``find_tissue`` (None: every tile).
         rank: this process's index; it takes tiles ``i % world_size == rank``.
         world_size: processes sharing the slide.
+        storage: keep the canvas on disk there (None: in memory).
         progress: show a progress bar.
     """
     if plan.tile_level_px != plan.tile_model_px:
@@ -583,6 +582,7 @@ def infer_tiles(
         progress=progress,
         rank=rank,
         world_size=world_size,
+        storage=storage,
     )
 
 
@@ -602,26 +602,30 @@ def finish_canvas(
     predictor: Any,
     tissue: np.ndarray | None,
     level_per_model: float = 1.0,
-) -> SlideCanvas:
-    """A seamless canvas of raw maps -> a canvas of label scores, decided on the stitched canvas.
+    *,
+    probabilities: bool = False,
+    storage: DiskArrays | None = None,
+) -> SlideMap:
+    """A seamless canvas of raw maps -> the slide's map, decided on the stitched canvas.
 
     The gate field is the model's (``predictor.gate_window_px``, model pixels)
     in canvas pixels (``level_per_model``: level pixels per model pixel, the
-    plan's ``tile_level_px / tile_model_px``); pixels outside ``tissue`` (resized to the canvas) and
-    glass pixels (the glass channel) become background.
+    plan's ``tile_level_px / tile_model_px``); pixels outside ``tissue`` (resized
+    to the canvas) and glass pixels (the glass channel) become background.
+    Decided band by band (``finish_seamless``), so a canvas on disk
+    (``storage``) is never loaded whole.
     """
     import cv2
 
-    raw = torch.from_numpy(canvas_means(canvas))
-    valid = torch.from_numpy(canvas.covered)
     window = max(1, round(predictor.gate_window_px * level_per_model / canvas.output_downsample))
     background = None
     if tissue is not None:
         h, w = canvas.shape_hw
         resized = cv2.resize(tissue.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-        background = torch.from_numpy(resized == 0)
-    scores = predictor.finish_slide(raw, valid, window, background)
-    return canvas_from_scores(canvas, scores.numpy())
+        background = resized == 0
+    return finish_seamless(
+        canvas, predictor, window, background, probabilities=probabilities, storage=storage
+    )
 
 
 def merge_ranks(canvas: SlideCanvas, ctx: DistContext) -> SlideCanvas | None:
@@ -639,7 +643,7 @@ class SlideResult:
 
     Attributes:
         plan: the level plan.
-        canvas: the (merged) canvas of every tile.
+        slide_map: the finished map of every tile (``finish_per_tile`` / ``finish_canvas``).
         picture: RGB thumbnail the overlay is drawn on.
         class_names: the checkpoint's class names.
         colors: one ``(r, g, b)`` per class.
@@ -650,7 +654,7 @@ class SlideResult:
     """
 
     plan: LevelPlan
-    canvas: SlideCanvas
+    slide_map: SlideMap
     picture: np.ndarray
     class_names: list[str]
     colors: list[tuple[int, int, int]]
@@ -678,10 +682,10 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
     from lpdseg.viz import save_png as write_png
     from lpdseg.wsi.export import write_geojson
 
-    plan, canvas = result.plan, result.canvas
+    plan, slide_map = result.plan, result.slide_map
     names, colors = result.class_names, result.colors
-    class_map = canvas.class_map()
-    scale = canvas.downsample_to_level0
+    class_map = slide_map.class_map()
+    scale = slide_map.downsample_to_level0
     h, w = class_map.shape
     job.out_dir.mkdir(parents=True, exist_ok=True)
     files = job.output_files()
@@ -697,7 +701,7 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
         mpp_level0=result.mpp_level0,
     )
     if job.ome_tiff:
-        from lpdseg.wsi.ometiff import CanvasProbabilities, write_class_map_ome_tiff
+        from lpdseg.wsi.ometiff import write_class_map_ome_tiff
 
         write_class_map_ome_tiff(
             files["ome_tiff"],
@@ -705,7 +709,7 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
             names,
             colors[: len(names)],
             plan.map_mpp_um_per_px,
-            probabilities=CanvasProbabilities(canvas) if job.ome_probabilities else None,
+            probabilities=slide_map.probabilities if job.ome_probabilities else None,
         )
     pictured = overlay(result.picture, class_map, colors[: len(names)])
     write_png(files["overlay"], add_legend(pictured, names, colors[: len(names)]))
@@ -734,10 +738,10 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
         "map_downsample": scale,
         "map_mpp": plan.map_mpp_um_per_px,
         "tissue_fraction_thumbnail": result.tissue_fraction,
-        "tiles": canvas.tiles,
+        "tiles": slide_map.tiles,
         "regions": regions,
         "seconds": round(seconds, 2),
-        "tiles_per_second": round(canvas.tiles / seconds, 2) if seconds > 0 else None,
+        "tiles_per_second": round(slide_map.tiles / seconds, 2) if seconds > 0 else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": result.device,
         "files": {k: str(v) for k, v in files.items()},
@@ -746,7 +750,7 @@ def write_outputs(job: SlideJob, result: SlideResult, started: float) -> dict[st
     log.info(
         "%s: %d tiles (%s scoring) in %.1f s, %d regions, peak RSS %.0f MiB -> %s",
         job.slide,
-        canvas.tiles,
+        slide_map.tiles,
         result.slide_scoring,
         seconds,
         regions,
@@ -802,7 +806,8 @@ def run_slide_job(
     lock: OutputLock | None = None
     try:
         # Open the slide first: a wrong file fails before the model is loaded.
-        with open_image(job.slide) as reader:
+        with contextlib.ExitStack() as stack:
+            reader = stack.enter_context(open_image(job.slide))
             if predictor is None:
                 device = _device(job.device, ctx)
                 predictor = load_predictor(job, device)
@@ -814,6 +819,9 @@ def run_slide_job(
             tissue = find_tissue(reader, job)
             scoring = slide_scoring(predictor, job)
             seamless = scoring == "seamless"
+            # One process: the canvas lives on disk beside the outputs, so memory stays
+            # flat whatever the slide's size. Ranks exchange theirs in memory.
+            storage = None if ctx.enabled else stack.enter_context(DiskArrays(job.out_dir))
             canvas = infer_tiles(
                 reader,
                 plan,
@@ -823,19 +831,29 @@ def run_slide_job(
                 tissue,
                 rank=ctx.rank,
                 world_size=ctx.world_size,
+                storage=storage,
                 progress=progress and ctx.is_main,
             )
             merged = merge_ranks(canvas, ctx)
             if merged is None:  # not rank 0: rank 0 merges, writes and reports
                 return {"rank": ctx.rank, "tiles": canvas.tiles}
+            probabilities = job.ome_tiff and job.ome_probabilities
             if seamless:
-                merged = finish_canvas(
-                    merged, predictor, tissue, plan.tile_level_px / plan.tile_model_px
+                slide_map = finish_canvas(
+                    merged,
+                    predictor,
+                    tissue,
+                    plan.tile_level_px / plan.tile_model_px,
+                    probabilities=probabilities,
+                    storage=storage,
                 )
-            h, w = merged.shape_hw
+            else:
+                slide_map = finish_per_tile(merged, probabilities=probabilities, storage=storage)
+            del canvas, merged
+            h, w = slide_map.shape_hw
             result = SlideResult(
                 plan=plan,
-                canvas=merged,
+                slide_map=slide_map,
                 picture=reader.thumbnail(min(job.overlay_side_px, max(h, w))),
                 class_names=predictor.class_names,
                 colors=predictor.colors,
@@ -845,7 +863,7 @@ def run_slide_job(
                 device=_predictor_device(predictor, device),
                 slide_scoring=scoring,
             )
-        return write_outputs(job, result, started)
+            return write_outputs(job, result, started)
     except BaseException:
         if lock is not None:  # nothing written yet: leave no empty folder behind
             lock.release()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from lpdseg.errors import DataError
@@ -41,6 +42,7 @@ from lpdseg.inference.sliding import (
     predict_tiles,
 )
 from lpdseg.wsi.reader import ImageReader
+from lpdseg.wsi.storage import DiskArrays
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +307,57 @@ def _pool_tile(
     return np.rint(pooled * FIXED_POINT_SCALE).astype(np.int64), y // ds, x // ds
 
 
+def _aligned(y: int, x: int, t: int, ds: int, h_img: int, w_img: int) -> bool:
+    """Whether a tile covers whole canvas cells only (the fast, batched pooling applies)."""
+    return y % ds == 0 and x % ds == 0 and t % ds == 0 and y + t <= h_img and x + t <= w_img
+
+
+def pool_batch(
+    out: torch.Tensor,
+    origins: Sequence[tuple[int, int]],
+    windows: TileWindows,
+    h_img: int,
+    w_img: int,
+    ds: int,
+) -> list[tuple[np.ndarray, int, int]]:
+    """Window-weight and sum-pool a batch of tile scores onto the canvas grid.
+
+    Tiles that cover whole canvas cells (most of them) are pooled together in
+    torch (one reshape-sum, multi-threaded); the others (cut by the level's
+    border or off the grid) by :func:`_pool_tile`. Both give fixed-point blocks.
+
+    Args:
+        out: ``B x L x t x t`` float32 scores on the CPU.
+        origins: the B tile origins ``(y, x)`` at the level.
+        windows: the blending windows.
+        h_img, w_img: the level's size.
+        ds: level pixels per canvas cell.
+
+    Returns:
+        One ``((L + 1) x by x bx int64 block, cy, cx)`` per tile, in order.
+    """
+    b, labels, t = out.shape[0], out.shape[1], out.shape[-1]
+    win = torch.stack([windows(y, x) for y, x in origins]).to(out.dtype)  # B x t x t
+    fast = [i for i, (y, x) in enumerate(origins) if _aligned(y, x, t, ds, h_img, w_img)]
+    blocks: list[tuple[np.ndarray, int, int] | None] = [None] * b
+    if fast:
+        idx = torch.tensor(fast)
+        w, n = win[idx], t // ds
+        # Sum within cells in float32 (ds^2 terms), the fixed-point conversion in float64.
+        scores = (out[idx] * w[:, None]).reshape(len(fast), labels, n, ds, n, ds).sum((3, 5))
+        weights = w.reshape(len(fast), 1, n, ds, n, ds).sum((3, 5))
+        pooled = torch.cat([scores, weights], dim=1).double()
+        fixed = torch.round(pooled * FIXED_POINT_SCALE).to(torch.int64).numpy()
+        for j, i in enumerate(fast):
+            y, x = origins[i]
+            blocks[i] = (fixed[j], y // ds, x // ds)
+    for i, (y, x) in enumerate(origins):
+        if blocks[i] is None:
+            weighted = (out[i] * win[i]).numpy()
+            blocks[i] = _pool_tile(weighted, win[i].numpy(), y, x, h_img, w_img, ds)
+    return blocks  # type: ignore[return-value]
+
+
 def stitch_slide(
     reader: ImageReader,
     level: int,
@@ -320,16 +373,22 @@ def stitch_slide(
     weight: WeightKind = "cosine",
     rank: int = 0,
     world_size: int = 1,
-    read_workers: int = 0,
+    read_workers: int = 1,
+    storage: DiskArrays | None = None,
     progress: bool = True,
 ) -> SlideCanvas:
     """Segment one level of a slide tile by tile into a low-resolution canvas.
 
-    Memory is bounded by the canvas (``L x H/ds x W/ds`` int64) plus one
-    batch of tiles: each tile's window-weighted scores are sum-pooled by
-    ``output_downsample`` and added to the canvas as soon as it is predicted.
-    Each canvas pixel is thus the window-weighted mean score of the level
-    pixels it covers, over every tile covering them.
+    Memory is bounded by the canvas (``L x H/ds x W/ds`` int64; on disk with
+    ``storage``) plus a few batches of tiles: each tile's window-weighted
+    scores are sum-pooled by ``output_downsample`` and added to the canvas as
+    soon as it is predicted. Each canvas pixel is thus the window-weighted
+    mean score of the level pixels it covers, over every tile covering them.
+
+    The model is kept busy: the next batch is read (``read_workers`` threads)
+    and the previous one pooled into the canvas (one thread) while the model
+    runs on the current one. The canvas is the same whatever the threads'
+    timing: its sums are integers (fixed point), which add up in any order.
 
     Args:
         reader: an open slide (``open_image``).
@@ -350,7 +409,11 @@ def stitch_slide(
         rank: this process's index; it processes tiles ``i`` with
             ``i % world_size == rank`` (e.g. from ``torchrun``'s RANK).
         world_size: number of processes sharing the slide.
-        read_workers: threads reading tiles ahead (0 = read in this thread).
+        read_workers: threads reading tiles ahead of the model (0: read in
+            this thread, between batches).
+        storage: keep the canvas in files there (``DiskArrays``), its pages
+            released as tiles go by, so memory does not grow with the slide;
+            None: in memory.
         progress: show a progress bar.
 
     Returns:
@@ -391,64 +454,72 @@ def stitch_slide(
     )
 
     canvas_hw = (-(-h_img // ds), -(-w_img // ds))
-    score_sum = np.zeros((num_labels, *canvas_hw), np.int64)
-    weight_sum = np.zeros(canvas_hw, np.int64)
+    if storage is None:
+        score_sum = np.zeros((num_labels, *canvas_hw), np.int64)
+        weight_sum = np.zeros(canvas_hw, np.int64)
+    else:
+        score_sum = storage.zeros("score_sum", (num_labels, *canvas_hw), np.int64)
+        weight_sum = storage.zeros("weight_sum", canvas_hw, np.int64)
     windows = TileWindows(tile, weight, (h_img, w_img))
     read_tile = level_tile_reader(reader, level, tile)
 
-    def fetch(origin: tuple[int, int]) -> np.ndarray:
-        return read_tile(*origin)
+    def read_batch(chunk: Sequence[tuple[int, int]]) -> np.ndarray:
+        if readers is None:
+            return np.stack([read_tile(*o) for o in chunk])
+        return np.stack(list(readers.map(lambda o: read_tile(*o), chunk)))
 
-    pool = ThreadPoolExecutor(read_workers) if read_workers > 0 else None
+    def accumulate(chunk: Sequence[tuple[int, int]], out: torch.Tensor) -> None:
+        for block, cy, cx in pool_batch(out, chunk, windows, h_img, w_img, ds):
+            by, bx = block.shape[1:]
+            score_sum[:, cy : cy + by, cx : cx + bx] += block[:num_labels]
+            weight_sum[cy : cy + by, cx : cx + bx] += block[num_labels]
+
+    chunks = list(batched(mine, batch_size))
+    readers = ThreadPoolExecutor(read_workers) if read_workers > 1 else None
+    # One thread reads ahead (it drives the `readers`), one pools into the canvas.
+    ahead = ThreadPoolExecutor(1) if read_workers > 0 else None
+    pooler = ThreadPoolExecutor(1)
+    pending = None
     try:
         with tqdm(
             total=len(mine), desc=f"{reader.path.name} tiles", unit="tile", disable=not progress
         ) as bar:
-            for b, chunk in enumerate(batched(mine, batch_size)):
+            nxt = ahead.submit(read_batch, chunks[0]) if (ahead and chunks) else None
+            for b, chunk in enumerate(chunks):
+                tiles = nxt.result() if nxt is not None else read_batch(chunk)
+                if ahead is not None and b + 1 < len(chunks):
+                    nxt = ahead.submit(read_batch, chunks[b + 1])
+                else:
+                    nxt = None
+                out = predict_tiles(predict_fn, tiles, num_labels)
+                del tiles
+                if pending is not None:
+                    pending.result()  # at most one batch waits to be pooled
+                pending = pooler.submit(accumulate, chunk, out)
                 if b % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
                     _release_heap()
-                tiles = list(pool.map(fetch, chunk)) if pool else [fetch(o) for o in chunk]
-                out = predict_tiles(predict_fn, np.stack(tiles), num_labels)
-                for (y, x), score in zip(chunk, out, strict=True):
-                    window = windows(y, x)
-                    weighted = (score * window).numpy()
-                    block, cy, cx = _pool_tile(weighted, window.numpy(), y, x, h_img, w_img, ds)
-                    by, bx = block.shape[1:]
-                    score_sum[:, cy : cy + by, cx : cx + bx] += block[:num_labels]
-                    weight_sum[cy : cy + by, cx : cx + bx] += block[num_labels]
+                    if storage is not None:
+                        storage.release()
                 bar.update(len(chunk))
+            if pending is not None:
+                pending.result()
+                pending = None
     finally:
-        if pool:
-            pool.shutdown()
+        if pending is not None:
+            pending.cancel()
+            try:
+                pending.result()
+            except BaseException:  # the first error is the one raised
+                pass
+        for pool in (ahead, readers, pooler):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+    if storage is not None:
+        storage.release()
     return SlideCanvas(score_sum, weight_sum, level, float(lds), ds, len(mine))
 
 
-# ---------------------------------------------------------------- seamless canvases
-def canvas_means(canvas: SlideCanvas) -> np.ndarray:
-    """``K x h x w`` float32 blended means of a canvas of raw channels (0 where no tile)."""
-    w = np.maximum(canvas.weight_sum, 1).astype(np.float64)
-    out = (canvas.score_sum / w).astype(np.float32)
-    out[:, ~canvas.covered] = 0.0
-    return out
-
-
-def canvas_from_scores(raw: SlideCanvas, scores: np.ndarray) -> SlideCanvas:
-    """A label-score canvas with ``raw``'s weights and geometry whose means are ``scores``.
-
-    ``scores`` (``L x h x w``) are decided on the stitched canvas (seamless slide
-    scoring); the result behaves as a canvas stitched from per-tile label scores
-    (``class_map``, ``scores``, OME-TIFF probabilities).
-    """
-    scores = np.asarray(scores, np.float64)
-    if scores.shape[1:] != raw.shape_hw:
-        raise ValueError(f"scores {scores.shape} do not match the canvas {raw.shape_hw}")
-    score_sum = np.rint(scores * raw.weight_sum[None]).astype(np.int64)
-    return SlideCanvas(
-        score_sum, raw.weight_sum.copy(), raw.level, raw.level_downsample,
-        raw.output_downsample, raw.tiles,
-    )
-
-
+# ---------------------------------------------------------------- seams
 def tile_border_zones(origins: Sequence[int], tile: int, length: int) -> list[tuple[float, float]]:
     """Where neighbouring tiles hand over, along one axis (same pixels as ``origins``).
 

@@ -1,0 +1,206 @@
+"""A stitched canvas -> the slide's class map (and class probabilities), band by band.
+
+The canvas holds sums (``SlideCanvas``); what the exports need is one label per
+canvas pixel and, for the OME-TIFF, ``uint8`` class probabilities. Both are made
+here in row bands, so a canvas kept on disk (``DiskArrays``) is never loaded
+whole: resident memory holds one band, plus the ``uint8`` class map.
+
+* :func:`finish_per_tile`: a canvas of label scores (``slide_scoring: per_tile``,
+  stage-2 networks, ONNX): the argmax of the blended scores;
+* :func:`finish_seamless`: a canvas of raw maps (``slide_scoring: seamless``):
+  normalised over the whole canvas, gated over windows of it, glass and
+  non-tissue made background (``models.decode.SeamlessDecoder``), in three
+  passes over the bands (stage extremes, fused extremes, scores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lpdseg.wsi.storage import DiskArrays, ReleasingView
+from lpdseg.wsi.tiling import SlideCanvas
+
+__all__ = ["BAND_BYTES", "SlideMap", "finish_per_tile", "finish_seamless", "row_bands"]
+
+#: Bytes of canvas sums one band reads (its rows are chosen to fit).
+BAND_BYTES = 64 * 2**20
+
+
+@dataclass
+class SlideMap:
+    """A finished slide: one label per canvas pixel, and what the exports need with it.
+
+    Attributes:
+        labels: ``h x w`` uint8, classes ``0..C-1``, background ``C``.
+        probabilities: ``C x h x w`` uint8 class probabilities x 255, sliceable
+            (read lazily, tile by tile, by the OME-TIFF writer); None when not made.
+        level: pyramid level the tiles were read from.
+        level_downsample: level-0 pixels per pixel of ``level``.
+        output_downsample: level pixels per canvas pixel.
+        tiles: tiles that went into it.
+    """
+
+    labels: np.ndarray
+    probabilities: Any | None
+    level: int
+    level_downsample: float
+    output_downsample: int
+    tiles: int
+
+    def class_map(self) -> np.ndarray:
+        """``h x w`` uint8 label map (background = number of classes)."""
+        return self.labels
+
+    @property
+    def shape_hw(self) -> tuple[int, int]:
+        """``(h, w)`` of the map."""
+        return int(self.labels.shape[0]), int(self.labels.shape[1])
+
+    @property
+    def downsample_to_level0(self) -> float:
+        """Level-0 pixels per map pixel."""
+        return self.level_downsample * self.output_downsample
+
+
+def row_bands(height: int, rows: int) -> Iterator[tuple[int, int]]:
+    """``(y0, y1)`` row ranges of ``rows`` rows (the last may be shorter) covering ``height``."""
+    rows = max(1, int(rows))
+    for y0 in range(0, height, rows):
+        yield y0, min(height, y0 + rows)
+
+
+def _band_rows(canvas: SlideCanvas, band_rows: int | None) -> int:
+    if band_rows is not None:
+        return max(1, int(band_rows))
+    per_row = (canvas.num_labels + 1) * canvas.shape_hw[1] * 8
+    return max(16, BAND_BYTES // max(per_row, 1))
+
+
+def _new(storage: DiskArrays | None, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.zeros(shape, np.uint8) if storage is None else storage.zeros(name, shape, np.uint8)
+
+
+def _release(storage: DiskArrays | None) -> None:
+    if storage is not None:
+        storage.release()
+
+
+def _meta(canvas: SlideCanvas) -> dict[str, Any]:
+    return {
+        "level": canvas.level,
+        "level_downsample": canvas.level_downsample,
+        "output_downsample": canvas.output_downsample,
+        "tiles": canvas.tiles,
+    }
+
+
+def finish_per_tile(
+    canvas: SlideCanvas,
+    *,
+    probabilities: bool = False,
+    storage: DiskArrays | None = None,
+    band_rows: int | None = None,
+) -> SlideMap:
+    """A canvas of label scores -> its class map (argmax; background where no tile).
+
+    Args:
+        canvas: blended label scores (``L`` channels, background last).
+        probabilities: also give the class probabilities (read lazily from the canvas).
+        storage: where the canvas lives (its pages are released band by band).
+        band_rows: canvas rows per band (None: about ``BAND_BYTES`` of sums).
+    """
+    from lpdseg.wsi.ometiff import CanvasProbabilities
+
+    h, w = canvas.shape_hw
+    labels = np.empty((h, w), np.uint8)
+    for y0, y1 in row_bands(h, _band_rows(canvas, band_rows)):
+        band = canvas.score_sum[:, y0:y1].argmax(0).astype(np.uint8)
+        band[canvas.weight_sum[y0:y1] <= 0] = canvas.num_labels - 1
+        labels[y0:y1] = band
+        _release(storage)
+    probs = ReleasingView(CanvasProbabilities(canvas), storage) if probabilities else None
+    return SlideMap(labels, probs, **_meta(canvas))
+
+
+def _band_means(canvas: SlideCanvas, y0: int, y1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``K x rows x w`` float32 blended means of canvas rows ``y0:y1``, and where covered."""
+    weight = np.asarray(canvas.weight_sum[y0:y1])
+    means = (np.asarray(canvas.score_sum[:, y0:y1]) / np.maximum(weight, 1)).astype(np.float32)
+    valid = weight > 0
+    means[:, ~valid] = 0.0
+    return torch.from_numpy(means), torch.from_numpy(valid)
+
+
+@torch.no_grad()
+def finish_seamless(
+    canvas: SlideCanvas,
+    predictor: Any,
+    window: int,
+    background: np.ndarray | None = None,
+    *,
+    probabilities: bool = False,
+    storage: DiskArrays | None = None,
+    band_rows: int | None = None,
+) -> SlideMap:
+    """A canvas of raw maps -> label scores decided over the whole canvas, band by band.
+
+    Equal to deciding the canvas in one piece (``Predictor.finish_slide``):
+    the normalisation's extremes are gathered over every band first, and each
+    band is decided with ``decoder.margin`` rows of context each side.
+
+    Args:
+        canvas: blended raw maps (``predictor.slide_raw`` layout).
+        predictor: a ``Predictor`` (its ``seamless_decoder`` and device).
+        window: the gate field in canvas pixels.
+        background: ``h x w`` bool forced to background (e.g. outside the tissue mask).
+        probabilities: also make ``uint8`` class probabilities (``storage`` holds them).
+        storage: where the canvas lives, and where the probabilities go.
+        band_rows: canvas rows per band (None: about ``BAND_BYTES`` of sums).
+    """
+    from lpdseg.models.decode import SeamlessNorm
+
+    decoder = predictor.seamless_decoder(window)
+    dev = predictor.device
+    h, w = canvas.shape_hw
+    c = decoder.layout.num_classes
+    rows = _band_rows(canvas, band_rows)
+    bands = list(row_bands(h, rows))
+
+    def means(y0: int, y1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raw, valid = _band_means(canvas, y0, y1)
+        _release(storage)
+        return raw.to(dev), valid.to(dev)
+
+    stage_lo = stage_hi = None
+    for y0, y1 in bands:
+        lo, hi = decoder.stage_extremes(*means(y0, y1))
+        stage_lo = lo if stage_lo is None else torch.minimum(stage_lo, lo)
+        stage_hi = hi if stage_hi is None else torch.maximum(stage_hi, hi)
+    fused_lo = fused_hi = None
+    for y0, y1 in bands:
+        lo, hi = decoder.fused_extremes(*means(y0, y1), stage_lo, stage_hi)
+        fused_lo = lo if fused_lo is None else torch.minimum(fused_lo, lo)
+        fused_hi = hi if fused_hi is None else torch.maximum(fused_hi, hi)
+    norm = SeamlessNorm(stage_lo, stage_hi, fused_lo, fused_hi)
+
+    labels = np.empty((h, w), np.uint8)
+    probs = _new(storage, "probabilities", (c, h, w)) if probabilities else None
+    m = decoder.margin
+    for y0, y1 in bands:
+        e0, e1 = max(0, y0 - m), min(h, y1 + m)
+        raw, valid = means(e0, e1)
+        bg = None
+        if background is not None:
+            bg = torch.from_numpy(np.ascontiguousarray(background[e0:e1])).to(dev)
+        scores = decoder.scores(raw, valid, norm, bg, slice(y0 - e0, y1 - e0)).cpu()
+        labels[y0:y1] = scores.argmax(0).numpy().astype(np.uint8)
+        if probs is not None:
+            probs[:, y0:y1] = torch.round(scores[:c].clamp(0, 1) * 255).to(torch.uint8).numpy()
+        _release(storage)
+    view = None if probs is None else ReleasingView(probs, storage)
+    return SlideMap(labels, view, **_meta(canvas))

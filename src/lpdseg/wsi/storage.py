@@ -1,0 +1,112 @@
+"""Slide-sized arrays on disk, so a run's memory does not grow with the slide.
+
+A slide's canvas (``K x h x w`` int64 sums, e.g. 29 raw channels of a prototype
+model) grows with the slide's area: gigabytes for a large slide at the model's
+resolution. :class:`DiskArrays` keeps such arrays in files of a private folder,
+mapped into memory (``MAP_SHARED``), and :meth:`DiskArrays.release` drops their
+pages from this process's resident set (``madvise(MADV_DONTNEED)``; the data stay
+in the page cache and the file). Code that walks a canvas in bands calls it after
+each band, so resident memory holds about one band whatever the slide size.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DiskArrays", "ReleasingView", "release_pages"]
+
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+
+class DiskArrays:
+    """Zero-initialised arrays backed by files in a temporary folder under ``parent``.
+
+    Use as a context manager (or call :meth:`close`): the folder and its
+    files are removed at the end, also after an error.
+
+    Args:
+        parent: folder the temporary folder is made in (e.g. the run's output
+            folder, which has room for its outputs); None: the system's temp.
+        prefix: name prefix of the temporary folder.
+    """
+
+    def __init__(self, parent: str | Path | None = None, prefix: str = ".lpdseg-canvas-") -> None:
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        self._maps: list[mmap.mmap] = []
+
+    def zeros(self, name: str, shape: Sequence[int], dtype: Any) -> np.ndarray:
+        """A new writable array of zeros, stored in ``<folder>/<name>.bin``."""
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        path = self.folder / f"{name}.bin"
+        with open(path, "w+b") as handle:
+            if size == 0:
+                return np.zeros(shape, dtype)
+            handle.truncate(size)  # sparse: zeros, no disk used until written
+            mm = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_WRITE)
+        self._maps.append(mm)
+        return np.frombuffer(mm, dtype=dtype).reshape(tuple(shape))
+
+    def release(self) -> None:
+        """Drop every array's pages from resident memory (contents kept)."""
+        for mm in self._maps:
+            release_pages(mm)
+
+    def close(self) -> None:
+        """Unmap what can be unmapped and remove the folder."""
+        for mm in self._maps:
+            try:
+                mm.close()
+            except BufferError:  # an array still refers to it: unmapped when it is freed
+                release_pages(mm)
+        self._maps.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> DiskArrays:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def release_pages(mm: mmap.mmap) -> None:
+    """``madvise(MADV_DONTNEED)`` on a shared file mapping (no-op where unsupported or closed)."""
+    if _DONTNEED is None or mm.closed:
+        return
+    try:
+        mm.madvise(_DONTNEED)
+    except (OSError, ValueError) as exc:  # not fatal: memory is only not returned early
+        log.debug("madvise(MADV_DONTNEED) failed: %s", exc)
+
+
+class ReleasingView:
+    """A sliceable array (``shape``, ``dtype``, ``[...]``) that releases ``storage`` every N reads.
+
+    For readers that walk a file-backed array tile by tile (the OME-TIFF
+    writer): each read maps pages in; releasing now and then keeps them from
+    piling up.
+    """
+
+    def __init__(self, array: Any, storage: DiskArrays | None, every: int = 16) -> None:
+        self.array, self.storage, self.every = array, storage, max(1, int(every))
+        self.shape, self.dtype = tuple(array.shape), np.dtype(array.dtype)
+        self._reads = 0
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        out = np.array(self.array[key])  # a copy: nothing keeps the mapped pages
+        self._reads += 1
+        if self.storage is not None and self._reads % self.every == 0:
+            self.storage.release()
+        return out
