@@ -31,9 +31,7 @@ def loading_fn(root: Path, crop: int):
 
     cfg = load_config("demo", [f"data.root={root}", f"data.crop_size={crop}"])
     bundle = resolve_data(cfg)
-    dataset = SeededWeakDataset(
-        bundle.train, TrainTransform(augment_config(cfg)), 0, 0
-    )
+    dataset = SeededWeakDataset(bundle.train, TrainTransform(augment_config(cfg)), 0, 0)
 
     def load_all() -> None:
         for i in range(len(dataset)):

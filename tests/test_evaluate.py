@@ -78,7 +78,9 @@ def test_glass_pixels_become_background_and_tissue_is_untouched():
     rgb = torch.tensor(
         [[0.95, 0.95, 0.95], [0.85, 0.55, 0.75], [0.97, 0.90, 0.95], [0.30, 0.30, 0.32]]
     ).T.reshape(1, 3, 1, 4)  # glass | pink tissue | pale pink (spread 0.07) | dark grey
-    assert glass_mask(rgb, cfg.glass_brightness, cfg.glass_spread).tolist() == [[[True, False, True, False]]]
+    assert glass_mask(rgb, cfg.glass_brightness, cfg.glass_spread).tolist() == [
+        [[True, False, True, False]]
+    ]
     scores = torch.tensor([[[[0.9, 0.9, 0.9, 0.9]], [[0.0, 0.0, 0.0, 0.0]]]])  # class 0 wins
     forced = force_background(scores, glass_mask(rgb, cfg.glass_brightness, cfg.glass_spread))
     assert forced.argmax(1).tolist() == [[[1, 0, 1, 0]]]
@@ -130,8 +132,9 @@ def test_gate_window_reaches_inference(tmp_path_factory, tiny_run_dir):
 
     windowed = EvalConfig(**{**cfg.eval.__dict__, "gate_window": 16})
     loader = make_eval_loader(cfg, resolve_data(cfg, need_train=False), "test")
-    direct = evaluate(model, loader, windowed, list(cfg.data.class_names), gate="classifier",
-                      progress=False)
+    direct = evaluate(
+        model, loader, windowed, list(cfg.data.class_names), gate="classifier", progress=False
+    )
     assert res["classifier"]["confusion"] == direct["confusion"]
 
 

@@ -104,6 +104,7 @@ def test_predict_and_slide_write_the_same_table(tmp_path):
     """``lpdseg predict``'s per-image files come from this module (the slide's do too)."""
     from lpdseg.exports.predictions import write_outputs
     from lpdseg.viz import add_legend, overlay
+
     m = _map()
     image = np.random.default_rng(0).integers(0, 256, (*m.shape, 3), dtype=np.uint8)
     colors = [[200, 0, 0], [0, 200, 0], [0, 0, 200], [255, 255, 255]]

@@ -43,7 +43,9 @@ def run_without_weights(tmp_path_factory):
         "eval.tta_flip=false",
     ]
     train(load_config("demo", overrides), progress=False, evaluate_test=False)
-    reference = {k: v.clone() for k, v in load_model(root / "run" / "best.pt")[0].state_dict().items()}
+    reference = {
+        k: v.clone() for k, v in load_model(root / "run" / "best.pt")[0].state_dict().items()
+    }
     weights.unlink()
     return root, overrides, reference
 
@@ -74,7 +76,14 @@ def test_every_command_works_without_the_weights_file(run_without_weights, tmp_p
     slide = tmp_path / "slide.png"
     Image.fromarray(np.tile(np.asarray(Image.open(first).convert("RGB")), (3, 3, 1))).save(slide)
     commands["slide"] = [
-        "slide", ckpt, str(slide), "--downsample", "1", "--out", str(tmp_path / "slide"), "-q"
+        "slide",
+        ckpt,
+        str(slide),
+        "--downsample",
+        "1",
+        "--out",
+        str(tmp_path / "slide"),
+        "-q",
     ]
     for name, args in commands.items():
         res = runner.invoke(app, args)
@@ -90,7 +99,9 @@ def test_resume_works_without_the_weights_file(run_without_weights):
     root, overrides, _ = run_without_weights
     more = [o for o in overrides if not o.startswith("train.max_steps")] + ["train.max_steps=3"]
     summary = train(
-        load_config("demo", more), resume=root / "run" / "last.pt", progress=False,
+        load_config("demo", more),
+        resume=root / "run" / "last.pt",
+        progress=False,
         evaluate_test=False,
     )
     assert summary["step"] == 3

@@ -25,9 +25,23 @@ def test_slide_writes_ome_tiff_and_qupath_options(tiny_run_dir, tmp_path):
     slide = _slide(tmp_path, tiny_run_dir)
     out = tmp_path / "out"
     args = [
-        "slide", str(tiny_run_dir / "best.pt"), str(slide), "--downsample", "1",
-        "--output-downsample", "1", "--tile", "32", "--probabilities",
-        "--geojson-type", "detection", "--simplify", "0.5", "--out", str(out), "-q",
+        "slide",
+        str(tiny_run_dir / "best.pt"),
+        str(slide),
+        "--downsample",
+        "1",
+        "--output-downsample",
+        "1",
+        "--tile",
+        "32",
+        "--probabilities",
+        "--geojson-type",
+        "detection",
+        "--simplify",
+        "0.5",
+        "--out",
+        str(out),
+        "-q",
     ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -48,13 +62,29 @@ def test_slide_takes_the_users_tissue_mask_and_can_skip_the_ome_tiff(tiny_run_di
     mask = np.zeros((64, 192), np.uint8)
     mask[:, :32] = 255  # tissue only in the first column of tiles
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    common = [str(tiny_run_dir / "best.pt"), str(slide), "--downsample", "1", "--tile", "32",
-              "--overlap", "0", "-q"]
+    common = [
+        str(tiny_run_dir / "best.pt"),
+        str(slide),
+        "--downsample",
+        "1",
+        "--tile",
+        "32",
+        "--overlap",
+        "0",
+        "-q",
+    ]
     full = CliRunner().invoke(app, ["slide", *common, "--out", str(tmp_path / "a")])
     part = CliRunner().invoke(
         app,
-        ["slide", *common, "--tissue-mask", str(tmp_path / "mask.png"), "--no-ome-tiff",
-         "--out", str(tmp_path / "b")],
+        [
+            "slide",
+            *common,
+            "--tissue-mask",
+            str(tmp_path / "mask.png"),
+            "--no-ome-tiff",
+            "--out",
+            str(tmp_path / "b"),
+        ],
     )
     assert full.exit_code == 0 and part.exit_code == 0, (full.output, part.output)
     tiles_full = json.loads((tmp_path / "a" / "slide_summary.json").read_text())["tiles"]
@@ -62,8 +92,15 @@ def test_slide_takes_the_users_tissue_mask_and_can_skip_the_ome_tiff(tiny_run_di
     assert tiles_part == 2 < tiles_full  # the two 32-px tiles of the masked column
     assert not (tmp_path / "b" / "slide_classmap.ome.tif").exists()
     missing = CliRunner().invoke(
-        app, ["slide", *common, "--tissue-mask", str(tmp_path / "nope.png"),
-              "--out", str(tmp_path / "c")]
+        app,
+        [
+            "slide",
+            *common,
+            "--tissue-mask",
+            str(tmp_path / "nope.png"),
+            "--out",
+            str(tmp_path / "c"),
+        ],
     )
     assert missing.exit_code == 2 and "--tissue-mask" in missing.output
     assert "nope.png" in missing.output

@@ -22,7 +22,13 @@ def test_defaults_and_paths():
     assert not j.overwrite
     files = j.output_files()
     assert list(files) == [
-        "geojson", "overlay", "class_map", "areas_csv", "areas_json", "ome_tiff", "summary"
+        "geojson",
+        "overlay",
+        "class_map",
+        "areas_csv",
+        "areas_json",
+        "ome_tiff",
+        "summary",
     ]
     assert "ome_tiff" not in job(ome_tiff=False).output_files()
     assert files["summary"] == j.summary_path == Path("out/slide_summary.json")

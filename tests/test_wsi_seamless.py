@@ -44,8 +44,14 @@ def _write(path: Path, image: np.ndarray) -> Path:
 def _seamless_map(predictor, path: Path, tile: int, tissue=None) -> np.ndarray:
     with open_image(path) as reader:
         canvas = stitch_slide(
-            reader, 0, predictor.slide_raw, predictor.slide_channels,
-            tile=tile, overlap=0.25, output_downsample=DS, progress=False,
+            reader,
+            0,
+            predictor.slide_raw,
+            predictor.slide_channels,
+            tile=tile,
+            overlap=0.25,
+            output_downsample=DS,
+            progress=False,
         )
     return finish_canvas(canvas, predictor, tissue).class_map()
 

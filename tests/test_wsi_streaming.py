@@ -107,13 +107,18 @@ def test_batched_pooling_matches_the_per_tile_reference():
     origins = [(0, 0), (32, 28), (68, 58), (8, 4), (64, 56)]  # aligned, cut, off-grid
     out = torch.from_numpy(rng.random((len(origins), 3, t, t)).astype(np.float32))
     windows = TileWindows(t, "cosine", (h, w))
-    blocks = pool_batch(out, origins, windows, h, w, ds)
+    blocks = pool_batch(out.clone(), origins, windows, h, w, ds)
     for (y, x), (block, cy, cx), score in zip(origins, blocks, out, strict=True):
         win = windows(y, x)
         ref, ry, rx = _pool_tile((score * win).numpy(), win.numpy(), y, x, h, w, ds)
         assert (cy, cx) == (ry, rx) and block.shape == ref.shape
         # float32 cell sums vs float64: a few fixed-point units (2**-20) apart at most
         assert np.abs(block - ref).max() <= 8
+    for bad in ((0, 0), (68, 58)):  # NaN in an aligned tile, then in a cut one
+        nan = out.clone()
+        nan[origins.index(bad), 1, 5, 5] = float("nan")
+        with pytest.raises(ValueError, match="non-finite"):
+            pool_batch(nan, origins, windows, h, w, ds)
 
 
 # ---------------------------------------------------------------- finishing
@@ -181,3 +186,38 @@ def test_slide_run_leaves_no_canvas_files(tiny_run_dir, slide_png, tmp_path):
     summary = run_slide_job(job, progress=False)
     assert summary["tiles"] > 0
     assert not [p for p in out.iterdir() if p.name.startswith(".lpdseg-canvas-")]
+
+
+def test_cell_maps_pool_as_their_pixels_would():
+    rng = np.random.default_rng(2)
+    h, w, t, ds = 100, 90, 32, 4
+    origins = [(0, 0), (32, 28), (68, 58), (8, 4)]
+    cells = torch.from_numpy(rng.random((len(origins), 3, t // ds, t // ds)).astype(np.float32))
+    pixels = cells.repeat_interleave(ds, -2).repeat_interleave(ds, -1)  # constant in each cell
+    windows = TileWindows(t, "cosine", (h, w))
+    got = pool_batch(cells.clone(), origins, windows, h, w, ds, cells=True)
+    ref = pool_batch(pixels.clone(), origins, windows, h, w, ds)
+    for (a, ay, ax), (b, by, bx) in zip(got, ref, strict=True):
+        assert (ay, ax) == (by, bx) and np.abs(a - b).max() <= 8
+    with pytest.raises(ValueError, match="cell maps"):
+        pool_batch(pixels.clone(), origins, windows, h, w, ds, cells=True)
+
+
+def test_slide_from_cell_maps_agrees_with_full_resolution(predictor, slide_png):
+    full = _stitch(predictor, slide_png)
+    cells = _stitch(predictor, slide_png, cell_maps=True)
+    window = 9
+    a = finish_seamless(full, predictor, window).class_map()
+    b = finish_seamless(cells, predictor, window).class_map()
+    assert (a == b).mean() >= 0.9
+    with open_image(slide_png) as reader, pytest.raises(ValueError, match="multiple of"):
+        stitch_slide(
+            reader,
+            0,
+            predictor.slide_raw,
+            predictor.slide_channels,
+            tile=63,
+            output_downsample=DS,
+            cell_maps=True,
+            progress=False,
+        )

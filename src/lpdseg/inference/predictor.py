@@ -127,14 +127,16 @@ class Predictor:
         return int(self.eval_cfg.gate_window or self.cfg.data.crop_size)
 
     @torch.no_grad()
-    def slide_raw(self, tiles: Tensor) -> Tensor:
+    def slide_raw(self, tiles: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """RGB tiles in [0, 1] (B x 3 x h x w) -> stitchable raw maps (B x K x h x w) on the CPU.
 
         Nothing in them is normalised or gated per tile (``decode.slide_raw_maps``);
         :meth:`finish_slide` turns the stitched canvas into label scores.
+        ``size``: the maps at that ``(h', w')`` instead (e.g. the slide canvas's
+        cells; ``stitch_slide`` asks for them through ``predict_cells``).
         """
         return slide_raw_maps(
-            self.model, tiles.to(self.device).float(), self.eval_cfg, tta=self.tta
+            self.model, tiles.to(self.device).float(), self.eval_cfg, tta=self.tta, size=size
         ).cpu()
 
     def seamless_decoder(self, window: int) -> SeamlessDecoder:

@@ -85,7 +85,9 @@ def write_pseudo_masks(
     out = Path(out)
     _prepare_output(out, overwrite)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    names = dict(zip((s.image for s in bundle.train), unique_stems([s.image for s in bundle.train])))
+    names = dict(
+        zip((s.image for s in bundle.train), unique_stems([s.image for s in bundle.train]))
+    )
     c = len(bundle.class_names)
     counts = np.zeros(c + 1, np.int64)
     rows = [["image", "mask", "label"]]

@@ -236,8 +236,20 @@ class TileWindows:
 
 
 # ---------------------------------------------------------------- prediction
-def predict_tiles(predict_fn: PredictFn, batch: np.ndarray, num_labels: int) -> torch.Tensor:
-    """uint8 tiles ``B x t x t x 3`` -> float32 scores ``B x L x t x t`` on the CPU.
+def predict_tiles(
+    predict_fn: PredictFn,
+    batch: np.ndarray,
+    num_labels: int,
+    *,
+    check_finite: bool = True,
+    size: int | None = None,
+) -> torch.Tensor:
+    """uint8 tiles ``B x t x t x 3`` -> float32 scores ``B x L x s x s`` on the CPU (s = t).
+
+    Args:
+        check_finite: refuse NaN/inf scores here (False: the caller checks
+            something smaller they flow into, e.g. the slide's pooled sums).
+        size: the side ``s`` the scores are resized to, when not ``t``.
 
     Raises:
         ValueError: ``predict_fn`` returned something else than ``B x L x h x w``
@@ -258,10 +270,11 @@ def predict_tiles(predict_fn: PredictFn, batch: np.ndarray, num_labels: int) -> 
             f"{n} x {num_labels} (num_labels) x h x w"
         )
     out = out.detach().float()
-    if out.shape[-2:] != (t, t):
-        out = F.interpolate(out, size=(t, t), mode="bilinear", align_corners=False)
+    side = size or t
+    if out.shape[-2:] != (side, side):
+        out = F.interpolate(out, size=(side, side), mode="bilinear", align_corners=False)
     out = out.cpu()
-    if not torch.isfinite(out).all():
+    if check_finite and not torch.isfinite(out).all():
         raise ValueError("predict_fn returned non-finite scores (NaN/inf)")
     return out
 

@@ -48,11 +48,20 @@ def _flip(x: Tensor, flip: bool) -> Tensor:
     return x.flip(-1) if flip else x
 
 
+def _resize(m: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of maps; antialiased when shrinking (slide maps at the canvas grid)."""
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    shrink = m.shape[-2] > size[0] or m.shape[-1] > size[1]
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
 def with_tta(
     images: Tensor,
     cfg: EvalConfig,
     tta: bool,
     forward: Callable[[Tensor, float], tuple[Sequence[Tensor | None], Sequence[Tensor]]],
+    size: tuple[int, int] | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor]]:
     """Average ``forward`` over the TTA views of ``images``.
 
@@ -63,11 +72,12 @@ def with_tta(
         forward: ``(view, scale) -> (maps, vectors)``; maps (B x K x h x w, or
             ``None``) are resized to H x W and un-flipped before averaging,
             vectors (B x K) are averaged as they are.
+        size: ``(h, w)`` the maps are resized to (None: the images' H x W).
 
     Returns:
         The averaged maps and vectors.
     """
-    h, w = images.shape[-2:]
+    h, w = size or images.shape[-2:]
     scales = cfg.tta_scales if tta else [1.0]
     flips = [False, True] if (tta and cfg.tta_flip) else [False]
     map_sums: list[Tensor | None] | None = None
@@ -80,15 +90,7 @@ def with_tta(
             x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         for flip in flips:
             maps, vectors = forward(_flip(x, flip), scale)
-            maps = [
-                None
-                if m is None
-                else _flip(
-                    F.interpolate(m.float(), size=(h, w), mode="bilinear", align_corners=False),
-                    flip,
-                )
-                for m in maps
-            ]
+            maps = [None if m is None else _flip(_resize(m.float(), (h, w)), flip) for m in maps]
             if map_sums is None:
                 map_sums, vec_sums = list(maps), list(vectors)
             else:
@@ -348,6 +350,7 @@ def slide_raw_maps(
     cfg: EvalConfig,
     tta: bool = False,
     amp_dtype: torch.dtype | None = None,
+    size: tuple[int, int] | None = None,
 ) -> Tensor:
     """Tiles (RGB in [0, 1]) -> comparable per-pixel quantities (B x K x H x W, float32).
 
@@ -356,6 +359,10 @@ def slide_raw_maps(
     inputs (their mean over a window is that window's pooled classifier input), and
     the glass flag (0/1, the :mod:`lpdseg.data.glass` rule). All are TTA-averaged and
     resized to the input size, so their window-weighted means can be stitched.
+
+    ``size``: give them at ``(h, w)`` instead (the slide canvas's grid, ``H / h``
+    input pixels per cell, the glass flag as its mean over each cell): what a
+    slide keeps of a tile, at a fraction of the cost of full resolution.
     """
     layout = slide_layout(model, cfg)
     stages = needed_stages(cfg.fuse_weights)
@@ -370,9 +377,11 @@ def slide_raw_maps(
         gate = out.proto_maps[3].flatten(1, 2) if has_protos else out.class_maps[3]
         return [*maps, gate.float()], []
 
-    maps, _ = with_tta(images, cfg, tta, forward)
-    glass = glass_mask(images.float(), cfg.glass_brightness, cfg.glass_spread)
-    return torch.cat([*maps, glass[:, None].to(maps[0].dtype)], dim=1)
+    maps, _ = with_tta(images, cfg, tta, forward, size)
+    glass = glass_mask(images.float(), cfg.glass_brightness, cfg.glass_spread)[:, None].float()
+    if size is not None and tuple(size) != tuple(images.shape[-2:]):
+        glass = F.adaptive_avg_pool2d(glass, size)
+    return torch.cat([*maps, glass.to(maps[0].dtype)], dim=1)
 
 
 def gate_logits(model: WSSSModel, pooled: Tensor) -> Tensor:

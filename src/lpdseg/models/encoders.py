@@ -29,7 +29,6 @@ from lpdseg.models.frozen_encoder import BackboneEMA, BackboneEncoder, FrozenEnc
 log = logging.getLogger(__name__)
 
 
-
 def build_encoder(
     name: str,
     *,

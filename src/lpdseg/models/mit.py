@@ -449,43 +449,31 @@ def build_mit(
     return model
 
 
-def mit_b0(
-    weights: str | Path | None = None, last_stride: int = 1, **kwargs
-) -> MixTransformer:
+def mit_b0(weights: str | Path | None = None, last_stride: int = 1, **kwargs) -> MixTransformer:
     """MiT-B0: 32-64-160-256 channels, depths 2-2-2-2 (3.3M parameters). See :func:`build_mit`."""
     return build_mit("mit_b0", weights, last_stride, **kwargs)
 
 
-def mit_b1(
-    weights: str | Path | None = None, last_stride: int = 1, **kwargs
-) -> MixTransformer:
+def mit_b1(weights: str | Path | None = None, last_stride: int = 1, **kwargs) -> MixTransformer:
     """MiT-B1: 64-128-320-512 channels, depths 2-2-2-2 (13.1M parameters). See :func:`build_mit`."""
     return build_mit("mit_b1", weights, last_stride, **kwargs)
 
 
-def mit_b2(
-    weights: str | Path | None = None, last_stride: int = 1, **kwargs
-) -> MixTransformer:
+def mit_b2(weights: str | Path | None = None, last_stride: int = 1, **kwargs) -> MixTransformer:
     """MiT-B2: 64-128-320-512 channels, depths 3-4-6-3 (24.2M parameters). See :func:`build_mit`."""
     return build_mit("mit_b2", weights, last_stride, **kwargs)
 
 
-def mit_b3(
-    weights: str | Path | None = None, last_stride: int = 1, **kwargs
-) -> MixTransformer:
+def mit_b3(weights: str | Path | None = None, last_stride: int = 1, **kwargs) -> MixTransformer:
     """MiT-B3: 64-128-320-512 channels, depths 3-4-18-3 (44.0M parameters). See :func:`build_mit`."""
     return build_mit("mit_b3", weights, last_stride, **kwargs)
 
 
-def mit_b4(
-    weights: str | Path | None = None, last_stride: int = 1, **kwargs
-) -> MixTransformer:
+def mit_b4(weights: str | Path | None = None, last_stride: int = 1, **kwargs) -> MixTransformer:
     """MiT-B4: 64-128-320-512 channels, depths 3-8-27-3 (60.8M parameters). See :func:`build_mit`."""
     return build_mit("mit_b4", weights, last_stride, **kwargs)
 
 
-def mit_b5(
-    weights: str | Path | None = None, last_stride: int = 1, **kwargs
-) -> MixTransformer:
+def mit_b5(weights: str | Path | None = None, last_stride: int = 1, **kwargs) -> MixTransformer:
     """MiT-B5: 64-128-320-512 channels, depths 3-6-40-3 (81.4M parameters). See :func:`build_mit`."""
     return build_mit("mit_b5", weights, last_stride, **kwargs)

@@ -45,6 +45,7 @@ and releases the lock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -548,6 +549,7 @@ def infer_tiles(
     rank: int = 0,
     world_size: int = 1,
     storage: DiskArrays | None = None,
+    cell_maps: bool = False,
     progress: bool = True,
 ) -> SlideCanvas:
     """This rank's share of the tissue tiles through the model, stitched into a canvas.
@@ -563,8 +565,16 @@ def infer_tiles(
         rank: this process's index; it takes tiles ``i % world_size == rank``.
         world_size: processes sharing the slide.
         storage: keep the canvas on disk there (None: in memory).
+        cell_maps: ``predict_fn`` takes ``size`` and gives maps on the canvas
+            grid (``Predictor.slide_raw``); used when the tile is a multiple of
+            the map's downsample.
         progress: show a progress bar.
     """
+    ds = plan.map_downsample_level_px
+    cell_maps = cell_maps and plan.tile_level_px % ds == 0
+    if cell_maps:
+        side = plan.tile_level_px // ds
+        predict_fn = functools.partial(predict_fn, size=(side, side))
     if plan.tile_level_px != plan.tile_model_px:
         predict_fn = _resized_to(predict_fn, plan.tile_model_px)
     return stitch_slide(
@@ -583,6 +593,7 @@ def infer_tiles(
         rank=rank,
         world_size=world_size,
         storage=storage,
+        cell_maps=cell_maps,
     )
 
 
@@ -832,6 +843,7 @@ def run_slide_job(
                 rank=ctx.rank,
                 world_size=ctx.world_size,
                 storage=storage,
+                cell_maps=seamless,
                 progress=progress and ctx.is_main,
             )
             merged = merge_ranks(canvas, ctx)

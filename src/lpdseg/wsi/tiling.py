@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # sum to exactly the single-process canvas, whatever the order.
 FIXED_POINT_SCALE = 2**20
 # Return freed heap memory to the OS every this many batches (see _release_heap).
-TRIM_EVERY_BATCHES = 4
+TRIM_EVERY_BATCHES = 1
 
 
 # ---------------------------------------------------------------- tissue tiles
@@ -110,29 +110,6 @@ def _libc() -> ctypes.CDLL | None:
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None on other C libraries."""
     return getattr(_libc(), "malloc_trim", None)
-
-
-# glibc mallopt parameter number of M_MMAP_THRESHOLD (malloc.h).
-_M_MMAP_THRESHOLD = -3
-# Allocations at least this large get their own mmap and go back to the OS when freed.
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-@functools.cache
-def _fix_mmap_threshold() -> bool:
-    """Serve every allocation >= 1 MiB by mmap, for the rest of the process (glibc only).
-
-    glibc raises its mmap threshold each time a large mmapped block is freed
-    (up to 32 MiB), after which tile batches and model outputs come from the
-    heap and fragment it: peak resident memory then grows with the number of
-    tiles (measured 432 -> 574 MiB from a 2k^2 to an 8k^2 slide). A fixed
-    threshold turns that dynamic adjustment off; freed batches are unmapped at
-    once (measured 411 -> 444 MiB). Returns whether the setting was applied.
-    """
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def _release_heap() -> None:
@@ -304,6 +281,8 @@ def _pool_tile(
     stacked = np.concatenate([weighted[:, :hh, :ww], window[None, :hh, :ww]], axis=0)
     rows = np.add.reduceat(stacked, iy, axis=1, dtype=np.float64)
     pooled = np.add.reduceat(rows, ix, axis=2)
+    if not np.isfinite(pooled).all():
+        raise ValueError("predict_fn returned non-finite scores (NaN/inf)")
     return np.rint(pooled * FIXED_POINT_SCALE).astype(np.int64), y // ds, x // ds
 
 
@@ -319,15 +298,23 @@ def pool_batch(
     h_img: int,
     w_img: int,
     ds: int,
+    *,
+    cells: bool = False,
 ) -> list[tuple[np.ndarray, int, int]]:
     """Window-weight and sum-pool a batch of tile scores onto the canvas grid.
 
     Tiles that cover whole canvas cells (most of them) are pooled together in
-    torch (one reshape-sum, multi-threaded); the others (cut by the level's
-    border or off the grid) by :func:`_pool_tile`. Both give fixed-point blocks.
+    torch (one reshape-sum); the others (cut by the level's border or off the
+    grid) by :func:`_pool_tile`. Both give fixed-point blocks.
+
+    With ``cells``, ``out`` holds one mean per canvas cell of the tile
+    (``B x L x t/ds x t/ds``): a cell's weighted sum is its mean times the
+    window summed over the cell (tiles off the grid spread each mean over its
+    ``ds x ds`` pixels first).
 
     Args:
-        out: ``B x L x t x t`` float32 scores on the CPU.
+        out: ``B x L x t x t`` float32 scores on the CPU (``t/ds`` with
+            ``cells``); weighted in place (consumed).
         origins: the B tile origins ``(y, x)`` at the level.
         windows: the blending windows.
         h_img, w_img: the level's size.
@@ -335,26 +322,42 @@ def pool_batch(
 
     Returns:
         One ``((L + 1) x by x bx int64 block, cy, cx)`` per tile, in order.
+
+    Raises:
+        ValueError: the scores hold NaN or inf (checked on the pooled sums, which
+            they would reach).
     """
-    b, labels, t = out.shape[0], out.shape[1], out.shape[-1]
+    b, labels = out.shape[0], out.shape[1]
+    t = windows.tile
+    if cells and (t % ds or out.shape[-1] != t // ds):
+        raise ValueError(f"cell maps of a {t}-px tile at {ds} px per cell must be {t // ds} px")
     win = torch.stack([windows(y, x) for y, x in origins]).to(out.dtype)  # B x t x t
+    if not cells:
+        out.mul_(win[:, None])
     fast = [i for i, (y, x) in enumerate(origins) if _aligned(y, x, t, ds, h_img, w_img)]
     blocks: list[tuple[np.ndarray, int, int] | None] = [None] * b
     if fast:
-        idx = torch.tensor(fast)
-        w, n = win[idx], t // ds
+        n = t // ds
+        part = out if len(fast) == b else out[torch.tensor(fast)]
         # Sum within cells in float32 (ds^2 terms), the fixed-point conversion in float64.
-        scores = (out[idx] * w[:, None]).reshape(len(fast), labels, n, ds, n, ds).sum((3, 5))
-        weights = w.reshape(len(fast), 1, n, ds, n, ds).sum((3, 5))
+        weights = win[fast].reshape(len(fast), 1, n, ds, n, ds).sum((3, 5))
+        if cells:
+            scores = part * weights
+        else:
+            scores = part.reshape(len(fast), labels, n, ds, n, ds).sum((3, 5))
         pooled = torch.cat([scores, weights], dim=1).double()
+        if not bool(torch.isfinite(pooled).all()):
+            raise ValueError("predict_fn returned non-finite scores (NaN/inf)")
         fixed = torch.round(pooled * FIXED_POINT_SCALE).to(torch.int64).numpy()
         for j, i in enumerate(fast):
             y, x = origins[i]
             blocks[i] = (fixed[j], y // ds, x // ds)
     for i, (y, x) in enumerate(origins):
         if blocks[i] is None:
-            weighted = (out[i] * win[i]).numpy()
-            blocks[i] = _pool_tile(weighted, win[i].numpy(), y, x, h_img, w_img, ds)
+            score = out[i]
+            if cells:  # each cell's mean over its ds x ds pixels, weighted per pixel
+                score = score.repeat_interleave(ds, -2).repeat_interleave(ds, -1) * win[i]
+            blocks[i] = _pool_tile(score.numpy(), win[i].numpy(), y, x, h_img, w_img, ds)
     return blocks  # type: ignore[return-value]
 
 
@@ -375,6 +378,7 @@ def stitch_slide(
     world_size: int = 1,
     read_workers: int = 1,
     storage: DiskArrays | None = None,
+    cell_maps: bool = False,
     progress: bool = True,
 ) -> SlideCanvas:
     """Segment one level of a slide tile by tile into a low-resolution canvas.
@@ -414,6 +418,9 @@ def stitch_slide(
         storage: keep the canvas in files there (``DiskArrays``), its pages
             released as tiles go by, so memory does not grow with the slide;
             None: in memory.
+        cell_maps: ``predict_fn`` gives one value per canvas cell (``t/ds``
+            per side; e.g. ``Predictor.slide_raw`` with ``size``), not per
+            pixel: much less to pool (``tile`` must be a multiple of ``ds``).
         progress: show a progress bar.
 
     Returns:
@@ -428,7 +435,8 @@ def stitch_slide(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ds = int(output_downsample)
-    _fix_mmap_threshold()
+    if cell_maps and tile % ds:
+        raise ValueError(f"cell_maps needs a tile ({tile}) that is a multiple of {ds}")
     w_img, h_img = reader.level_dimensions[level]
     lds = reader.level_downsamples[level]
     grid = TileGrid.from_overlap((h_img, w_img), tile, overlap)
@@ -469,7 +477,7 @@ def stitch_slide(
         return np.stack(list(readers.map(lambda o: read_tile(*o), chunk)))
 
     def accumulate(chunk: Sequence[tuple[int, int]], out: torch.Tensor) -> None:
-        for block, cy, cx in pool_batch(out, chunk, windows, h_img, w_img, ds):
+        for block, cy, cx in pool_batch(out, chunk, windows, h_img, w_img, ds, cells=cell_maps):
             by, bx = block.shape[1:]
             score_sum[:, cy : cy + by, cx : cx + bx] += block[:num_labels]
             weight_sum[cy : cy + by, cx : cx + bx] += block[num_labels]
@@ -491,7 +499,13 @@ def stitch_slide(
                     nxt = ahead.submit(read_batch, chunks[b + 1])
                 else:
                     nxt = None
-                out = predict_tiles(predict_fn, tiles, num_labels)
+                out = predict_tiles(
+                    predict_fn,
+                    tiles,
+                    num_labels,
+                    check_finite=False,
+                    size=tile // ds if cell_maps else None,
+                )
                 del tiles
                 if pending is not None:
                     pending.result()  # at most one batch waits to be pooled

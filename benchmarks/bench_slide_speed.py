@@ -1,0 +1,329 @@
+"""Speed and memory of ``lpdseg slide`` on synthetic slides of growing size.
+
+Writes pyramidal tiled TIFFs (default 4k x 4k and 16k x 16k pixels at 0.5 um/px,
+tissue-like blobs on white glass, levels 1/4/16) tile by tile, then measures, each
+in a fresh Python process so that nothing is shared:
+
+* **memory**: ``run_slide_job`` on each slide (the checkpoint's own scoring,
+  GeoJSON, overlay, areas and the OME-TIFF with class probabilities written),
+  peak resident memory (``VmHWM``); the figure is the largest slide's peak over
+  the smallest's (target <= 1.10: memory does not grow with the slide);
+* **speed** (on the largest slide): the same tissue tiles read into memory
+  first, then the model alone on them (``predictor.slide_raw`` on batches of
+  ``batch_tiles``, what the slide run calls), then the whole slide run (open,
+  tissue detection, reading, model, stitching, finishing, writing). The figure
+  is slide tiles/s over model-only tiles/s (target >= 0.9: everything but the
+  model overlaps with it or costs little). The model-only pass runs twice,
+  before and after the slide run, and its mean is used.
+
+Usage::
+
+    python benchmarks/bench_slide_speed.py --checkpoint demo_output/runs/lpd/best.pt
+    python benchmarks/bench_slide_speed.py --checkpoint best.pt --sizes 2048 8192
+
+Writes ``benchmarks/results/slide_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results" / "slide_speed.json"
+TILE_WRITE = 256
+MPP = 0.5
+
+log = logging.getLogger("bench_slide_speed")
+
+
+def vm_hwm_mib() -> float:
+    """Peak resident set size of this process so far (MiB), from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
+
+
+# ---------------------------------------------------------------- synthetic slides
+def _blob_field(ys: np.ndarray, xs: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth tissue indicator in [0, 1] at level-0 coordinates (same for every level)."""
+    rng = np.random.default_rng(seed)
+    field = np.zeros(ys.shape, np.float32)
+    for cy, cx, r in rng.uniform([0.1, 0.1, 0.06], [0.9, 0.9, 0.18], size=(12, 3)):
+        d2 = ((ys - cy * size) ** 2 + (xs - cx * size) ** 2) / (r * size) ** 2
+        field += np.exp(-d2).astype(np.float32)
+    return field
+
+
+def _tiles(size: int, ds: int):
+    """The RGB tiles (row-major) of the level with downsample ``ds``."""
+    n = size // ds
+    rng = np.random.default_rng(ds)
+    for ty in range(0, n, TILE_WRITE):
+        for tx in range(0, n, TILE_WRITE):
+            # The field is smooth: evaluate it every 8 pixels and interpolate.
+            ys, xs = np.mgrid[ty : ty + TILE_WRITE : 8, tx : tx + TILE_WRITE : 8].astype(np.float32)
+            coarse = _blob_field((ys + 3.5) * ds, (xs + 3.5) * ds, size)
+            f = cv2.resize(coarse, (TILE_WRITE, TILE_WRITE), interpolation=cv2.INTER_LINEAR)
+            tile = np.full((TILE_WRITE, TILE_WRITE, 3), 245, np.uint8)
+            noise = rng.integers(-15, 16, (TILE_WRITE, TILE_WRITE, 1))
+            tissue, dark = f > 0.5, f > 1.0
+            tile[tissue] = np.clip(np.array([215, 120, 175]) + noise, 0, 255)[tissue]
+            tile[dark] = np.clip(np.array([120, 50, 140]) + noise, 0, 255)[dark]
+            yield tile
+
+
+def write_synthetic_slide(path: Path, size: int) -> None:
+    """A ``size x size`` pyramidal tiled TIFF at 0.5 um/px that OpenSlide reads."""
+    import tifffile
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for i, ds in enumerate((1, 4, 16)):
+            n = size // ds
+            res = 1e4 / (MPP * ds)
+            tw.write(
+                _tiles(size, ds),
+                shape=(n, n, 3),
+                dtype=np.uint8,
+                tile=(TILE_WRITE, TILE_WRITE),
+                photometric="rgb",
+                compression="zlib",
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if i == 0 else 1,
+            )
+
+
+# ---------------------------------------------------------------- children
+def _job(args: argparse.Namespace, slide: str, out: Path):
+    from lpdseg.wsi import SlideJob
+
+    return SlideJob(
+        Path(args.checkpoint),
+        Path(slide),
+        out,
+        device="cpu",
+        downsample_level0_px=args.downsample,
+        batch_tiles=args.batch,
+        ome_tiff=True,
+        ome_probabilities=True,
+        read_workers=args.read_workers,
+    )
+
+
+def child_memory(args: argparse.Namespace) -> dict:
+    """One slide run in this fresh process: its peak resident memory and timings."""
+    import torch
+
+    from lpdseg.wsi import run_slide_job
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="slide_speed_") as tmp:
+        t0 = time.perf_counter()
+        s = run_slide_job(_job(args, args.child, Path(tmp) / "out"), progress=False)
+        seconds = time.perf_counter() - t0
+    return {
+        "tiles": s["tiles"],
+        "map_shape_hw": s["map_shape_hw"],
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": round(vm_hwm_mib(), 1),
+        "dimensions": s["dimensions_level0"],
+    }
+
+
+def child_speed(args: argparse.Namespace) -> dict:
+    """Model-only throughput on the slide's tissue tiles, then the slide run, in one process."""
+    import torch
+
+    from lpdseg.engine.distributed import DistContext
+    from lpdseg.inference.sliding import TileGrid, batched, level_tile_reader
+    from lpdseg.wsi import open_image, run_slide_job
+    from lpdseg.wsi.pipeline import (
+        choose_level,
+        find_tissue,
+        job_device,
+        load_predictor,
+        model_mpp,
+        model_tile,
+        slide_scoring,
+    )
+    from lpdseg.wsi.tiling import select_tissue_tiles
+
+    torch.set_num_threads(args.threads)
+    device = job_device("cpu", DistContext())
+    with tempfile.TemporaryDirectory(prefix="slide_speed_") as tmp:
+        job = _job(args, args.child, Path(tmp) / "out")
+        predictor = load_predictor(job, device)
+        seamless = slide_scoring(predictor, job) == "seamless"
+        fn = predictor.slide_raw if seamless else predictor
+        with open_image(job.slide) as reader:
+            plan = choose_level(reader, job, model_tile(predictor, job), *model_mpp(predictor))
+            side, ds = plan.tile_level_px, plan.map_downsample_level_px
+            if seamless and side % ds == 0 and plan.tile_level_px == plan.tile_model_px:
+                # what the slide run calls: the raw maps on the canvas grid
+                fn = functools.partial(predictor.slide_raw, size=(side // ds, side // ds))
+            tissue = find_tissue(reader, job)
+            w, h = reader.level_dimensions[plan.level]
+            grid = TileGrid.from_overlap((h, w), plan.tile_level_px, job.overlap)
+            mh, mw = tissue.shape
+            origins = select_tissue_tiles(grid, tissue, (mh / h, mw / w), job.tissue_min_fraction)
+            read = level_tile_reader(reader, plan.level, plan.tile_level_px)
+            batches = [
+                torch.from_numpy(np.stack([read(*o) for o in chunk])).permute(0, 3, 1, 2)
+                for chunk in batched(origins, job.batch_tiles)
+            ]
+
+        def model_only() -> float:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for b in batches:
+                    fn(b.float().div_(255.0))
+            return time.perf_counter() - t0
+
+        with torch.no_grad():
+            fn(batches[0].float().div_(255.0))  # warm-up
+        first = model_only()
+        t0 = time.perf_counter()
+        s = run_slide_job(job, progress=False, predictor=predictor, device=device)
+        slide_s = time.perf_counter() - t0
+        second = model_only()
+    tiles = len(origins)
+    assert s["tiles"] == tiles, (s["tiles"], tiles)
+    model_s = 0.5 * (first + second)
+    return {
+        "tiles": tiles,
+        "scoring": s["slide_scoring"],
+        "model_only_seconds": [round(first, 2), round(second, 2)],
+        "model_only_tiles_per_s": round(tiles / model_s, 2),
+        "slide_seconds": round(slide_s, 2),
+        "slide_tiles_per_s": round(tiles / slide_s, 2),
+        "ratio_slide_over_model": round(model_s / slide_s, 3),
+    }
+
+
+def run_child(args: argparse.Namespace, kind: str, slide: Path) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--checkpoint",
+        str(args.checkpoint),
+        "--child",
+        str(slide),
+        "--child-kind",
+        kind,
+        "--threads",
+        str(args.threads),
+        "--batch",
+        str(args.batch),
+        "--downsample",
+        str(args.downsample),
+        "--read-workers",
+        str(args.read_workers),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"{kind} run on {slide.name} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="a best.pt (or .onnx)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384], help="slide sides (px)")
+    p.add_argument(
+        "--downsample",
+        type=float,
+        default=1.0,
+        help="level-0 px per working px (1: the model at 0.5 um/px)",
+    )
+    p.add_argument("--batch", type=int, default=8, help="tiles per forward")
+    p.add_argument("--read-workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-kind", default="memory", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        fn = child_speed if args.child_kind == "speed" else child_memory
+        print(json.dumps(fn(args)))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.perf_counter()
+    result: dict = {
+        "checkpoint": str(args.checkpoint),
+        "downsample": args.downsample,
+        "batch": args.batch,
+        "threads": args.threads,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "memory": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="slide_speed_") as tmp:
+        slides = []
+        for size in args.sizes:
+            path = Path(tmp) / f"synthetic_{size}.tif"
+            t0 = time.perf_counter()
+            write_synthetic_slide(path, size)
+            log.info(
+                "wrote %s (%.1f MiB) in %.1f s",
+                path.name,
+                path.stat().st_size / 2**20,
+                time.perf_counter() - t0,
+            )
+            slides.append(path)
+        for size, path in zip(args.sizes, slides, strict=True):
+            r = run_child(args, "memory", path)
+            result["memory"].append({"size": size, **r})
+            log.info(
+                "memory %6d^2: %5d tiles, map %s, peak RSS %.1f MiB, %.1f s",
+                size,
+                r["tiles"],
+                r["map_shape_hw"],
+                r["peak_rss_mib"],
+                r["seconds"],
+            )
+        first, last = result["memory"][0], result["memory"][-1]
+        result["peak_rss_ratio_largest_over_smallest"] = round(
+            last["peak_rss_mib"] / first["peak_rss_mib"], 3
+        )
+        r = run_child(args, "speed", slides[-1])
+        result["speed"] = {"size": args.sizes[-1], **r}
+        log.info(
+            "speed %d^2: %d tiles; model only %.2f tiles/s, slide %.2f tiles/s: ratio %.3f",
+            args.sizes[-1],
+            r["tiles"],
+            r["model_only_tiles_per_s"],
+            r["slide_tiles_per_s"],
+            r["ratio_slide_over_model"],
+        )
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    result["command"] = "python benchmarks/bench_slide_speed.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:])
+    )
+    print(
+        f"peak RSS {args.sizes[-1]}^2 / {args.sizes[0]}^2: "
+        f"x{result['peak_rss_ratio_largest_over_smallest']:.3f} (target <= 1.10); "
+        f"slide / model-only throughput: {result['speed']['ratio_slide_over_model']:.3f} "
+        "(target >= 0.9)"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
