@@ -73,13 +73,17 @@ EXPECTED = [
     "predictions/000000_areas.json",
     "explain/000000_prototypes.png",
     "runs/lpd/report.html",
-    "slide.tif",
+    "slides/slide.tif",
+    "slides/slide_flipped.tif",
     "slide_out/slide.geojson",
     "slide_out/slide_overlay.png",
     "slide_out/slide_classmap.png",
     "slide_out/slide_areas.csv",
     "slide_out/slide_areas.json",
     "slide_out/slide_summary.json",
+    "slides_out/slides_summary.csv",
+    "slides_out/slide/slide.geojson",
+    "slides_out/slide_flipped/slide_flipped_summary.json",
 ]
 
 

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # sum to exactly the single-process canvas, whatever the order.
 FIXED_POINT_SCALE = 2**20
 # Return freed heap memory to the OS every this many batches (see _release_heap).
-TRIM_EVERY_BATCHES = 1
+TRIM_EVERY_BATCHES = 8
 
 
 # ---------------------------------------------------------------- tissue tiles
@@ -483,6 +483,10 @@ def stitch_slide(
             weight_sum[cy : cy + by, cx : cx + bx] += block[num_labels]
 
     chunks = list(batched(mine, batch_size))
+    # Tiles go row by row: dropping the canvas pages about once per row of tiles keeps
+    # about two rows of the canvas resident (more often only re-faults the same pages).
+    columns = len({x for _, x in grid.origins}) or 1
+    release_every = max(1, -(-columns // (batch_size * world_size)))
     readers = ThreadPoolExecutor(read_workers) if read_workers > 1 else None
     # One thread reads ahead (it drives the `readers`), one pools into the canvas.
     ahead = ThreadPoolExecutor(1) if read_workers > 0 else None
@@ -512,8 +516,8 @@ def stitch_slide(
                 pending = pooler.submit(accumulate, chunk, out)
                 if b % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
                     _release_heap()
-                    if storage is not None:
-                        storage.release()
+                if storage is not None and b % release_every == release_every - 1:
+                    storage.release()
                 bar.update(len(chunk))
             if pending is not None:
                 pending.result()
