@@ -25,72 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_slide_speed import vm_hwm_mib, write_synthetic_slide  # noqa: E402  (one slide writer)
 
 log = logging.getLogger("wsi_memory")
 
-TILE_WRITE = 256
 NUM_LABELS = 3  # two tissue classes + background
-MPP = 0.5
-
-
-def vm_hwm_mib() -> float:
-    """Peak resident set size of this process so far (MiB), from /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
-
-
-def _blob_field(ys: np.ndarray, xs: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Smooth tissue indicator in [0, 1] at level-0 coordinates (same for every level)."""
-    rng = np.random.default_rng(seed)
-    field = np.zeros(ys.shape, np.float32)
-    for cy, cx, r in rng.uniform([0.1, 0.1, 0.06], [0.9, 0.9, 0.18], size=(12, 3)):
-        d2 = ((ys - cy * size) ** 2 + (xs - cx * size) ** 2) / (r * size) ** 2
-        field += np.exp(-d2).astype(np.float32)
-    return field
-
-
-def _tiles(size: int, ds: int):
-    """Yield the RGB tiles (row-major) of the level with downsample ``ds``."""
-    n = size // ds
-    rng = np.random.default_rng(ds)
-    for ty in range(0, n, TILE_WRITE):
-        for tx in range(0, n, TILE_WRITE):
-            # The field is smooth: evaluate it every 8 pixels and interpolate.
-            ys, xs = np.mgrid[ty : ty + TILE_WRITE : 8, tx : tx + TILE_WRITE : 8].astype(np.float32)
-            coarse = _blob_field((ys + 3.5) * ds, (xs + 3.5) * ds, size)
-            f = cv2.resize(coarse, (TILE_WRITE, TILE_WRITE), interpolation=cv2.INTER_LINEAR)
-            tile = np.full((TILE_WRITE, TILE_WRITE, 3), 245, np.uint8)
-            tissue = f > 0.5
-            dark = f > 1.0
-            noise = rng.integers(-15, 16, (TILE_WRITE, TILE_WRITE, 1))
-            tile[tissue] = np.clip(np.array([215, 120, 175]) + noise, 0, 255)[tissue]
-            tile[dark] = np.clip(np.array([120, 50, 140]) + noise, 0, 255)[dark]
-            yield tile
-
-
-def write_synthetic_slide(path: Path, size: int) -> None:
-    """A ``size x size`` pyramidal tiled TIFF with mpp 0.5 that OpenSlide reads."""
-    import tifffile
-
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for i, ds in enumerate((1, 4, 16)):
-            n = size // ds
-            res = 1e4 / (MPP * ds)
-            tw.write(
-                _tiles(size, ds),
-                shape=(n, n, 3),
-                dtype=np.uint8,
-                tile=(TILE_WRITE, TILE_WRITE),
-                photometric="rgb",
-                compression="zlib",
-                resolution=(res, res),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if i == 0 else 1,
-            )
 
 
 def child(path: str, tile: int, output_downsample: int) -> None:
