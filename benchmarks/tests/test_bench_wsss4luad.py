@@ -31,21 +31,21 @@ def test_benchmark_rescores_a_finished_run_with_eval_overrides(bench, finished_r
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     stamp = (out / "best.pt").stat().st_mtime_ns
-    plain = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=false"])
-    glass = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=true"])
+    plain = bench.run_one([], out, ("labels",), False, ["eval.glass_background=false"])
+    glass = bench.run_one([], out, ("labels",), False, ["eval.glass_background=true"])
     assert plain["train_s"] is None and glass["train_s"] is None  # nothing retrained
     assert (out / "best.pt").stat().st_mtime_ns == stamp
     scored = sorted(out.glob("eval_*/test_metrics.json"))
     assert len(scored) == 2  # one folder per set of eval overrides
-    accs = {json.loads(f.read_text())["pseudo"]["pixel_acc"] for f in scored}
-    assert accs == {plain["scores"]["pseudo"]["pixel_acc"], glass["scores"]["pseudo"]["pixel_acc"]}
+    accs = {json.loads(f.read_text())["labels"]["pixel_acc"] for f in scored}
+    assert accs == {plain["scores"]["labels"]["pixel_acc"], glass["scores"]["labels"]["pixel_acc"]}
     # synthetic background is white glass: the rule finds background the maps miss
-    bg_plain = plain["scores"]["pseudo"]["per_class_IoU"][-1]
-    bg_glass = glass["scores"]["pseudo"]["per_class_IoU"][-1]
+    bg_plain = plain["scores"]["labels"]["per_class_IoU"][-1]
+    bg_glass = glass["scores"]["labels"]["per_class_IoU"][-1]
     assert bg_glass > bg_plain
     stamps = [f.stat().st_mtime_ns for f in scored]
-    again = bench.run_one([], out, ("pseudo",), False, ["eval.glass_background=true"])
-    assert again["scores"]["pseudo"]["mIoU"] == glass["scores"]["pseudo"]["mIoU"]
+    again = bench.run_one([], out, ("labels",), False, ["eval.glass_background=true"])
+    assert again["scores"]["labels"]["mIoU"] == glass["scores"]["labels"]["mIoU"]
     assert [f.stat().st_mtime_ns for f in scored] == stamps  # cached, not scored twice
 
 
@@ -59,7 +59,7 @@ def test_benchmark_refuses_a_finished_run_trained_with_other_settings(
     steps = yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"]
     bench.check_finished_run(out, [f"train.max_steps={steps}", "train.threads=1"])  # same run
     with pytest.raises(SystemExit, match="model.input_scale=1.0.*2.0"):
-        bench.run_one(["model.input_scale=2"], out, ("pseudo",), False)
+        bench.run_one(["model.input_scale=2"], out, ("labels",), False)
     with pytest.raises(SystemExit, match=f"train.max_steps={steps}"):
         bench.check_finished_run(out, [f"train.max_steps={steps + 1}"])
 
