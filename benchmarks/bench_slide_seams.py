@@ -60,33 +60,22 @@ def miou(pred: np.ndarray, gt: np.ndarray, n: int) -> float:
 
 def class_map(predictor: Predictor, path: Path, tile: int, overlap: float, ds: int, mode: str):
     """Stitched class map of ``path`` with ``tile``-px tiles in ``mode``, and the seconds."""
+    seamless = mode == "seamless"
     t0 = time.perf_counter()
     with open_image(path) as reader:
-        if mode == "seamless":
-            canvas = stitch_slide(
-                reader,
-                0,
-                predictor.slide_raw,
-                predictor.slide_channels,
-                tile=tile,
-                overlap=overlap,
-                output_downsample=ds,
-                batch_size=4,
-                progress=False,
-            )
-            canvas = finish_canvas(canvas, predictor, None)
-        else:
-            canvas = stitch_slide(
-                reader,
-                0,
-                predictor,
-                predictor.num_labels,
-                tile=tile,
-                overlap=overlap,
-                output_downsample=ds,
-                batch_size=4,
-                progress=False,
-            )
+        canvas = stitch_slide(
+            reader,
+            0,
+            predictor.slide_raw if seamless else predictor,
+            predictor.slide_channels if seamless else predictor.num_labels,
+            tile=tile,
+            overlap=overlap,
+            output_downsample=ds,
+            batch_size=4,
+            progress=False,
+        )
+    if seamless:
+        canvas = finish_canvas(canvas, predictor, None)
     return canvas.class_map(), time.perf_counter() - t0
 
 

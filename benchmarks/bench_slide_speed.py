@@ -106,6 +106,23 @@ def write_synthetic_slide(path: Path, size: int) -> None:
             )
 
 
+def write_synthetic_slides(folder: Path, sizes: list[int]) -> list[Path]:
+    """``synthetic_<size>.tif`` in ``folder`` for every size (logged with its time)."""
+    paths = []
+    for size in sizes:
+        path = Path(folder) / f"synthetic_{size}.tif"
+        t0 = time.perf_counter()
+        write_synthetic_slide(path, size)
+        log.info(
+            "wrote %s (%.1f MiB) in %.1f s",
+            path.name,
+            path.stat().st_size / 2**20,
+            time.perf_counter() - t0,
+        )
+        paths.append(path)
+    return paths
+
+
 # ---------------------------------------------------------------- children
 def _job(args: argparse.Namespace, slide: str, out: Path):
     from lpdseg.wsi import SlideJob
@@ -148,7 +165,7 @@ def child_speed(args: argparse.Namespace) -> dict:
     import torch
 
     from lpdseg.engine.distributed import DistContext
-    from lpdseg.inference.sliding import TileGrid, batched, level_tile_reader
+    from lpdseg.inference.sliding import batched, level_tile_reader
     from lpdseg.wsi import open_image, run_slide_job
     from lpdseg.wsi.pipeline import (
         choose_level,
@@ -159,7 +176,7 @@ def child_speed(args: argparse.Namespace) -> dict:
         model_tile,
         slide_scoring,
     )
-    from lpdseg.wsi.tiling import select_tissue_tiles
+    from lpdseg.wsi.tiling import level_tiles
 
     torch.set_num_threads(args.threads)
     device = job_device("cpu", DistContext())
@@ -175,10 +192,14 @@ def child_speed(args: argparse.Namespace) -> dict:
                 # what the slide run calls: the raw maps on the canvas grid
                 fn = functools.partial(predictor.slide_raw, size=(side // ds, side // ds))
             tissue = find_tissue(reader, job)
-            w, h = reader.level_dimensions[plan.level]
-            grid = TileGrid.from_overlap((h, w), plan.tile_level_px, job.overlap)
-            mh, mw = tissue.shape
-            origins = select_tissue_tiles(grid, tissue, (mh / h, mw / w), job.tissue_min_fraction)
+            _, origins = level_tiles(
+                reader,
+                plan.level,
+                plan.tile_level_px,
+                job.overlap,
+                tissue,
+                job.tissue_min_fraction,
+            )
             read = level_tile_reader(reader, plan.level, plan.tile_level_px)
             batches = [
                 torch.from_numpy(np.stack([read(*o) for o in chunk])).permute(0, 3, 1, 2)
@@ -272,18 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": [],
     }
     with tempfile.TemporaryDirectory(prefix="slide_speed_") as tmp:
-        slides = []
-        for size in args.sizes:
-            path = Path(tmp) / f"synthetic_{size}.tif"
-            t0 = time.perf_counter()
-            write_synthetic_slide(path, size)
-            log.info(
-                "wrote %s (%.1f MiB) in %.1f s",
-                path.name,
-                path.stat().st_size / 2**20,
-                time.perf_counter() - t0,
-            )
-            slides.append(path)
+        slides = write_synthetic_slides(Path(tmp), args.sizes)
         for size, path in zip(args.sizes, slides, strict=True):
             r = run_child(args, "memory", path)
             result["memory"].append({"size": size, **r})

@@ -26,9 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_slide_speed import vm_hwm_mib, write_synthetic_slide  # noqa: E402  (one slide writer)
-
-log = logging.getLogger("wsi_memory")
+from bench_slide_speed import vm_hwm_mib, write_synthetic_slides  # noqa: E402  (one slide writer)
 
 NUM_LABELS = 3  # two tissue classes + background
 
@@ -97,16 +95,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = []
     with tempfile.TemporaryDirectory(prefix="wsi_memory_") as tmp:
-        for size in args.sizes:
-            path = Path(tmp) / f"synthetic_{size}.tif"
-            t0 = time.perf_counter()
-            write_synthetic_slide(path, size)
-            log.info(
-                "wrote %s (%.1f MiB) in %.1f s",
-                path.name,
-                path.stat().st_size / 2**20,
-                time.perf_counter() - t0,
-            )
+        for path in write_synthetic_slides(Path(tmp), args.sizes):
             proc = subprocess.run(
                 [
                     sys.executable,

@@ -138,23 +138,7 @@ def tiny_run(root: Path, *extra: str, steps: int = 2, evaluate_test: bool = Fals
     if not (data / "training").is_dir():
         write_dataset(data, n_train=12, n_val=2, n_test=3, size=32, seed=0, progress=False)
     out = root / "run"
-    cfg = load_config(
-        "demo",
-        [
-            f"data.root={data}",
-            "data.crop_size=32",
-            "data.num_workers=0",
-            "model.prototypes_per_class=2",
-            "model.proj_hidden=16",
-            "train.batch_size=4",
-            f"train.max_steps={steps}",
-            "train.threads=2",
-            f"train.out_dir={out}",
-            "eval.tta_scales=[1.0]",
-            "eval.tta_flip=false",
-            *extra,
-        ],
-    )
+    cfg = load_config("demo", _tiny_overrides(data, out, f"train.max_steps={steps}", *extra))
     train(cfg, progress=False, evaluate_test=evaluate_test)
     return out
 

@@ -23,8 +23,8 @@ from lpdseg.errors import ConfigError
 from lpdseg.inference.loading import load_model, resolve_device
 from lpdseg.models.decode import (
     SeamlessDecoder,
-    SeamlessNorm,
     predict_scores,
+    seamless_scores,
     slide_layout,
     slide_raw_maps,
 )
@@ -139,6 +139,10 @@ class Predictor:
             self.model, tiles.to(self.device).float(), self.eval_cfg, tta=self.tta, size=size
         ).cpu()
 
+    def _require_classifier_gate(self) -> None:
+        if self.gate == "labels":
+            raise ConfigError("slide scoring uses the classifier gate (no labels on a slide)")
+
     def seamless_decoder(self, window: int) -> SeamlessDecoder:
         """The decoder that turns a stitched canvas (whole or in row bands) into label scores.
 
@@ -148,8 +152,7 @@ class Predictor:
         Raises:
             ConfigError: the predictor gates with labels (a slide has none).
         """
-        if self.gate == "labels":
-            raise ConfigError("slide scoring uses the classifier gate (no labels on a slide)")
+        self._require_classifier_gate()
         return SeamlessDecoder(self.model, self.eval_cfg, window)
 
     @torch.no_grad()
@@ -164,13 +167,17 @@ class Predictor:
             window: the gate field in canvas pixels (:attr:`gate_window_px` rescaled).
             background: h x w bool forced to background (e.g. not tissue).
         """
-        decoder = self.seamless_decoder(window)
+        self._require_classifier_gate()
         dev = self.device
-        raw, valid = raw.to(dev), valid.to(dev)
-        lo, hi = decoder.stage_extremes(raw, valid)
-        norm = SeamlessNorm(lo, hi, *decoder.fused_extremes(raw, valid, lo, hi))
-        bg = None if background is None else background.to(dev)
-        return decoder.scores(raw, valid, norm, bg).cpu()
+        out = seamless_scores(
+            raw.to(dev),
+            valid.to(dev),
+            self.model,
+            self.eval_cfg,
+            window,
+            background=None if background is None else background.to(dev),
+        )
+        return out.cpu()
 
     def scores(self, image: np.ndarray, progress: bool = False) -> Tensor:
         """One ``H x W x 3`` uint8 RGB image -> label scores (L x H x W)."""

@@ -119,9 +119,7 @@ def finish_per_tile(
     h, w = canvas.shape_hw
     labels = np.empty((h, w), np.uint8)
     for y0, y1 in row_bands(h, _band_rows(canvas, band_rows)):
-        band = canvas.score_sum[:, y0:y1].argmax(0).astype(np.uint8)
-        band[canvas.weight_sum[y0:y1] <= 0] = canvas.num_labels - 1
-        labels[y0:y1] = band
+        labels[y0:y1] = canvas.class_map(slice(y0, y1))
         _release(storage)
     probs = ReleasingView(CanvasProbabilities(canvas), storage) if probabilities else None
     return SlideMap(labels, probs, **_meta(canvas))
@@ -171,10 +169,16 @@ def finish_seamless(
     rows = _band_rows(canvas, band_rows)
     bands = list(row_bands(h, rows))
 
+    last: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
     def means(y0: int, y1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raw, valid = _band_means(canvas, y0, y1)
-        _release(storage)
-        return raw.to(dev), valid.to(dev)
+        # The three passes read the same rows again; a canvas of one band is read once.
+        if (y0, y1) not in last:
+            last.clear()
+            raw, valid = _band_means(canvas, y0, y1)
+            _release(storage)
+            last[(y0, y1)] = raw.to(dev), valid.to(dev)
+        return last[(y0, y1)]
 
     stage_lo = stage_hi = None
     for y0, y1 in bands:

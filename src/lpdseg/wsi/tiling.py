@@ -97,6 +97,32 @@ def select_tissue_tiles(
     return [origins[i] for i in np.flatnonzero(keep)]
 
 
+def level_tiles(
+    reader: ImageReader,
+    level: int,
+    tile: int,
+    overlap: float,
+    tissue_mask: np.ndarray | None = None,
+    min_fraction: float = 0.05,
+) -> tuple[TileGrid, list[tuple[int, int]]]:
+    """The tile grid of a slide level and the origins ``stitch_slide`` processes (tissue tiles).
+
+    Args:
+        reader: the open slide.
+        level: pyramid level.
+        tile: tile side in pixels at ``level``.
+        overlap: fraction of a tile shared by neighbours.
+        tissue_mask: bool mask over the whole slide at any resolution (None: every tile).
+        min_fraction: smallest tissue fraction of a selected tile.
+    """
+    w_img, h_img = reader.level_dimensions[level]
+    grid = TileGrid.from_overlap((h_img, w_img), tile, overlap)
+    if tissue_mask is None:
+        return grid, grid.origins
+    mh, mw = tissue_mask.shape[:2]
+    return grid, select_tissue_tiles(grid, tissue_mask, (mh / h_img, mw / w_img), min_fraction)
+
+
 # ---------------------------------------------------------------- memory
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
@@ -172,10 +198,13 @@ class SlideCanvas:
         """``h x w`` bool, True where at least one tile contributed."""
         return self.weight_sum > 0
 
-    def class_map(self) -> np.ndarray:
-        """``h x w`` uint8 label map: argmax of the blended scores, background where no tile."""
-        labels = self.score_sum.argmax(0).astype(np.uint8)
-        labels[~self.covered] = self.num_labels - 1
+    def class_map(self, rows: slice = slice(None)) -> np.ndarray:
+        """``h x w`` uint8 label map: argmax of the blended scores, background where no tile.
+
+        ``rows``: only those rows (a band of a canvas too large to read at once).
+        """
+        labels = self.score_sum[:, rows].argmax(0).astype(np.uint8)
+        labels[self.weight_sum[rows] <= 0] = self.num_labels - 1
         return labels
 
     def scores(self) -> np.ndarray:
@@ -439,14 +468,7 @@ def stitch_slide(
         raise ValueError(f"cell_maps needs a tile ({tile}) that is a multiple of {ds}")
     w_img, h_img = reader.level_dimensions[level]
     lds = reader.level_downsamples[level]
-    grid = TileGrid.from_overlap((h_img, w_img), tile, overlap)
-    if tissue_mask is None:
-        origins = grid.origins
-    else:
-        mh, mw = tissue_mask.shape[:2]
-        origins = select_tissue_tiles(
-            grid, tissue_mask, (mh / h_img, mw / w_img), tissue_min_fraction
-        )
+    grid, origins = level_tiles(reader, level, tile, overlap, tissue_mask, tissue_min_fraction)
     mine = origins[rank::world_size]
     log.info(
         "%s level %d (%dx%d): %d of %d tiles hold tissue, rank %d/%d processes %d",
