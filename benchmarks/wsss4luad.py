@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--folds", type=int, default=3, help="K folds by image")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument(
+        "--only-folds", default="", help="comma-separated fold indices to run (default: all)"
+    )
     p.add_argument("--methods", default="cam,pbip,lpd_nodiv,lpd", help=", ".join(METHODS))
     p.add_argument("--backbones", default="effnet,mit_b0", help=", ".join(BACKBONES))
     p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=True)
@@ -112,6 +115,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="eval.* settings for scoring only, e.g. eval.glass_background=true (finished "
         "runs in --work are re-scored, not re-trained)",
     )
+    p.add_argument(
+        "--val-images",
+        type=int,
+        default=3,
+        help="training images of each fold held out whole as val/ (best.pt and early "
+        "stopping by their mIoU; 0: none, best.pt = last weights)",
+    )
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="early stopping: validations without a better val mIoU (default: none)",
+    )
+    p.add_argument("--color-jitter", type=float, default=0.1, help="data.color_jitter")
+    p.add_argument("--stain-jitter", type=float, default=0.0, help="data.stain_jitter (HED)")
+    p.add_argument("--scale-min", type=float, default=1.0, help="data.scale_min")
+    p.add_argument("--scale-max", type=float, default=1.0, help="data.scale_max")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the by-image folds")
     return p.parse_args(argv)
@@ -123,13 +144,55 @@ def make_folds(stems: list[str], k: int, seed: int) -> list[list[str]]:
     return [sorted(part.tolist()) for part in np.array_split(np.array(order), k)]
 
 
+def split_val(stems: list[str], n: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training stems, ``n`` validation stems) drawn from a fold's training images (seeded)."""
+    if n <= 0:
+        return sorted(stems), []
+    if n >= len(stems):
+        raise SystemExit(f"--val-images {n} leaves no training image (the fold has {len(stems)})")
+    order = [str(s) for s in np.random.default_rng(seed).permutation(sorted(stems))]
+    return sorted(order[n:]), sorted(order[:n])
+
+
+def prepare_fold(img_dir, mask_dir, root, rule, train_stems, val_stems, test_stems) -> dict:
+    """Tile one fold's data into ``root``, or reuse it when an earlier call built the same.
+
+    A benchmark that was interrupted continues with its finished runs, so the fold's
+    patches are kept; a folder built with other splits or another patch rule is refused
+    (the runs in it were trained on other data).
+    """
+    from lpdseg.data.patches import build_patch_dataset
+
+    info_path = root / "patches.json"
+    wanted = {"train": train_stems, "val": val_stems, "test": test_stems}
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        have = {k: list(info.get("splits", {}).get(k) or []) for k in wanted}
+        same_rule = all(info.get("rule", {}).get(f) == getattr(rule, f) for f in
+                        ("size", "stride", "min_fraction", "max_background"))  # fmt: skip
+        if info.get("status") != "incomplete" and have == wanted and same_rule:
+            return info
+        if info.get("status") != "incomplete":
+            raise SystemExit(
+                f"{root} holds patches of other splits or another patch rule; use another "
+                "--work folder or delete that fold"
+            )
+    return build_patch_dataset(
+        img_dir, mask_dir, root, fmt="wsss4luad", rule=rule, train_stems=train_stems,
+        val_stems=val_stems, test_stems=test_stems, progress=False, overwrite=True,
+    )  # fmt: skip
+
+
 def common_overrides(args: argparse.Namespace, root: Path, out: Path, seed: int) -> list[str]:
     return [
         f"data.root={root}",
         "data.format=wsss4luad",
         f"data.crop_size={args.size}",
         "data.num_workers=0",
-        "data.color_jitter=0.1",
+        f"data.color_jitter={args.color_jitter}",
+        f"data.stain_jitter={args.stain_jitter}",
+        f"data.scale_min={args.scale_min}",
+        f"data.scale_max={args.scale_max}",
         "model.drop_path=0.0",
         "model.merge=mean",  # class logits as the mean over prototypes (docs/demo_ablation.md)
         f"model.prototypes_per_class={args.prototypes}",
@@ -143,6 +206,8 @@ def common_overrides(args: argparse.Namespace, root: Path, out: Path, seed: int)
         "train.warmup_fraction=0.05",
         f"train.seed={seed}",
         f"train.threads={args.threads}",
+        f"train.val_every={args.val_every}",
+        f"train.patience={'null' if args.patience is None else args.patience}",
         f"train.out_dir={out}",
         "eval.tta_scales=[1.0]",
         "eval.tta_flip=true",
@@ -235,6 +300,28 @@ def run_one(
         "scores": scores,
         "train_s": round(t_train, 1) if t_train is not None else None,
         "total_s": round(time.perf_counter() - t0, 1),
+        **training_record(out),
+    }
+
+
+def training_record(out: Path) -> dict:
+    """The run's validation curve, steps trained and whether it stopped early."""
+    curve = []
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            if "val_mIoU" in rec:
+                curve.append([rec["step"], rec["val_mIoU"]])
+    summary = (
+        json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    )
+    best = max(curve, key=lambda c: c[1] if c[1] is not None else -1.0, default=None)
+    return {
+        "val_curve": curve,
+        "best_step": best[0] if best else None,
+        "steps": summary.get("step"),
+        "early_stopped": summary.get("early_stopped"),
     }
 
 
@@ -331,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    from lpdseg.data.patches import PatchRule, build_patch_dataset, pair_files
+    from lpdseg.data.patches import PatchRule, pair_files
 
     methods = [m for m in args.methods.split(",") if m]
     backbones = [b for b in args.backbones.split(",") if b]
@@ -348,18 +435,21 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     runs: list[dict] = []
     data_info = []
+    only = {int(f) for f in args.only_folds.split(",") if f != ""}
     for k, test_stems in enumerate(folds):
+        if only and k not in only:
+            continue
         fold_dir = args.work / f"fold{k}"
         root = fold_dir / "data"
-        train_stems = [s for s in stems if s not in test_stems]
-        info = build_patch_dataset(
-            img_dir, mask_dir, root, fmt="wsss4luad", rule=rule,
-            train_stems=train_stems, test_stems=test_stems, progress=False,
-        )  # fmt: skip
+        train_stems, val_stems = split_val(
+            [s for s in stems if s not in test_stems], args.val_images, args.split_seed + k
+        )
+        info = prepare_fold(img_dir, mask_dir, root, rule, train_stems, val_stems, test_stems)
         data_info.append(
             {
                 "fold": k,
                 "test_images": test_stems,
+                "val_images": val_stems,
                 "train_patches": info["patches"],
                 "patches_with_class": info["patches_with_class"],
             }
@@ -415,6 +505,13 @@ def main(argv: list[str] | None = None) -> int:
             "eval_overrides": args.eval_overrides,
             "threads": args.threads,
             "split_seed": args.split_seed,
+            "only_folds": sorted(only),
+            "val_images": args.val_images,
+            "val_every": args.val_every,
+            "patience": args.patience,
+            "color_jitter": args.color_jitter,
+            "stain_jitter": args.stain_jitter,
+            "scale": [args.scale_min, args.scale_max],
         },
         "machine": {
             "platform": platform.platform(),

@@ -29,6 +29,7 @@ from lpdseg.data.transforms import (
     AugmentConfig,
     EvalTransform,
     TrainTransform,
+    stain_jitter,
     to_tensor,
     to_uint8,
 )
@@ -487,6 +488,51 @@ def test_train_transform_reproducible_and_jitter():
         AugmentConfig(color_jitter=1.5)
     with pytest.raises(ConfigError):
         AugmentConfig(scale=(1.2, 0.8))
+
+
+def _stain_jitter_reference(x: np.ndarray, a, b) -> np.ndarray:
+    """One pixel at a time: optical density, deconvolve, scale/shift each stain, reconvolve."""
+    m = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+    m = m / np.linalg.norm(m, axis=1, keepdims=True)  # stain vectors (rows) of unit length
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            od = -np.log(np.clip(x[i, j].astype(np.float64), 1 / 255, 1))
+            amounts = np.linalg.solve(m.T, od)  # od = sum_k amount_k * m[k]
+            new_od = sum((a[k] * amounts[k] + b[k]) * m[k] for k in range(3))
+            out[i, j] = np.exp(-np.clip(new_od, 0, np.log(255)))
+    return np.clip(out, 0, 1)
+
+
+def test_stain_jitter_matches_colour_deconvolution_reference():
+    x = rgb(6, 7, seed=8).astype(np.float32) / 255
+    rng = np.random.default_rng(3)
+    got = stain_jitter(x, 0.2, rng)
+    draw = np.random.default_rng(3)
+    a, b = draw.uniform(0.8, 1.2, 3), draw.uniform(-0.2, 0.2, 3)
+    assert np.allclose(got, _stain_jitter_reference(x, a, b), atol=1e-5)
+    assert got.dtype == np.float32
+    # identity stain change gives the image back; strength 0 draws nothing
+    assert np.allclose(_stain_jitter_reference(x, np.ones(3), np.zeros(3)), np.clip(x, 1 / 255, 1))
+    rng0 = np.random.default_rng(4)
+    assert stain_jitter(x, 0.0, rng0) is x
+    assert rng0.random() == np.random.default_rng(4).random()
+    # more eosin: pinker (green falls most, since eosin absorbs green)
+    pink = stain_jitter(np.full((1, 1, 3), 0.7, np.float32), 0.0, rng0)
+    more_e = _stain_jitter_reference(pink, [1, 1, 1], [0, 0.3, 0])
+    assert more_e[0, 0, 1] < more_e[0, 0, 0] and more_e[0, 0, 1] < more_e[0, 0, 2]
+
+
+def test_train_transform_stain_jitter_setting():
+    image = rgb(32, 32, seed=9)
+    plain = dict(crop_size=32, hflip=False, vflip=False, rot90=False, color_jitter=0.0)
+    off = TrainTransform(AugmentConfig(**plain))(image, rng=np.random.default_rng(1))
+    on = TrainTransform(AugmentConfig(**plain, stain_jitter=0.1))(
+        image, rng=np.random.default_rng(1)
+    )
+    assert np.array_equal(to_uint8(off), image) and not torch.equal(on, off)
+    with pytest.raises(ConfigError, match="stain_jitter"):
+        AugmentConfig(stain_jitter=1.0)
 
 
 def test_to_tensor_roundtrip_and_eval_transform():

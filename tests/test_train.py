@@ -80,6 +80,48 @@ def test_resume_equals_uninterrupted_run(tiny_data, tmp_path):
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
 
 
+def _scripted_validation(monkeypatch, scores: list[float]) -> list[int]:
+    """Validation returns ``scores`` in turn; the returned list collects the calls."""
+    calls: list[int] = []
+
+    def fake_evaluate(*args, **kwargs):
+        calls.append(len(calls))
+        return {"mIoU": scores[len(calls) - 1], "mDice": 0.0, "bIoU": 0.0}
+
+    monkeypatch.setattr("lpdseg.engine.train.evaluate", fake_evaluate)
+    return calls
+
+
+@pytest.mark.parametrize("interrupt_at", [None, 15])
+def test_patience_stops_early_and_keeps_the_best_validated_weights(
+    tiny_data, tmp_path, monkeypatch, interrupt_at
+):
+    # 24 images / batch 4 = 6 steps an epoch; val mIoU per epoch as scripted: best at
+    # epoch 1 (step 12), then two worse ones -> with patience 2 the run ends at step 24
+    calls = _scripted_validation(monkeypatch, [0.5, 0.6, 0.55, 0.58, 0.7])
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_data, out, "train.max_steps=30", "train.patience=2")
+    if interrupt_at is not None:  # the count of stale validations survives a resume
+        train(cfg, progress=False, evaluate_test=False, stop_after=interrupt_at)
+        summary = train(cfg, progress=False, evaluate_test=False, resume=out / "last.pt")
+    else:
+        summary = train(cfg, progress=False, evaluate_test=False)
+    assert len(calls) == 4
+    assert summary["step"] == 24 and summary["early_stopped"] is True
+    assert summary["best_val_mIoU"] == pytest.approx(0.6)
+    assert load_checkpoint(out / "best.pt")["step"] == 12
+    assert load_checkpoint(out / "last.pt")["step"] == 24
+    # without patience the same scores train every step
+    calls.clear()
+    full = train(
+        tiny_cfg(tiny_data, tmp_path / "full", "train.max_steps=30"),
+        progress=False,
+        evaluate_test=False,
+    )
+    assert full["step"] == 30 and full["early_stopped"] is False and len(calls) == 5
+    assert load_checkpoint(tmp_path / "full" / "best.pt")["step"] == 30
+
+
 def test_lpd_training_lowers_the_loss_and_writes_the_run(tiny_data, tmp_path):
     out = tmp_path / "run"
     summary = train(tiny_cfg(tiny_data, out, "train.max_steps=30", "train.lr=1e-3"), progress=False)

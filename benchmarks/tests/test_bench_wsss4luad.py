@@ -75,3 +75,45 @@ def test_benchmark_folds_are_disjoint_by_image(bench):
 def test_results_default_to_the_results_folder(bench):
     args = bench.parse_args([])
     assert args.results.parent == Path(bench.__file__).resolve().parent / "results"
+
+
+def test_validation_images_come_from_the_training_images_of_the_fold(bench):
+    train = [f"{i:02d}" for i in range(20)]
+    rest, val = bench.split_val(train, 3, seed=1)
+    assert len(val) == 3 and not set(val) & set(rest) and sorted(rest + val) == train
+    assert (rest, val) == bench.split_val(train, 3, seed=1)
+    assert bench.split_val(train, 0, seed=1) == (train, [])
+    with pytest.raises(SystemExit, match="no training image"):
+        bench.split_val(train[:2], 2, seed=1)
+
+
+def test_fold_data_is_reused_when_identical_and_refused_when_not(bench, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lpdseg.data.patches import PatchRule
+
+    img_dir, mask_dir = tmp_path / "img", tmp_path / "mask"
+    img_dir.mkdir()
+    mask_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for stem in ("a", "b", "c", "d"):
+        Image.fromarray(rng.integers(0, 200, (64, 64, 3), dtype=np.uint8)).save(
+            img_dir / f"{stem}.png"
+        )
+        mask = np.zeros((64, 64), np.uint8)
+        mask[:, 32:] = 1
+        Image.fromarray(mask).save(mask_dir / f"{stem}.png")
+    rule = PatchRule(32, 32, 0.02, 0.5)
+    root = tmp_path / "fold0"
+    first = bench.prepare_fold(img_dir, mask_dir, root, rule, ["a", "b"], ["c"], ["d"])
+    assert (root / "val" / "img").is_dir() and first["patches"] == 8
+    stamp = (root / "patches.json").stat().st_mtime_ns
+    again = bench.prepare_fold(img_dir, mask_dir, root, rule, ["a", "b"], ["c"], ["d"])
+    assert again == first and (root / "patches.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="other splits"):
+        bench.prepare_fold(img_dir, mask_dir, root, rule, ["a"], ["b", "c"], ["d"])
+    with pytest.raises(SystemExit, match="another patch rule"):
+        bench.prepare_fold(
+            img_dir, mask_dir, root, PatchRule(16, 16, 0.02, 0.5), ["a", "b"], ["c"], ["d"]
+        )

@@ -219,6 +219,7 @@ class DataConfig:
     std: list[float] | None = None
     crop_size: int = 224  # training crop (px), in [16, 4096]
     color_jitter: float = 0.1  # strength of colour jitter; 0 disables
+    stain_jitter: float = 0.0  # strength of the H&E stain jitter (HED space); 0 disables
     scale_min: float = 1.0  # random-resize range before cropping
     scale_max: float = 1.0
     num_workers: int = 2  # DataLoader workers
@@ -248,6 +249,7 @@ class DataConfig:
         _check_range("data", "crop_size", self.crop_size, *CROP_RANGE)
         _check_range("data", "num_workers", self.num_workers, 0)
         _check_range("data", "color_jitter", self.color_jitter, 0, 1)
+        _check_range("data", "stain_jitter", self.stain_jitter, 0, 1, hi_open=True)
         _check_range("data", "scale_min", self.scale_min, 0, 4, lo_open=True)
         _check_range("data", "scale_max", self.scale_max, 0, 4, lo_open=True)
         if self.scale_min > self.scale_max:
@@ -382,6 +384,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_every: int = 1  # validate every N epochs
     val_limit: int | None = None  # validate on at most this many images
+    # early stopping: end the run after this many validations in a row without a better
+    # val mIoU (null: train all steps). best.pt is the best validated state either way.
+    patience: int | None = None
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     ckpt_every: int | None = None  # also write last.pt every N steps (None: each epoch)
     out_dir: str = "runs/lpd"
@@ -405,7 +410,7 @@ class TrainConfig:
             allow_none=True,
             hint="; use null for the full epochs",
         )
-        for key in ("val_limit", "ckpt_every", "threads"):
+        for key in ("val_limit", "ckpt_every", "threads", "patience"):
             _check_range("train", key, getattr(self, key), 1, allow_none=True)
         _check_range("train", "lr", self.lr, 0, lo_open=True)
         _check_range("train", "head_lr_mult", self.head_lr_mult, 0, lo_open=True)

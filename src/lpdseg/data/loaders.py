@@ -505,7 +505,10 @@ class ResumableSampler(Sampler[int]):
 def augment_config(cfg: Config) -> AugmentConfig:
     d = cfg.data
     return AugmentConfig(
-        crop_size=d.crop_size, color_jitter=d.color_jitter, scale=(d.scale_min, d.scale_max)
+        crop_size=d.crop_size,
+        color_jitter=d.color_jitter,
+        scale=(d.scale_min, d.scale_max),
+        stain_jitter=d.stain_jitter,
     )
 
 

@@ -37,6 +37,8 @@ class AugmentConfig:
             saturation factors in ``[1 - j, 1 + j]``, hue rotation within
             ``+-j/4`` of a turn; 0 disables it.
         scale: range of the random resize factor applied before cropping.
+        stain_jitter: strength ``s`` of the stain augmentation in HED space
+            (:func:`stain_jitter`); 0 disables it.
     """
 
     crop_size: int = 224
@@ -45,12 +47,15 @@ class AugmentConfig:
     rot90: bool = True
     color_jitter: float = 0.1
     scale: tuple[float, float] = (1.0, 1.0)
+    stain_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if int(self.crop_size) != self.crop_size or self.crop_size < 1:
             raise ConfigError(f"augment crop_size must be a positive integer, got {self.crop_size}")
         if not 0.0 <= self.color_jitter < 1.0:
             raise ConfigError(f"augment color_jitter must be in [0, 1), got {self.color_jitter}")
+        if not 0.0 <= self.stain_jitter < 1.0:
+            raise ConfigError(f"augment stain_jitter must be in [0, 1), got {self.stain_jitter}")
         lo, hi = self.scale
         if not 0.0 < lo <= hi:
             raise ConfigError(
@@ -141,8 +146,47 @@ def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -
     return np.clip(x, 0.0, 1.0, out=x)
 
 
+# Stain vectors (optical density of haematoxylin, eosin, DAB per RGB channel) of Ruifrok &
+# Johnston, "Quantification of histochemical staining by color deconvolution" (2001).
+_RGB_FROM_HED = np.array(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
+)
+_RGB_FROM_HED /= np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+# darkest optical density the conversion keeps (1/255 transmission): no log(0)
+_OD_MAX = float(np.log(255.0))
+
+
+def stain_jitter(x: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Random change of the haematoxylin / eosin / DAB amounts of an RGB image.
+
+    Colour deconvolution (optical density ``-log(I)`` times the inverse stain
+    matrix), then each stain's density ``d -> a * d + b`` with ``a`` in
+    ``[1 - s, 1 + s]`` and ``b`` in ``[-s, s]`` (one draw per stain and image), and
+    back. This mimics stain differences between labs and scanners, which a plain
+    hue/brightness jitter does not (Tellez et al., 2018, "HED" augmentation).
+
+    Args:
+        x: ``H x W x 3`` float32 RGB in [0, 1].
+        strength: ``s`` in [0, 1); 0 returns ``x`` unchanged.
+        rng: randomness (draws 6 values when ``strength > 0``, none otherwise).
+
+    Returns:
+        ``H x W x 3`` float32 in [0, 1].
+    """
+    if strength <= 0:
+        return x
+    a = rng.uniform(1.0 - strength, 1.0 + strength, size=3)
+    b = rng.uniform(-strength, strength, size=3)
+    od = -np.log(np.clip(x.astype(np.float64), 1.0 / 255.0, 1.0))
+    # one matrix product: od' = (hed * a + b) @ M = od @ (Minv diag(a) M) + b @ M
+    od = od @ (_HED_FROM_RGB * a) @ _RGB_FROM_HED + b @ _RGB_FROM_HED
+    out = np.exp(-np.clip(od, 0.0, _OD_MAX)).astype(np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
 class TrainTransform:
-    """Random resize, crop/pad to ``crop_size``, flips, rot90, colour jitter -> [0, 1] tensor.
+    """Random resize, crop/pad, flips, rot90, colour and stain jitter -> [0, 1] tensor.
 
     Called as ``t(image)`` it returns the ``3 x S x S`` float tensor; called as
     ``t(image, mask)`` it returns ``(image_tensor, mask_tensor)`` with the same
@@ -225,6 +269,7 @@ class TrainTransform:
             out_mask = None if out_mask is None else np.rot90(out_mask, k)
 
         x = color_jitter(np.ascontiguousarray(out_img), cfg.color_jitter, rng)
+        x = stain_jitter(x, cfg.stain_jitter, rng)
         tensor = to_tensor(x)
         if mask is None:
             return tensor

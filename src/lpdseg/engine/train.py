@@ -89,6 +89,7 @@ RESUME_MAY_CHANGE = (
     "train.epochs",
     "train.val_every",
     "train.val_limit",
+    "train.patience",
     "train.ckpt_every",
     "train.max_nonfinite",
     "train.threads",
@@ -318,6 +319,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.best = -math.inf
+        self.stale_validations = 0  # validations in a row without a better val mIoU
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
         self.total_steps = 0  # set by train()
@@ -459,6 +461,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "best": self.best,
+            "stale_validations": self.stale_validations,
             "skipped_steps": self.skipped_steps,
             "total_steps": self.total_steps,
         }
@@ -478,6 +481,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.epoch = int(ckpt["epoch"])
         self.best = float(ckpt["best"])
+        self.stale_validations = int(ckpt.get("stale_validations", 0))
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
 
     def save(self, path: Path) -> None:
@@ -829,6 +833,7 @@ def _train(
     t_last, n_last = time.perf_counter(), 0
     stop = False
     interrupted = False
+    early_stop = False
     with StopSignals() as signals:
 
         def stop_requested() -> bool:
@@ -903,11 +908,25 @@ def _train(
                 ep = trainer.step // steps_per_epoch - (0 if trainer.step % steps_per_epoch else 1)
                 if has_val and ((ep + 1) % cfg.train.val_every == 0 or trainer.step >= total):
                     improved = _validate(trainer, val_loader, cfg, bundle, device, metrics_path, ep)
-                    if broadcast_object(ctx, improved):
+                    improved = broadcast_object(ctx, improved)
+                    trainer.stale_validations = 0 if improved else trainer.stale_validations + 1
+                    if improved:
                         trainer.save(run_dir / "best.pt")
+                    patience = cfg.train.patience
+                    if patience is not None and trainer.stale_validations >= patience:
+                        early_stop = trainer.step < total
                 trainer.epoch = ep + 1
                 if trainer.nonfinite_in_row == 0:
                     trainer.save(last)
+                if early_stop:
+                    log.info(
+                        "early stop at step %d: %d validations without a better val mIoU "
+                        "(train.patience=%d)",
+                        trainer.step,
+                        trainer.stale_validations,
+                        cfg.train.patience,
+                    )
+                    break
             if stop_requested():  # after the epoch's validation and last.pt
                 interrupted = True
         if interrupted:
@@ -1002,6 +1021,8 @@ def _finish(
         "best_val_mIoU": trainer.best if math.isfinite(trainer.best) else None,
         "best_by": "val_mIoU" if has_val else "last_step (no val split)",
         "skipped_steps": trainer.skipped_steps,
+        # fewer steps than planned: ended by train.patience
+        "early_stopped": trainer.step < trainer.total_steps,
     }
     if has_val:
         calibration = _calibrate_gate(trainer, run_dir / "best.pt", bundle)
