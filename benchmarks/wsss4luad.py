@@ -144,14 +144,56 @@ def make_folds(stems: list[str], k: int, seed: int) -> list[list[str]]:
     return [sorted(part.tolist()) for part in np.array_split(np.array(order), k)]
 
 
-def split_val(stems: list[str], n: int, seed: int) -> tuple[list[str], list[str]]:
-    """(training stems, ``n`` validation stems) drawn from a fold's training images (seeded)."""
+#: A validation image is taken only from images whose every class stays in at least
+#: this many training images: a rare class (normal tissue is in 4 of the 31 images)
+#: is not taken from training to be validated on.
+VAL_KEEP_PER_CLASS = 3
+
+
+def split_val(
+    stems: list[str], n: int, seed: int, classes: dict[str, set[int]] | None = None
+) -> tuple[list[str], list[str]]:
+    """(training stems, ``n`` validation stems) drawn from a fold's training images (seeded).
+
+    With ``classes`` (stem -> classes in its mask), images are drawn in a seeded
+    order and skipped when taking one would leave one of its classes in fewer than
+    ``VAL_KEEP_PER_CLASS`` training images.
+    """
     if n <= 0:
         return sorted(stems), []
     if n >= len(stems):
         raise SystemExit(f"--val-images {n} leaves no training image (the fold has {len(stems)})")
     order = [str(s) for s in np.random.default_rng(seed).permutation(sorted(stems))]
-    return sorted(order[n:]), sorted(order[:n])
+    classes = classes or {}
+    count: dict[int, int] = {}
+    for s in stems:
+        for c in classes.get(s, ()):
+            count[c] = count.get(c, 0) + 1
+    val: list[str] = []
+    for s in order:
+        if len(val) == n:
+            break
+        if all(count[c] - 1 >= VAL_KEEP_PER_CLASS for c in classes.get(s, ())):
+            val.append(s)
+            for c in classes.get(s, ()):
+                count[c] -= 1
+    if len(val) < n:
+        raise SystemExit(
+            f"--val-images {n}: only {len(val)} images can be held out without leaving a class "
+            f"in fewer than {VAL_KEEP_PER_CLASS} training images"
+        )
+    return sorted(s for s in stems if s not in val), sorted(val)
+
+
+def mask_classes(pairs, num_classes: int) -> dict[str, set[int]]:
+    """Stem -> tissue classes (``0..C-1``) present in its mask."""
+    from lpdseg.imageio import read_mask
+
+    out = {}
+    for img, msk in pairs:
+        values = np.unique(read_mask(msk, num_classes))
+        out[img.stem] = {int(v) for v in values if v < num_classes}
+    return out
 
 
 def prepare_fold(img_dir, mask_dir, root, rule, train_stems, val_stems, test_stems) -> dict:
@@ -429,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     for b in backbones:
         if b not in BACKBONES:
             raise SystemExit(f"unknown backbone {b!r}; choose from {', '.join(BACKBONES)}")
-    stems = [img.stem for img, _ in pair_files(img_dir, mask_dir)]
+    pairs = pair_files(img_dir, mask_dir)
+    stems = [img.stem for img, _ in pairs]
+    classes = mask_classes(pairs, 3) if args.val_images > 0 else None
     folds = make_folds(stems, args.folds, args.split_seed)
     rule = PatchRule(args.size, args.stride, args.min_fraction, 0.5)
     t_start = time.perf_counter()
@@ -442,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         fold_dir = args.work / f"fold{k}"
         root = fold_dir / "data"
         train_stems, val_stems = split_val(
-            [s for s in stems if s not in test_stems], args.val_images, args.split_seed + k
+            [s for s in stems if s not in test_stems], args.val_images, args.split_seed + k, classes
         )
         info = prepare_fold(img_dir, mask_dir, root, rule, train_stems, val_stems, test_stems)
         data_info.append(

@@ -85,6 +85,15 @@ def test_validation_images_come_from_the_training_images_of_the_fold(bench):
     assert bench.split_val(train, 0, seed=1) == (train, [])
     with pytest.raises(SystemExit, match="no training image"):
         bench.split_val(train[:2], 2, seed=1)
+    # a class in few images (here class 2 in 4 of 20) keeps 3 of them in training
+    classes = {s: ({0, 2} if i < 4 else {0, 1}) for i, s in enumerate(train)}
+    for seed in range(10):
+        rest, val = bench.split_val(train, 5, seed=seed, classes=classes)
+        assert len(val) == 5 and sum(2 in classes[s] for s in val) <= 1
+        assert sum(2 in classes[s] for s in rest) >= bench.VAL_KEEP_PER_CLASS
+    # class 1 (16 images) lets 13 go, class 2 one more
+    with pytest.raises(SystemExit, match="only 14 images"):
+        bench.split_val(train, 18, seed=0, classes=classes)
 
 
 def test_fold_data_is_reused_when_identical_and_refused_when_not(bench, tmp_path):

@@ -80,6 +80,10 @@ def _resize_nearest(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
+#: Rows :func:`overlay` blends at a time.
+OVERLAY_BAND_ROWS = 128
+
+
 def overlay(
     image: np.ndarray,
     labels: np.ndarray,
@@ -112,10 +116,15 @@ def overlay(
     if n:
         lut[:n] = np.asarray([c[:3] for c in colors[:n]], np.float32)
         painted[:n] = alpha
-    idx = labels.astype(np.uint8)
-    a = painted[idx][..., None]
-    out = image[..., :3].astype(np.float32) * (1.0 - a) + lut[idx] * a
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    out = np.empty((h, w, 3), np.uint8)
+    # in bands of rows: the float temporaries of a slide-sized overlay would be ~10x its size
+    for y0 in range(0, h, OVERLAY_BAND_ROWS):
+        y1 = min(h, y0 + OVERLAY_BAND_ROWS)
+        idx = labels[y0:y1].astype(np.uint8)
+        a = painted[idx][..., None]
+        band = image[y0:y1, :, :3].astype(np.float32) * (1.0 - a) + lut[idx] * a
+        out[y0:y1] = np.clip(np.rint(band), 0, 255)
+    return out
 
 
 # ---------------------------------------------------------------- text

@@ -27,8 +27,10 @@ from lpdseg.wsi.tiling import SlideCanvas
 
 __all__ = ["BAND_BYTES", "SlideMap", "finish_per_tile", "finish_seamless", "row_bands"]
 
-#: Bytes of canvas sums one band reads (its rows are chosen to fit).
-BAND_BYTES = 64 * 2**20
+#: Bytes of canvas sums one band reads (its rows are chosen to fit). Deciding a band
+#: makes float temporaries several times its size, so bands stay small: resident
+#: memory then does not depend on the slide's width.
+BAND_BYTES = 8 * 2**20
 
 
 @dataclass
@@ -78,7 +80,7 @@ def _band_rows(canvas: SlideCanvas, band_rows: int | None) -> int:
     if band_rows is not None:
         return max(1, int(band_rows))
     per_row = (canvas.num_labels + 1) * canvas.shape_hw[1] * 8
-    return max(16, BAND_BYTES // max(per_row, 1))
+    return max(8, BAND_BYTES // max(per_row, 1))
 
 
 def _new(storage: DiskArrays | None, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -166,7 +168,8 @@ def finish_seamless(
     dev = predictor.device
     h, w = canvas.shape_hw
     c = decoder.layout.num_classes
-    rows = _band_rows(canvas, band_rows)
+    # a band at least as tall as its context rows, or each band reads mostly context
+    rows = max(_band_rows(canvas, band_rows), decoder.margin if band_rows is None else 1)
     bands = list(row_bands(h, rows))
 
     last: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
