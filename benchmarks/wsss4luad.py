@@ -131,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--color-jitter", type=float, default=0.1, help="data.color_jitter")
     p.add_argument("--stain-jitter", type=float, default=0.0, help="data.stain_jitter (HED)")
+    p.add_argument(
+        "--repeat-threshold", type=float, default=None, help="data.repeat_threshold (balance)"
+    )
     p.add_argument("--scale-min", type=float, default=1.0, help="data.scale_min")
     p.add_argument("--scale-max", type=float, default=1.0, help="data.scale_max")
     p.add_argument("--threads", type=int, default=2)
@@ -235,6 +238,7 @@ def common_overrides(args: argparse.Namespace, root: Path, out: Path, seed: int)
         f"data.stain_jitter={args.stain_jitter}",
         f"data.scale_min={args.scale_min}",
         f"data.scale_max={args.scale_max}",
+        f"data.repeat_threshold={'null' if args.repeat_threshold is None else args.repeat_threshold}",
         "model.drop_path=0.0",
         "model.merge=mean",  # class logits as the mean over prototypes (docs/demo_ablation.md)
         f"model.prototypes_per_class={args.prototypes}",
@@ -556,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             "color_jitter": args.color_jitter,
             "stain_jitter": args.stain_jitter,
             "scale": [args.scale_min, args.scale_max],
+            "repeat_threshold": args.repeat_threshold,
         },
         "machine": {
             "platform": platform.platform(),

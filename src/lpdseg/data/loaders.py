@@ -483,17 +483,51 @@ def read_pseudo_manifest(folder: str | Path) -> list[Sample]:
     return samples
 
 
-class ResumableSampler(Sampler[int]):
-    """Permutation of epoch ``epoch`` (seeded), starting after ``start`` samples."""
+def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Per image: how many times as often it is drawn (repeat-factor sampling).
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0) -> None:
+    A class in a fraction ``f`` of the training images gets ``max(1, sqrt(t / f))``
+    (Gupta et al., 2019, LVIS); an image takes the largest factor of its classes.
+    So an image with a rare class (normal tissue in one patch of ten) is seen more
+    often, without the many-fold repeats of full inverse-frequency weighting.
+
+    Args:
+        labels: ``N x C`` image-level labels (0/1).
+        threshold: ``t`` in (0, 1]: classes in at least this fraction are not repeated.
+    """
+    present = np.asarray(labels) > 0
+    freq = present.mean(axis=0) if len(present) else np.zeros(present.shape[1])
+    per_class = np.where(freq > 0, np.sqrt(threshold / np.maximum(freq, 1e-12)), 1.0)
+    per_class = np.maximum(per_class, 1.0)
+    return np.where(present, per_class[None, :], 1.0).max(axis=1, initial=1.0)
+
+
+class ResumableSampler(Sampler[int]):
+    """Permutation of epoch ``epoch`` (seeded), starting after ``start`` samples.
+
+    With ``repeats`` (see :func:`repeat_factors`) sample ``i`` enters the epoch's pool
+    ``floor(r_i)`` times plus once more with probability ``r_i - floor(r_i)``; the
+    epoch is the first ``n`` of the shuffled pool, so its length does not change.
+    """
+
+    def __init__(
+        self, n: int, seed: int, epoch: int, start: int = 0, repeats: np.ndarray | None = None
+    ) -> None:
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.repeats = None if repeats is None else torch.as_tensor(repeats, dtype=torch.float64)
+        if self.repeats is not None and self.repeats.shape != (n,):
+            raise ValueError(f"repeats has shape {tuple(self.repeats.shape)}, expected ({n},)")
 
     def order(self) -> list[int]:
         # two-element seed sequence: never equal to a per-sample (seed, epoch, index) one
         key = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
         g = torch.Generator().manual_seed(key)
-        return torch.randperm(self.n, generator=g).tolist()
+        if self.repeats is None:
+            return torch.randperm(self.n, generator=g).tolist()
+        whole = torch.floor(self.repeats)
+        extra = torch.rand(self.n, generator=g, dtype=torch.float64) < self.repeats - whole
+        pool = torch.repeat_interleave(torch.arange(self.n), (whole + extra).long())
+        return pool[torch.randperm(len(pool), generator=g)][: self.n].tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order()[self.start :])
@@ -536,8 +570,12 @@ def make_train_loader(
     else:
         dataset = SeededWeakDataset(bundle.train, transform, cfg.train.seed, epoch, **kinds)
     bs = cfg.train.batch_size
+    repeats = None
+    if cfg.data.repeat_threshold is not None:
+        labels = np.stack([np.asarray(s.label) for s in bundle.train])
+        repeats = repeat_factors(labels, cfg.data.repeat_threshold)
     sampler: Sampler[int] = ResumableSampler(
-        len(dataset), cfg.train.seed, epoch, start_batch * bs * world_size
+        len(dataset), cfg.train.seed, epoch, start_batch * bs * world_size, repeats
     )
     if world_size > 1:
         sampler = _RankSlice(sampler, rank, world_size)
