@@ -174,6 +174,11 @@ def test_per_tile_in_bands_equals_the_canvas_argmax(tmp_path):
 # ---------------------------------------------------------------- the run
 def test_slide_run_leaves_no_canvas_files(tiny_run_dir, slide_png, tmp_path):
     out = tmp_path / "out"
+    # a killed run's canvas folder is removed by the next run (which holds the lock)
+    stale = out / ".lpdseg-canvas-killed"
+    stale.mkdir(parents=True)
+    (stale / "score_sum.bin").write_bytes(b"\0" * 4096)
+    (out / "notes.txt").write_text("kept")
     job = SlideJob(
         tiny_run_dir / "best.pt",
         slide_png,
@@ -186,6 +191,7 @@ def test_slide_run_leaves_no_canvas_files(tiny_run_dir, slide_png, tmp_path):
     summary = run_slide_job(job, progress=False)
     assert summary["tiles"] > 0
     assert not [p for p in out.iterdir() if p.name.startswith(".lpdseg-canvas-")]
+    assert (out / "notes.txt").read_text() == "kept"
 
 
 def test_cell_maps_pool_as_their_pixels_would():

@@ -79,7 +79,7 @@ from lpdseg.wsi.job import (
 )
 from lpdseg.wsi.lock import OutputLock
 from lpdseg.wsi.reader import ImageReader, open_image
-from lpdseg.wsi.storage import DiskArrays
+from lpdseg.wsi.storage import DiskArrays, remove_stale
 from lpdseg.wsi.tiling import SlideCanvas, merge_partial, stitch_slide
 from lpdseg.wsi.tissue import detect_tissue
 
@@ -832,6 +832,8 @@ def run_slide_job(
             seamless = scoring == "seamless"
             # One process: the canvas lives on disk beside the outputs, so memory stays
             # flat whatever the slide's size. Ranks exchange theirs in memory.
+            if ctx.is_main:  # we hold the lock: a canvas folder here is a killed run's
+                remove_stale(job.out_dir)
             storage = None if ctx.enabled else stack.enter_context(DiskArrays(job.out_dir))
             canvas = infer_tiles(
                 reader,

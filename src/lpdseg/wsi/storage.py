@@ -23,7 +23,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiskArrays", "ReleasingView", "release_pages"]
+__all__ = ["CANVAS_PREFIX", "DiskArrays", "ReleasingView", "release_pages", "remove_stale"]
+
+#: Name prefix of the folders :class:`DiskArrays` makes in a slide's output folder.
+CANVAS_PREFIX = ".lpdseg-canvas-"
 
 _DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
@@ -40,7 +43,7 @@ class DiskArrays:
         prefix: name prefix of the temporary folder.
     """
 
-    def __init__(self, parent: str | Path | None = None, prefix: str = ".lpdseg-canvas-") -> None:
+    def __init__(self, parent: str | Path | None = None, prefix: str = CANVAS_PREFIX) -> None:
         if parent is not None:
             Path(parent).mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
@@ -79,6 +82,22 @@ class DiskArrays:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def remove_stale(parent: str | Path, prefix: str = CANVAS_PREFIX) -> int:
+    """Remove canvas folders a killed run left in ``parent``; return how many.
+
+    Call it only while holding ``parent``'s output lock: no other run can then be
+    using them (a run that ends normally, or by an error, removes its own).
+    """
+    stale = (
+        [p for p in Path(parent).glob(f"{prefix}*") if p.is_dir()] if Path(parent).is_dir() else []
+    )
+    for folder in stale:
+        size = sum(f.stat().st_blocks * 512 for f in folder.glob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed %s (%.0f MiB on disk), left by an interrupted run", folder, size / 2**20)
+    return len(stale)
 
 
 def release_pages(mm: mmap.mmap) -> None:
