@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training images of each fold held out whole as val/ (best.pt and early "
         "stopping by their mIoU; 0: none, best.pt = last weights)",
     )
+    p.add_argument(
+        "--score-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score last.pt when it differs from best.pt (results '<gate>@last')",
+    )
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
     p.add_argument(
         "--patience",
@@ -292,8 +298,11 @@ def run_one(
     modes: tuple[str, ...],
     tta: bool,
     eval_overrides: list[str] | None = None,
+    score_last: bool = False,
 ) -> dict:
     """Train one config, score best.pt on the fold's test images; return metrics + seconds.
+
+    ``score_last`` also scores ``last.pt`` (keys ``<gate>@last``).
 
     A finished run (``best.pt`` present) is not trained again; scores with other
     ``eval_overrides`` go to their own sub-folder, so runs can be re-scored.
@@ -334,19 +343,48 @@ def run_one(
             out_dir=eval_dir,
             eval_overrides=eval_overrides,
         )
-    scores = {
-        mode: {m: float(res[mode][m]) for m in (*METRICS, "pixel_acc")}
-        | {"per_class_IoU": res[mode].get("iou")}
-        for mode in modes
-        if mode in res
-    }
-    if "seg" in res:
-        scores = {"seg": {m: float(res["seg"][m]) for m in METRICS}}
+    scores = _scores(res, modes)
+    summary = out / "summary.json"
+    by_val = summary.is_file() and json.loads(summary.read_text()).get("best_by") == "val_mIoU"
+    if score_last and by_val and (out / "last.pt").is_file():
+        # the last weights too: with a small validation split, best-by-validation may
+        # pick a worse checkpoint than simply the last one
+        last_dir = eval_dir / "last"
+        cached_last = last_dir / "test_metrics.json"
+        res_last = (
+            json.loads(cached_last.read_text())
+            if cached_last.is_file()
+            else evaluate_checkpoint(
+                out / "last.pt",
+                split="test",
+                gates=tuple(m for m in modes if m != "seg") or ("labels",),
+                tta=tta,
+                progress=False,
+                out_dir=last_dir,
+                eval_overrides=eval_overrides,
+            )
+        )
+        scores |= {f"{k}@last": v for k, v in _scores(res_last, modes).items()}
     return {
         "scores": scores,
         "train_s": round(t_train, 1) if t_train is not None else None,
         "total_s": round(time.perf_counter() - t0, 1),
         **training_record(out),
+    }
+
+
+def _scores(res: dict, modes: tuple[str, ...]) -> dict:
+    """Per gate: the benchmark's metrics of one ``evaluate_checkpoint`` result."""
+    if "seg" in res:
+        return {
+            "seg": {m: float(res["seg"][m]) for m in METRICS}
+            | {"per_class_IoU": res["seg"].get("iou")}
+        }
+    return {
+        mode: {m: float(res[mode][m]) for m in (*METRICS, "pixel_acc")}
+        | {"per_class_IoU": res[mode].get("iou")}
+        for mode in modes
+        if mode in res
     }
 
 
@@ -421,19 +459,24 @@ def _fmt(entry: dict, metric: str) -> str:
 def markdown(summary: dict) -> str:
     agg = summary["aggregate"]
     lines = [
-        "| Method | Backbone | mIoU | mDice | FwIoU | bIoU | mIoU (label-gated) | runs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Method | Backbone | mIoU | mDice | FwIoU | bIoU | mIoU (label-gated) "
+        "| mIoU (last.pt) | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     order = [(m, b) for m in (*METHODS, "supervised") for b in BACKBONES]
     for method, backbone in order:
-        pred = agg.get(f"{method}|{backbone}|predict") or agg.get(f"{method}|{backbone}|seg")
+        pred = agg.get(f"{method}|{backbone}|classifier") or agg.get(f"{method}|{backbone}|seg")
         if pred is None:
             continue
-        gated = agg.get(f"{method}|{backbone}|pseudo")
+        gated = agg.get(f"{method}|{backbone}|labels")
+        last = agg.get(f"{method}|{backbone}|classifier@last") or agg.get(
+            f"{method}|{backbone}|seg@last"
+        )
         lines.append(
             f"| {METHOD_LABEL[method]} | {BACKBONE_LABEL[backbone]} | "
             + " | ".join(_fmt(pred, m) for m in METRICS)
-            + f" | {_fmt(gated, 'mIoU') if gated else '–'} | {pred['n']} |"
+            + f" | {_fmt(gated, 'mIoU') if gated else '–'}"
+            + f" | {_fmt(last, 'mIoU') if last else '–'} | {pred['n']} |"
         )
     s = summary["settings"]
     lines += [
@@ -442,7 +485,9 @@ def markdown(summary: dict) -> str:
         f"{s['seeds']}; mean ± std (%) over {s['folds'] * len(s['seeds'])} runs. mIoU/mDice "
         "over tumor, stroma, normal; FwIoU and boundary IoU as lpdseg eval. Columns 3-6: "
         "classifier-gated masks (no labels at test time; the stage-2 network needs none); "
-        "'label-gated': masks gated by the true image labels (pseudo-mask quality).",
+        "'label-gated': masks gated by the true image labels (pseudo-mask quality); 'last.pt': "
+        "the classifier-gated (or stage-2) mIoU of the last weights, when best.pt was chosen "
+        "on a validation split.",
         f"Patches {s['size']} px, stride {s['stride']}, label rule >= {s['min_fraction']:.0%} "
         f"of the patch; {s['steps']} steps x batch {s['batch_size']}, lr {s['lr']}; "
         + (f"input scale {s['input_scale']}; " if s.get("input_scale", 1.0) != 1.0 else "")
@@ -521,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                     modes = ("classifier", "labels")
                     if method == "pbip":
                         ov.append(f"model.bank={bank}")
-                res = run_one(ov, out, modes, args.tta, args.eval_overrides)
+                res = run_one(ov, out, modes, args.tta, args.eval_overrides, args.score_last)
                 runs.append(
                     {"fold": k, "seed": seed, "method": method, "backbone": backbone, **res}
                 )
@@ -557,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
             "val_images": args.val_images,
             "val_every": args.val_every,
             "patience": args.patience,
+            "score_last": args.score_last,
             "color_jitter": args.color_jitter,
             "stain_jitter": args.stain_jitter,
             "scale": [args.scale_min, args.scale_max],

@@ -451,7 +451,7 @@ class SeamlessNorm:
 def _scale(maps: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Min-max normalise C x h x w maps with per-class extremes, clipped to [0, 1]."""
     lo, hi = lo[:, None, None].to(maps), hi[:, None, None].to(maps)
-    return ((maps - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+    return (maps - lo).div_((hi - lo).clamp_min(1e-6)).clamp_(0, 1)
 
 
 def _extremes(maps: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -459,8 +459,10 @@ def _extremes(maps: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     if not bool(valid.any()):
         c = maps.shape[0]
         return maps.new_full((c,), float("inf")), maps.new_full((c,), float("-inf"))
-    vals = maps[:, valid]
-    return vals.min(-1).values, vals.max(-1).values
+    # masked fills, not maps[:, valid] (a gather that copies every valid pixel)
+    lo = maps.masked_fill(~valid, float("inf")).amin(dim=(-2, -1))
+    hi = maps.masked_fill(~valid, float("-inf")).amax(dim=(-2, -1))
+    return lo, hi
 
 
 class SeamlessDecoder:
@@ -549,7 +551,10 @@ class SeamlessDecoder:
         raw = raw.float()
         c, ns, g = self.layout.num_classes, len(self.layout.stages), self.layout.gate_channels
         rows = rows or slice(None)
-        fused = _scale(self._fuse(raw, norm.stage_lo, norm.stage_hi), norm.fused_lo, norm.fused_hi)
+        # the maps are needed on the band's rows only; the context rows feed the gate
+        fused = _scale(
+            self._fuse(raw[:, rows], norm.stage_lo, norm.stage_hi), norm.fused_lo, norm.fused_hi
+        )
         if not bool(valid.any()):
             fused = torch.zeros_like(fused)
         gate_in = raw[c * ns : c * ns + g]
@@ -560,7 +565,7 @@ class SeamlessDecoder:
         else:
             thr = self.cfg.cls_threshold
         keep = _window_any((probs > thr) & valid[None], self.window)[:, rows]
-        gated = fused[:, rows] * keep.to(fused.dtype)
+        gated = fused * keep.to(fused.dtype)
         bg = (1.0 - gated.max(0, keepdim=True).values).clamp_min(0) ** self.cfg.bg_gamma
         scores = torch.cat([gated, bg], dim=0)[None]
         forced = ~valid[rows] | (raw[-1, rows] > self.glass_fraction)

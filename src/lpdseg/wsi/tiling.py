@@ -505,10 +505,11 @@ def stitch_slide(
             weight_sum[cy : cy + by, cx : cx + bx] += block[num_labels]
 
     chunks = list(batched(mine, batch_size))
-    # Tiles go row by row: dropping the canvas pages about once per row of tiles keeps
-    # about two rows of the canvas resident (more often only re-faults the same pages).
-    columns = len({x for _, x in grid.origins}) or 1
-    release_every = max(1, -(-columns // (batch_size * world_size)))
+    # Dropping the canvas pages after every batch keeps resident only what one batch
+    # touches; the pages the next batch shares are faulted back in from the page cache
+    # (cheap next to a batch's forward). Once per row of tiles let a wide slide's
+    # resident canvas grow with its width.
+    release_every = 1
     readers = ThreadPoolExecutor(read_workers) if read_workers > 1 else None
     # One thread reads ahead (it drives the `readers`), one pools into the canvas.
     ahead = ThreadPoolExecutor(1) if read_workers > 0 else None
