@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lpdseg.wsi.storage import DiskArrays, ReleasingView
+from lpdseg.wsi.storage import DiskArrays, ReleasingView, release_heap
 from lpdseg.wsi.tiling import SlideCanvas
 
 __all__ = ["BAND_BYTES", "SlideMap", "finish_per_tile", "finish_seamless", "row_bands"]
@@ -194,6 +194,7 @@ def finish_seamless(
         fused_lo = lo if fused_lo is None else torch.minimum(fused_lo, lo)
         fused_hi = hi if fused_hi is None else torch.maximum(fused_hi, hi)
     norm = SeamlessNorm(stage_lo, stage_hi, fused_lo, fused_hi)
+    release_heap()  # the passes' float temporaries, before the outputs are made
 
     labels = np.empty((h, w), np.uint8)
     probs = _new(storage, "probabilities", (c, h, w)) if probabilities else None
@@ -209,5 +210,6 @@ def finish_seamless(
         if probs is not None:
             probs[:, y0:y1] = torch.round(scores[:c].clamp(0, 1) * 255).to(torch.uint8).numpy()
         _release(storage)
+    release_heap()
     view = None if probs is None else ReleasingView(probs, storage)
     return SlideMap(labels, view, **_meta(canvas))

@@ -18,11 +18,8 @@ The model enters as a ``predict_fn``: RGB tiles ``B x 3 x h x w`` in [0, 1]
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +39,7 @@ from lpdseg.inference.sliding import (
     predict_tiles,
 )
 from lpdseg.wsi.reader import ImageReader
-from lpdseg.wsi.storage import DiskArrays
+from lpdseg.wsi.storage import DiskArrays, release_heap
 
 log = logging.getLogger(__name__)
 
@@ -121,36 +118,6 @@ def level_tiles(
         return grid, grid.origins
     mh, mw = tissue_mask.shape[:2]
     return grid, select_tissue_tiles(grid, tissue_mask, (mh / h_img, mw / w_img), min_fraction)
-
-
-# ---------------------------------------------------------------- memory
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """The C library, or None when it cannot be loaded."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None on other C libraries."""
-    return getattr(_libc(), "malloc_trim", None)
-
-
-def _release_heap() -> None:
-    """Give free heap pages back to the OS (glibc only; a no-op elsewhere).
-
-    Streaming a slide interleaves long-lived small allocations (OpenSlide's
-    tile cache) with short-lived multi-megabyte ones (tile batches, model
-    outputs). glibc then serves the large ones from the heap, which
-    fragments and keeps growing in resident size although little of it is
-    in use (measured: ~1.5 GiB for a 16k x 16k slide). ``malloc_trim``
-    releases the free pages, so resident memory stays bounded.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 # ---------------------------------------------------------------- slides
@@ -538,7 +505,7 @@ def stitch_slide(
                     pending.result()  # at most one batch waits to be pooled
                 pending = pooler.submit(accumulate, chunk, out)
                 if b % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
-                    _release_heap()
+                    release_heap()
                 if storage is not None and b % release_every == release_every - 1:
                     storage.release()
                 bar.update(len(chunk))
@@ -557,6 +524,7 @@ def stitch_slide(
                 pool.shutdown(wait=True, cancel_futures=True)
     if storage is not None:
         storage.release()
+    release_heap()
     return SlideCanvas(score_sum, weight_sum, level, float(lds), ds, len(mine))
 
 
