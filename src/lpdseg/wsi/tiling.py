@@ -77,8 +77,11 @@ def select_tissue_tiles(
     origins = grid.origins
     if not origins:
         return []
-    integral = np.zeros((mh + 1, mw + 1), np.int64)
-    integral[1:, 1:] = tissue_mask.astype(np.int64).cumsum(0).cumsum(1)
+    # int32 while the count fits: the integral of a 2048^2 mask is then 16 MB, not 33
+    kind = np.int32 if mh * mw < 2**31 else np.int64
+    integral = np.zeros((mh + 1, mw + 1), kind)
+    np.cumsum(tissue_mask, axis=0, dtype=kind, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
     o = np.asarray(origins, np.float64)
     h_img, w_img = grid.shape_hw
     y1 = np.minimum(o[:, 0] + grid.tile, h_img)
@@ -88,7 +91,12 @@ def select_tissue_tiles(
     mx0 = np.clip(np.floor(o[:, 1] * sx), 0, mw - 1).astype(np.int64)
     my1 = np.clip(np.ceil(y1 * sy), my0 + 1, mh).astype(np.int64)
     mx1 = np.clip(np.ceil(x1 * sx), mx0 + 1, mw).astype(np.int64)
-    inside = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
+    inside = (
+        integral[my1, mx1].astype(np.int64)
+        - integral[my0, mx1]
+        - integral[my1, mx0]
+        + integral[my0, mx0]
+    )
     frac = inside / ((my1 - my0) * (mx1 - mx0))
     keep = (frac > 0) & (frac >= min_fraction)
     return [origins[i] for i in np.flatnonzero(keep)]
