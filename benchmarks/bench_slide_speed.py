@@ -6,8 +6,9 @@ in a fresh Python process so that nothing is shared:
 
 * **memory**: ``run_slide_job`` on each slide (the checkpoint's own scoring,
   GeoJSON, overlay, areas and the OME-TIFF with class probabilities written),
-  peak resident memory (``VmHWM``); the figure is the largest slide's peak over
-  the smallest's (target <= 1.10: memory does not grow with the slide);
+  peak resident memory (``VmHWM``, the median of ``--repeats`` fresh runs: the
+  threads' timing moves it by a few per cent); the figure is the largest slide's
+  peak over the smallest's (target <= 1.10: memory does not grow with the slide);
 * **speed** (on the largest slide): the same tissue tiles read into memory
   first, then the model alone on them (``predictor.slide_raw`` on batches of
   ``batch_tiles``, what the slide run calls), then the whole slide run (open,
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="tiles per forward")
     p.add_argument("--read-workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--repeats", type=int, default=3, help="fresh memory runs per size (median peak)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-kind", default="memory", help=argparse.SUPPRESS)
@@ -295,14 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="slide_speed_") as tmp:
         slides = write_synthetic_slides(Path(tmp), args.sizes)
         for size, path in zip(args.sizes, slides, strict=True):
-            r = run_child(args, "memory", path)
+            # peak RSS varies from run to run (threads' timing): the median of fresh runs
+            runs = [run_child(args, "memory", path) for _ in range(args.repeats)]
+            peaks = [r["peak_rss_mib"] for r in runs]
+            r = {**runs[0], "peak_rss_mib": float(np.median(peaks)), "peak_rss_runs_mib": peaks}
             result["memory"].append({"size": size, **r})
             log.info(
-                "memory %6d^2: %5d tiles, map %s, peak RSS %.1f MiB, %.1f s",
+                "memory %6d^2: %5d tiles, map %s, peak RSS %.1f MiB (runs %s), %.1f s",
                 size,
                 r["tiles"],
                 r["map_shape_hw"],
                 r["peak_rss_mib"],
+                peaks,
                 r["seconds"],
             )
         first, last = result["memory"][0], result["memory"][-1]
