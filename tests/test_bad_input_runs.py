@@ -188,6 +188,14 @@ def test_pseudo_and_patches_refuse_an_earlier_output_folder(tiny_run_dir, tmp_pa
     res = runner.invoke(app, [*args, "--overwrite"])
     assert res.exit_code == 0, res.output
     assert len(list((ds / "train").glob("*.png"))) == 4  # 2 x 2 tiles of 32, none of the 16s left
+    # a call killed half-way (patches.json still 'incomplete') is retried without --overwrite
+    info = json.loads((ds / "patches.json").read_text())
+    (ds / "patches.json").write_text(json.dumps({**info, "status": "incomplete"}))
+    (ds / "train" / next(iter(sorted((ds / "train").glob("*.png")))).name).unlink()
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert len(list((ds / "train").glob("*.png"))) == 4
+    assert json.loads((ds / "patches.json").read_text()).get("status") != "incomplete"
 
 
 def test_eval_does_not_replace_the_metrics_of_another_evaluation(tiny_run_dir, tmp_path, snapshot):

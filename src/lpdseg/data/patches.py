@@ -702,6 +702,9 @@ def _check_masks_fit(masks: Sequence[Path], fmt: str, class_names: Sequence[str]
 def _prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse to write into an earlier patch dataset unless ``overwrite`` (then delete it).
 
+    An unfinished one (``patches.json`` still says ``incomplete``: the call that wrote
+    it failed or was killed) is replaced without ``overwrite``.
+
     Only what the earlier run recorded in ``patches.json`` is deleted; a training
     folder with files but no ``patches.json`` (not written by lpdseg) is always refused.
     """
@@ -719,8 +722,11 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         earlier = json.loads(info.read_text())
     except (OSError, ValueError):
         earlier = {}
-    state = "an unfinished" if earlier.get("status") == "incomplete" else "a"
-    if not overwrite:
+    unfinished = earlier.get("status") == "incomplete"
+    state = "an unfinished" if unfinished else "a"
+    # an unfinished dataset is a failed or killed earlier call of ours: nothing in it is a
+    # result, so a retry replaces it without --overwrite
+    if not overwrite and not unfinished:
         raise DataError(
             f"{out} already holds {state} patch dataset ({info}); write to another --out, or "
             "pass --overwrite to replace it (its patches, masks and splits are deleted first)"
@@ -736,7 +742,10 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         if fmt == "csv" and (out / name).is_file():
             (out / name).unlink()
     info.unlink()
-    log.warning("--overwrite: removed the earlier patch dataset in %s", out)
+    if unfinished and not overwrite:
+        log.warning("removed the unfinished patch dataset an interrupted call left in %s", out)
+    else:
+        log.warning("--overwrite: removed the earlier patch dataset in %s", out)
 
 
 def split_stems(
