@@ -111,3 +111,17 @@ def test_seam_score_hand_made_maps():
 def test_border_zones_are_tile_overlaps():
     assert tile_border_zones([0, 48, 96], 64, 160) == [(56.0, 56.0), (104.0, 104.0)]
     assert tile_border_zones([0, 64], 64, 128) == [(64.0, 64.0)]
+
+
+def test_extremes_over_valid_pixels_match_a_per_channel_reference():
+    from lpdseg.models.decode import _extremes
+
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randn(5, 13, 17, generator=g)
+    for valid in (torch.rand(13, 17, generator=g) > 0.7, torch.ones(13, 17, dtype=torch.bool)):
+        lo, hi = _extremes(maps, valid)
+        for c in range(5):
+            vals = [float(maps[c, y, x]) for y in range(13) for x in range(17) if valid[y, x]]
+            assert float(lo[c]) == min(vals) and float(hi[c]) == max(vals)
+    lo, hi = _extremes(maps, torch.zeros(13, 17, dtype=torch.bool))
+    assert torch.isinf(lo).all() and (lo > 0).all() and torch.isinf(hi).all() and (hi < 0).all()

@@ -459,9 +459,12 @@ def _extremes(maps: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     if not bool(valid.any()):
         c = maps.shape[0]
         return maps.new_full((c,), float("inf")), maps.new_full((c,), float("-inf"))
-    # masked fills, not maps[:, valid] (a gather that copies every valid pixel)
-    lo = maps.masked_fill(~valid, float("inf")).amin(dim=(-2, -1))
-    hi = maps.masked_fill(~valid, float("-inf")).amax(dim=(-2, -1))
+    # Invalid pixels take a valid pixel's value, then one min/max pass: no gather of the
+    # valid pixels (maps[:, valid] copies them all) and one fill, not two.
+    first = int(valid.flatten().nonzero()[0, 0])
+    flat = maps.flatten(-2)
+    filled = torch.where(valid.flatten(), flat, flat[:, first : first + 1])
+    lo, hi = torch.aminmax(filled, dim=-1)
     return lo, hi
 
 
