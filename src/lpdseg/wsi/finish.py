@@ -129,11 +129,13 @@ def finish_per_tile(
 
 def _band_means(canvas: SlideCanvas, y0: int, y1: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``K x rows x w`` float32 blended means of canvas rows ``y0:y1``, and where covered."""
-    weight = np.asarray(canvas.weight_sum[y0:y1])
-    means = (np.asarray(canvas.score_sum[:, y0:y1]) / np.maximum(weight, 1)).astype(np.float32)
+    # in float32 with torch's threads (numpy's int64 / int64 made float64, on one core);
+    # sums are fixed point < 2^53, so float32 keeps ~7 digits of each mean
+    weight = torch.from_numpy(np.ascontiguousarray(canvas.weight_sum[y0:y1]))
+    sums = torch.from_numpy(np.ascontiguousarray(canvas.score_sum[:, y0:y1]))
     valid = weight > 0
-    means[:, ~valid] = 0.0
-    return torch.from_numpy(means), torch.from_numpy(valid)
+    means = sums.to(torch.float32).div_(weight.clamp_min(1).to(torch.float32))
+    return means.mul_(valid), valid
 
 
 @torch.no_grad()
