@@ -140,6 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--repeat-threshold", type=float, default=None, help="data.repeat_threshold (balance)"
     )
+    p.add_argument(
+        "--tissue-pooling",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="model.tissue_pooling: class logits pool over tissue pixels only",
+    )
     p.add_argument("--scale-min", type=float, default=1.0, help="data.scale_min")
     p.add_argument("--scale-max", type=float, default=1.0, help="data.scale_max")
     p.add_argument("--threads", type=int, default=2)
@@ -249,6 +255,7 @@ def common_overrides(args: argparse.Namespace, root: Path, out: Path, seed: int)
         "model.merge=mean",  # class logits as the mean over prototypes (docs/demo_ablation.md)
         f"model.prototypes_per_class={args.prototypes}",
         f"model.input_scale={args.input_scale}",
+        f"model.tissue_pooling={str(args.tissue_pooling).lower()}",
         "model.embed_dim=320",  # the efficientnet-lite0 similarity encoder's space
         "loss.encoder=efficientnet-lite0",
         f"train.max_steps={args.steps}",
@@ -607,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             "stain_jitter": args.stain_jitter,
             "scale": [args.scale_min, args.scale_max],
             "repeat_threshold": args.repeat_threshold,
+            "tissue_pooling": args.tissue_pooling,
         },
         "machine": {
             "platform": platform.platform(),

@@ -94,3 +94,58 @@ def test_window_logits_match_per_window_reference(merge, bias):
     cam_got = cam.window_logits(cam_out, 3, (4, 4), (2, 2))
     assert torch.allclose(cam_got[..., 0], cam_out.class_maps[3][..., :4, :4].mean((2, 3)))
     assert torch.allclose(cam.window_logits(cam_out, 3, (7, 9), (1, 1))[..., 0], cam_out.logits[3])
+
+
+def test_tissue_weighted_pooling_matches_a_pixel_loop():
+    from lpdseg.models.prototypes import pool_maps
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 3, 4, 4, generator=g)  # B x C x h x w
+    weight = torch.zeros(2, 1, 8, 8)
+    weight[0, :, :4, :] = 1.0  # image 0: tissue in the top half (input px)
+    weight[0, :, 4:6, :2] = 1.0  # and one 2 x 2 input block -> a quarter... of a cell
+    # image 1: all glass -> plain mean
+    got = pool_maps(maps, weight)
+    cell = F.avg_pool2d(weight, 2)[:, 0]  # tissue share per map cell
+    for c in range(3):
+        num = sum(float(maps[0, c, y, x] * cell[0, y, x]) for y in range(4) for x in range(4))
+        den = sum(float(cell[0, y, x]) for y in range(4) for x in range(4))
+        assert float(got[0, c]) == pytest.approx(num / den, rel=1e-5)
+    assert torch.allclose(got[1], maps[1].mean((-2, -1)))
+    assert torch.allclose(pool_maps(maps, torch.ones(2, 1, 8, 8)), maps.mean((-2, -1)), atol=1e-6)
+    assert torch.equal(pool_maps(maps, None), maps.mean((-2, -1)))
+
+
+@pytest.mark.parametrize("head", ["lpd", "cam"])
+def test_model_with_tissue_pooling_pools_its_logits_over_tissue(head):
+    from lpdseg.config import load_config
+    from lpdseg.models.lpd import build_model
+    from lpdseg.models.prototypes import merge_prototype_scores, pool_maps
+
+    overrides = [
+        "model.backbone=mit_b0",
+        f"model.head={head}",
+        "model.prototypes_per_class=2",
+        "model.proj_hidden=8",
+        "model.embed_dim=16",
+        "loss.sim_mode=off",
+        "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.25,0.25,0.25]",
+    ]
+    torch.manual_seed(0)
+    plain = build_model(load_config("demo", overrides), 3).eval()
+    torch.manual_seed(0)
+    tissue = build_model(load_config("demo", [*overrides, "model.tissue_pooling=true"]), 3).eval()
+    x = torch.rand(1, 3, 64, 64) * 0.5  # dark: tissue
+    x[:, :, :, 32:] = 1.0  # right half white glass
+    with torch.no_grad():
+        a, b = plain(x), tissue(x)
+    assert torch.allclose(a.class_maps[3], b.class_maps[3])  # the maps do not change
+    w = torch.zeros(1, 1, 64, 64)
+    w[..., :32] = 1.0
+    if head == "cam":
+        expect = pool_maps(b.class_maps[3], w)
+    else:
+        expect = merge_prototype_scores(pool_maps(b.proto_maps[3], w), tissue.head.merge)
+    assert torch.allclose(b.logits[3], expect, atol=1e-5)
+    assert not torch.allclose(a.logits[3], b.logits[3])

@@ -325,3 +325,19 @@ def test_encoder_scale_feeds_the_frozen_encoder_smaller_images(tiny_data, tmp_pa
     assert torch.isfinite(loss) and terms["sim"].item() > 0
     loss.backward()  # the similarity term still reaches the prototypes
     assert trainer.model.head.prototypes.grad.abs().sum() > 0
+
+
+def test_tissue_pooling_trains_and_is_rebuilt_from_the_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(
+        tiny_cfg(tiny_data, out, "model.tissue_pooling=true"), progress=False, evaluate_test=False
+    )
+    assert summary["step"] == 8
+    model, cfg = load_model(out / "best.pt")
+    assert cfg.model.tissue_pooling and model.tissue_pooling == (
+        cfg.eval.glass_brightness,
+        cfg.eval.glass_spread,
+    )
+    x = torch.ones(1, 3, 32, 32)
+    x[..., :16] = 0.3
+    assert model.pool_weight(x)[0, 0, 0].tolist() == [1.0] * 16 + [0.0] * 16

@@ -295,6 +295,9 @@ class ModelConfig:
     logit_bias: bool = False  # learnable per-stage, per-class bias on prototype-head logits
     bank: str | None = None  # prototype bank file (head=pbip)
     drop_path: float = 0.1
+    # class logits pool over tissue only: the glass rule (eval.glass_brightness/spread)
+    # weights out white glass in the GAP of every head, in training and inference alike
+    tissue_pooling: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("model", "backbone", self.backbone, backbone_names())

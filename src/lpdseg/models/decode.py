@@ -418,7 +418,10 @@ def _box_sum(x: Tensor, window: int) -> Tensor:
 
 
 def _window_mean(x: Tensor, valid: Tensor, window: int) -> Tensor:
-    """Mean of ``x`` (G x h x w) over the valid pixels of the window centred on each pixel."""
+    """Mean of ``x`` (G x h x w) over the valid pixels of the window centred on each pixel.
+
+    ``valid`` is bool, or float weights (e.g. the tissue fraction: a weighted mean).
+    """
     window = max(1, int(window)) | 1  # odd: centred
     v = valid.to(torch.float64)
     num = _box_sum(x.double() * v, window)
@@ -561,7 +564,11 @@ class SeamlessDecoder:
         if not bool(valid.any()):
             fused = torch.zeros_like(fused)
         gate_in = raw[c * ns : c * ns + g]
-        pooled = _window_mean(gate_in, valid, self.window)
+        weight = valid
+        if getattr(self.model, "tissue_pooling", None) is not None:
+            # the head pools over tissue only: weight each cell by its non-glass share
+            weight = valid.to(raw.dtype) * (1.0 - raw[-1].clamp(0, 1))
+        pooled = _window_mean(gate_in, weight, self.window)
         probs = torch.sigmoid(gate_logits(self.model, pooled[None])[0])
         if self.cfg.cls_thresholds is not None:
             thr = probs.new_tensor(self.cfg.cls_thresholds)[:, None, None]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lpdseg.config import Config
+from lpdseg.data.glass import glass_mask
 from lpdseg.models.backbones import build_backbone
 from lpdseg.models.preprocess import Preprocess, model_statistics
 from lpdseg.models.prototypes import CamHead, HeadOutput, PrototypeHead
@@ -31,11 +32,21 @@ class WSSSModel(nn.Module):
         mean: Sequence[float],
         std: Sequence[float],
         input_scale: float = 1.0,
+        tissue_pooling: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         self.preprocess = Preprocess(mean, std, input_scale)
         self.backbone = backbone
         self.head = head
+        # (brightness, spread) of the glass rule when logits pool over tissue pixels only
+        self.tissue_pooling = tissue_pooling
+
+    def pool_weight(self, images: Tensor) -> Tensor | None:
+        """``B x 1 x H x W`` tissue weights of the logits' pooling (None: plain GAP)."""
+        if self.tissue_pooling is None:
+            return None
+        glass = glass_mask(images.float(), *self.tissue_pooling)
+        return (~glass)[:, None].to(images.dtype)
 
     @property
     def num_classes(self) -> int:
@@ -50,7 +61,12 @@ class WSSSModel(nn.Module):
         they would have at 1.
         """
         feats = self.backbone(self.preprocess(images))
-        return self.head(feats, stages=stages, inference_merge=inference_merge)
+        return self.head(
+            feats,
+            stages=stages,
+            inference_merge=inference_merge,
+            pool_weight=self.pool_weight(images),
+        )
 
 
 def build_model(
@@ -102,7 +118,15 @@ def build_model(
             logit_bias=m.logit_bias,
         )
     mean, std = model_statistics(config)
-    return WSSSModel(backbone, head, mean, std, input_scale=m.input_scale)
+    glass = (config.eval.glass_brightness, config.eval.glass_spread)
+    return WSSSModel(
+        backbone,
+        head,
+        mean,
+        std,
+        input_scale=m.input_scale,
+        tissue_pooling=glass if m.tissue_pooling else None,
+    )
 
 
 def needed_stages(

@@ -50,6 +50,24 @@ def merge_prototype_scores(scores: Tensor, merge: str) -> Tensor:
     return (weights * scores).sum(-1)
 
 
+def pool_maps(maps: Tensor, weight: Tensor | None) -> Tensor:
+    """Global pooling of ``B x ... x H x W`` maps: the mean, or the ``weight``-ed mean.
+
+    ``weight`` (``B x 1 x H0 x W0``, e.g. the tissue fraction of the input pixels) is
+    area-resized to the maps; an image whose weights sum to ~0 (all glass) falls back
+    to the plain mean.
+    """
+    plain = maps.mean((-2, -1))
+    if weight is None:
+        return plain
+    w = F.interpolate(weight.to(maps.dtype), size=maps.shape[-2:], mode="area")[:, 0]
+    total = w.sum((-2, -1))  # B
+    shape = (w.shape[0],) + (1,) * (maps.dim() - 3)
+    w = w.reshape(w.shape[0], *(1,) * (maps.dim() - 3), *w.shape[-2:])
+    weighted = (maps * w).sum((-2, -1)) / total.clamp_min(1e-6).reshape(shape)
+    return torch.where((total > 1e-6).reshape(shape), weighted, plain)
+
+
 class PrototypeHead(nn.Module):
     """Learnable (LPD) or fixed-bank (PBIP) prototypes with per-stage projections.
 
@@ -123,6 +141,7 @@ class PrototypeHead(nn.Module):
         feats: list[Tensor],
         stages: tuple[int, ...] = (0, 1, 2, 3),
         inference_merge: str = "mean",
+        pool_weight: Tensor | None = None,
     ) -> HeadOutput:
         """Maps and logits for the requested stages (others are ``None``).
 
@@ -131,6 +150,8 @@ class PrototypeHead(nn.Module):
             stages: which stages to compute (stage weights of 0 need none).
             inference_merge: ``mean`` (training definition) or ``softmax``-over-j
                 weighted class maps (docs/method.md's inference switch).
+            pool_weight: ``B x 1 x H x W`` weights of the input pixels in the logits'
+                pooling (:func:`pool_maps`; tissue pooling); None: plain GAP.
         """
         n = len(feats)
         proto_maps: list[Tensor | None] = [None] * n
@@ -144,7 +165,7 @@ class PrototypeHead(nn.Module):
                 class_maps[i] = (w * a).sum(2)
             else:
                 class_maps[i] = a.mean(2)
-            scores = a.mean((3, 4))  # B x C x k: GAP of every prototype map
+            scores = pool_maps(a, pool_weight)  # B x C x k: GAP of every prototype map
             logits[i] = merge_prototype_scores(scores, self.merge)
             if self.logit_bias is not None:
                 logits[i] = logits[i] + self.logit_bias[i]
@@ -179,6 +200,7 @@ class CamHead(nn.Module):
         feats: list[Tensor],
         stages: tuple[int, ...] = (0, 1, 2, 3),
         inference_merge: str = "mean",
+        pool_weight: Tensor | None = None,
     ) -> HeadOutput:
         n = len(feats)
         class_maps: list[Tensor | None] = [None] * n
@@ -186,7 +208,7 @@ class CamHead(nn.Module):
         for i in stages:
             m = self.classifiers[i](feats[i])  # B x C x H x W
             class_maps[i] = m
-            logits[i] = m.mean((2, 3))
+            logits[i] = pool_maps(m, pool_weight)
         return HeadOutput([None] * n, class_maps, logits)
 
     def window_logits(self, out: HeadOutput, stage: int, kernel: int, stride: int) -> Tensor:
