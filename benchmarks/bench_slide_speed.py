@@ -278,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeats", type=int, default=3, help="fresh memory runs per size (median peak)"
     )
+    p.add_argument(
+        "--parts",
+        default="memory,speed",
+        help="memory, speed or both; one part alone keeps the other's figures in --out",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-kind", default="memory", help=argparse.SUPPRESS)
@@ -296,47 +301,68 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "memory": [],
     }
-    with tempfile.TemporaryDirectory(prefix="slide_speed_") as tmp:
-        slides = write_synthetic_slides(Path(tmp), args.sizes)
-        for size, path in zip(args.sizes, slides, strict=True):
-            # peak RSS varies from run to run (threads' timing): the median of fresh runs
-            runs = [run_child(args, "memory", path) for _ in range(args.repeats)]
-            peaks = [r["peak_rss_mib"] for r in runs]
-            r = {**runs[0], "peak_rss_mib": float(np.median(peaks)), "peak_rss_runs_mib": peaks}
-            result["memory"].append({"size": size, **r})
-            log.info(
-                "memory %6d^2: %5d tiles, map %s, peak RSS %.1f MiB (runs %s), %.1f s",
-                size,
-                r["tiles"],
-                r["map_shape_hw"],
-                r["peak_rss_mib"],
-                peaks,
-                r["seconds"],
+    parts = {p for p in args.parts.split(",") if p}
+    if not parts <= {"memory", "speed"} or not parts:
+        raise SystemExit(f"--parts takes memory, speed or both, not {args.parts!r}")
+    if parts != {"memory", "speed"} and args.out.is_file():
+        # one part again: the other part's figures (and their command) are kept
+        earlier = json.loads(args.out.read_text())
+        if "speed" not in parts and "speed" in earlier:
+            result["speed"] = {**earlier["speed"], "command": earlier.get("command")}
+        if "memory" not in parts and earlier.get("memory"):
+            result["memory"] = earlier["memory"]
+            result["memory_command"] = earlier.get("command")
+            result["peak_rss_ratio_largest_over_smallest"] = earlier.get(
+                "peak_rss_ratio_largest_over_smallest"
             )
-        first, last = result["memory"][0], result["memory"][-1]
-        result["peak_rss_ratio_largest_over_smallest"] = round(
-            last["peak_rss_mib"] / first["peak_rss_mib"], 3
-        )
-        r = run_child(args, "speed", slides[-1])
-        result["speed"] = {"size": args.sizes[-1], **r}
-        log.info(
-            "speed %d^2: %d tiles; model only %.2f tiles/s, slide %.2f tiles/s: ratio %.3f",
-            args.sizes[-1],
-            r["tiles"],
-            r["model_only_tiles_per_s"],
-            r["slide_tiles_per_s"],
-            r["ratio_slide_over_model"],
-        )
+    with tempfile.TemporaryDirectory(prefix="slide_speed_") as tmp:
+        needed = args.sizes if "memory" in parts else args.sizes[-1:]
+        slides = dict(zip(needed, write_synthetic_slides(Path(tmp), needed), strict=True))
+        if "memory" in parts:
+            for size in args.sizes:
+                # peak RSS varies from run to run (threads' timing): the median of fresh runs
+                runs = [run_child(args, "memory", slides[size]) for _ in range(args.repeats)]
+                peaks = [r["peak_rss_mib"] for r in runs]
+                r = {**runs[0], "peak_rss_mib": float(np.median(peaks)), "peak_rss_runs_mib": peaks}
+                result["memory"].append({"size": size, **r})
+                log.info(
+                    "memory %6d^2: %5d tiles, map %s, peak RSS %.1f MiB (runs %s), %.1f s",
+                    size,
+                    r["tiles"],
+                    r["map_shape_hw"],
+                    r["peak_rss_mib"],
+                    peaks,
+                    r["seconds"],
+                )
+            first, last = result["memory"][0], result["memory"][-1]
+            result["peak_rss_ratio_largest_over_smallest"] = round(
+                last["peak_rss_mib"] / first["peak_rss_mib"], 3
+            )
+        if "speed" in parts:
+            r = run_child(args, "speed", slides[args.sizes[-1]])
+            result["speed"] = {"size": args.sizes[-1], **r}
+            log.info(
+                "speed %d^2: %d tiles; model only %.2f tiles/s, slide %.2f tiles/s: ratio %.3f",
+                args.sizes[-1],
+                r["tiles"],
+                r["model_only_tiles_per_s"],
+                r["slide_tiles_per_s"],
+                r["ratio_slide_over_model"],
+            )
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["command"] = "python benchmarks/bench_slide_speed.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:])
     )
-    print(
-        f"peak RSS {args.sizes[-1]}^2 / {args.sizes[0]}^2: "
-        f"x{result['peak_rss_ratio_largest_over_smallest']:.3f} (target <= 1.10); "
-        f"slide / model-only throughput: {result['speed']['ratio_slide_over_model']:.3f} "
-        "(target >= 0.9)"
-    )
+    if result.get("peak_rss_ratio_largest_over_smallest") is not None:
+        print(
+            f"peak RSS {args.sizes[-1]}^2 / {args.sizes[0]}^2: "
+            f"x{result['peak_rss_ratio_largest_over_smallest']:.3f} (target <= 1.10)"
+        )
+    if "speed" in result:
+        print(
+            f"slide / model-only throughput: {result['speed']['ratio_slide_over_model']:.3f} "
+            "(target >= 0.9)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
