@@ -10,6 +10,7 @@ Runs on the checkpoints of a finished ``benchmarks/wsss4luad.py`` work folder
 - ``gate``: classifier-gated mIoU scored whole vs by 96-px sliding windows.
 
     python benchmarks/wsss4luad_diagnostics.py [--work runs/wsss4luad_bench] [--what tiles whole gate]
+        [--runs lpd_effnet_s0] [--checkpoint best|last]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lpdseg.metrics import SegmentationMeter
 from lpdseg.models.decode import infer_maps
 
 RUNS = ["cam_effnet_s0", "lpd_effnet_s0", "cam_mit_b0_s0", "lpd_mit_b0_s0"]
+CHECKPOINT = ["best.pt"]  # set by --checkpoint
 TILE = 96
 
 
@@ -43,7 +45,7 @@ def _test_pairs(fold: Path):
 
 
 def tiles(fold: Path, run: str) -> None:
-    model, cfg = load_model(fold / run / "best.pt")
+    model, cfg = load_model(fold / run / CHECKPOINT[0])
     model.eval()
     probs, labels = [], []
     for _, image, mask in _test_pairs(fold):
@@ -63,7 +65,7 @@ def tiles(fold: Path, run: str) -> None:
 
 
 def whole(fold: Path, run: str) -> None:
-    model, cfg = load_model(fold / run / "best.pt")
+    model, cfg = load_model(fold / run / CHECKPOINT[0])
     model.eval()
     print(f"{fold.name} {run} whole images: name, labels, probabilities", flush=True)
     for path, image, mask in _test_pairs(fold):
@@ -74,7 +76,7 @@ def whole(fold: Path, run: str) -> None:
 
 
 def gate(fold: Path, run: str) -> None:
-    model, cfg = load_model(fold / run / "best.pt")
+    model, cfg = load_model(fold / run / CHECKPOINT[0])
     model.eval()
     res = []
     for side in ("whole", "tiles"):
@@ -99,7 +101,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/wsss4luad_bench"))
     parser.add_argument("--what", nargs="+", default=["tiles", "whole", "gate"])
     parser.add_argument("--runs", nargs="+", default=RUNS)
+    parser.add_argument(
+        "--checkpoint", choices=["best", "last"], default="best", help="best.pt or last.pt"
+    )
     args = parser.parse_args()
+    CHECKPOINT[0] = f"{args.checkpoint}.pt"
     torch.set_num_threads(2)
     for fold in sorted(p for p in args.work.glob("fold*") if p.is_dir()):
         for run in args.runs:
