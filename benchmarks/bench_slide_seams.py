@@ -26,7 +26,6 @@ Writes ``benchmarks/results/slide_seams.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from common import write_json
 
 from lpdseg.data.glass import glass_mask_np
 from lpdseg.data.synthetic import generate_patch
@@ -215,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"checkpoint": str(args.checkpoint), "synthetic": synthetic(args, predictor)}
     if not args.no_cmu and args.cmu_path.is_file():
         result["cmu"] = cmu(args, predictor)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

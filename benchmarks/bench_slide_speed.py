@@ -41,20 +41,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from common import vm_hwm_mib, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "slide_speed.json"
 TILE_WRITE = 256
 MPP = 0.5
 
 log = logging.getLogger("bench_slide_speed")
-
-
-def vm_hwm_mib() -> float:
-    """Peak resident set size of this process so far (MiB), from /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
 
 
 # ---------------------------------------------------------------- synthetic slides
@@ -363,8 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             f"slide / model-only throughput: {result['speed']['ratio_slide_over_model']:.3f} "
             "(target >= 0.9)"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

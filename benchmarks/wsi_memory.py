@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_slide_speed import vm_hwm_mib, write_synthetic_slides  # noqa: E402  (one slide writer)
+from bench_slide_speed import write_synthetic_slides  # noqa: E402  (one slide writer)
+from common import vm_hwm_mib  # noqa: E402
 
 NUM_LABELS = 3  # two tissue classes + background
 
