@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import _tiny_overrides
 
 from lpdseg.data.synthetic import write_dataset
 from lpdseg.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -39,21 +40,11 @@ def data(tmp_path_factory) -> Path:
 
 
 def overrides(root: Path, out: Path) -> list[str]:
-    return [
-        f"data.root={root}",
-        "data.crop_size=32",
-        "data.num_workers=0",
-        "model.prototypes_per_class=2",
-        "model.proj_hidden=16",
-        "train.batch_size=4",
-        f"train.max_steps={STEPS}",
-        "train.ckpt_every=1",
-        "train.threads=1",
+    # the shared tiny run, with this file's steps, checkpointing, threads and seed (later wins)
+    return _tiny_overrides(
+        root, out, f"train.max_steps={STEPS}", "train.ckpt_every=1", "train.threads=1",
         "train.seed=5",
-        f"train.out_dir={out}",
-        "eval.tta_scales=[1.0]",
-        "eval.tta_flip=false",
-    ]
+    )  # fmt: skip
 
 
 def lpdseg_cmd(*args: str) -> list[str]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import _tiny_overrides
 
 from lpdseg.config import load_config
 from lpdseg.data.loaders import make_train_loader, resolve_data
@@ -54,22 +55,11 @@ def data(tmp_path_factory) -> Path:
 
 
 def overrides(root: Path, out: Path, batch: int, *extra: str) -> list[str]:
-    return [
-        f"data.root={root}",
-        "data.crop_size=32",
-        "data.num_workers=0",
-        "model.prototypes_per_class=2",
-        "model.proj_hidden=16",
-        f"train.batch_size={batch}",
-        f"train.max_steps={STEPS}",
-        "train.threads=1",
-        "train.lr=1e-3",
-        "train.warmup_fraction=0",
-        f"train.out_dir={out}",
-        "eval.tta_scales=[1.0]",
-        "eval.tta_flip=false",
-        *extra,
-    ]
+    # the shared tiny run, with this file's batch, steps, threads and schedule (later wins)
+    return _tiny_overrides(
+        root, out, f"train.batch_size={batch}", f"train.max_steps={STEPS}", "train.threads=1",
+        "train.lr=1e-3", "train.warmup_fraction=0", *extra,
+    )  # fmt: skip
 
 
 CLS_ONLY = ("loss.sim_weight=0", "loss.div_weight=0")

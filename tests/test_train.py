@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import _tiny_overrides
 from typer.testing import CliRunner
 
 from lpdseg.cli import app
@@ -28,23 +29,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def tiny_cfg(root: Path, out: Path, *extra: str):
-    return load_config(
-        "demo",
-        [
-            f"data.root={root}",
-            "data.crop_size=32",
-            "data.num_workers=0",
-            "model.prototypes_per_class=2",
-            "model.proj_hidden=16",
-            "train.batch_size=4",
-            "train.max_steps=8",
-            "train.threads=2",
-            f"train.out_dir={out}",
-            "eval.tta_scales=[1.0]",
-            "eval.tta_flip=false",
-            *extra,
-        ],
-    )
+    return load_config("demo", _tiny_overrides(root, out, "train.max_steps=8", *extra))
 
 
 def test_lr_schedule_warmup_then_poly():
