@@ -88,6 +88,35 @@ def test_disk_arrays_keep_data_after_release_and_clean_up(tmp_path):
     assert not folder.exists()
 
 
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.is_file():
+        pytest.skip("no /proc/self/smaps (Linux only)")
+    total, current = 0, None
+    for line in smaps.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and "-" in parts[0] and not parts[0].endswith(":"):
+            current = parts[5] if len(parts) > 5 else None  # a mapping's header line
+        elif parts[0] == "Rss:" and current == str(path):
+            total += int(parts[1])
+    return total
+
+
+def test_sparse_canvas_updates_fault_in_only_the_pages_they_touch(tmp_path):
+    # A tile's update touches a little of many rows; the kernel's read-around
+    # made each touch cost ~112 KiB resident (canvas memory grew with the width).
+    store = DiskArrays(tmp_path)
+    a = store.zeros("a", (2048, 2048), np.int64)  # 32 MiB, rows of 16 KiB
+    for y in range(0, 2048, 32):  # 64 touches, 512 KiB apart
+        a[y, 7] += 1
+    resident = _mapped_kib(store.folder / "a.bin")
+    assert 0 < resident <= 64 * 8, f"{resident} KiB resident for 64 touched pages"
+    assert int(a.sum()) == 64
+    del a
+    store.close()
+
+
 # ---------------------------------------------------------------- stitching
 def test_canvas_on_disk_and_threads_give_the_same_integers(predictor, slide_png, tmp_path):
     ref = _stitch(predictor, slide_png, read_workers=0)

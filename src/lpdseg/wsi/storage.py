@@ -39,6 +39,7 @@ __all__ = [
 CANVAS_PREFIX = ".lpdseg-canvas-"
 
 _DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+_RANDOM = getattr(mmap, "MADV_RANDOM", None)
 
 
 class DiskArrays:
@@ -69,6 +70,7 @@ class DiskArrays:
                 return np.zeros(shape, dtype)
             handle.truncate(size)  # sparse: zeros, no disk used until written
             mm = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_WRITE)
+        _advise_random(mm)
         self._maps.append(mm)
         return np.frombuffer(mm, dtype=dtype).reshape(tuple(shape))
 
@@ -137,6 +139,23 @@ def release_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _advise_random(mm: mmap.mmap) -> None:
+    """``madvise(MADV_RANDOM)``: fault in only the page touched (no-op where unsupported).
+
+    A tile's update touches a few hundred bytes in each of many canvas rows.
+    Without the advice the kernel maps a large block of neighbouring pages on
+    each fault (read-around, large page-cache folios): measured 112 KiB
+    resident per touch instead of 4 KiB, so between two releases a 16k x 16k
+    slide's canvas held 50-90 MiB, growing with the slide's width.
+    """
+    if _RANDOM is None:
+        return
+    try:
+        mm.madvise(_RANDOM)
+    except (OSError, ValueError) as exc:  # not fatal: only more pages stay resident
+        log.debug("madvise(MADV_RANDOM) failed: %s", exc)
 
 
 def release_pages(mm: mmap.mmap) -> None:
