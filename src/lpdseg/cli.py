@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from lpdseg.errors import LpdsegError
+from lpdseg.heap import keep_freed_memory
 
 app = typer.Typer(
     add_completion=False,
@@ -53,6 +54,7 @@ def _run(fn, *args, **kwargs):
     An error carrying its own ``exit_code`` (an interrupted training run: 130 for
     SIGINT, 143 for SIGTERM) is printed as it is and exits with that code.
     """
+    keep_freed_memory()  # long CPU runs reuse freed memory (lpdseg.heap)
     try:
         return fn(*args, **kwargs)
     except LpdsegError as exc:

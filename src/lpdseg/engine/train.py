@@ -65,6 +65,7 @@ from lpdseg.engine.distributed import (
 )
 from lpdseg.engine.evaluate import evaluate, score_split
 from lpdseg.errors import ConfigError, DataError, TrainingError
+from lpdseg.heap import keep_freed_memory
 from lpdseg.io import append_jsonl, atomic_write_json, atomic_write_text
 from lpdseg.losses import classification_loss, diversity_loss, diversity_ramp, similarity_loss
 from lpdseg.models.encoders import build_encoder
@@ -278,6 +279,7 @@ class Trainer:
         """``load_weights=False`` (resuming): the checkpoint supplies every weight, so
         the pretrained file named by ``model.weights`` need not exist any more."""
         self.ctx = ctx or DistContext()
+        keep_freed_memory()  # CPU steps reuse their activations' memory (lpdseg.heap)
         cfg = prepare_config(cfg, bundle)  # idempotent: _train has usually done it
         self.cfg = cfg
         self.bundle = bundle

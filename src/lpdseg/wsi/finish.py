@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lpdseg.wsi.storage import DiskArrays, ReleasingView, release_heap
+from lpdseg.heap import release_heap
+from lpdseg.wsi.storage import DiskArrays, ReleasingView
 from lpdseg.wsi.tiling import SlideCanvas
 
 __all__ = ["BAND_BYTES", "SlideMap", "finish_per_tile", "finish_seamless", "row_bands"]

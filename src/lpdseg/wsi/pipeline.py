@@ -70,6 +70,7 @@ from lpdseg.engine.distributed import (
     training_device,
 )
 from lpdseg.errors import LpdsegError
+from lpdseg.heap import keep_freed_memory
 from lpdseg.wsi.finish import SlideMap, finish_per_tile, finish_seamless
 from lpdseg.wsi.job import (
     DEFAULT_MPP_UM_PER_PX,
@@ -811,6 +812,7 @@ def run_slide_job(
     """
     started = time.perf_counter()
     check_output(job)  # before any work
+    keep_freed_memory()  # batches reuse the model's freed activations (lpdseg.heap)
     own_ctx = ctx is None
     if ctx is None:
         ctx = init_distributed(_device(job.device, DistContext()))

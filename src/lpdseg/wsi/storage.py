@@ -11,14 +11,11 @@ each band, so resident memory holds about one band whatever the slide size.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 import mmap
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,6 @@ __all__ = [
     "CANVAS_PREFIX",
     "DiskArrays",
     "ReleasingView",
-    "release_heap",
     "release_pages",
     "remove_stale",
 ]
@@ -110,35 +106,6 @@ def remove_stale(parent: str | Path, prefix: str = CANVAS_PREFIX) -> int:
         shutil.rmtree(folder, ignore_errors=True)
         log.info("removed %s (%.0f MiB on disk), left by an interrupted run", folder, size / 2**20)
     return len(stale)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """The C library, or None when it cannot be loaded."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None on other C libraries."""
-    return getattr(_libc(), "malloc_trim", None)
-
-
-def release_heap() -> None:
-    """Give free heap pages back to the OS (glibc only; a no-op elsewhere).
-
-    Streaming a slide interleaves long-lived small allocations (OpenSlide's
-    tile cache) with short-lived multi-megabyte ones (tile batches, model
-    outputs). glibc then serves the large ones from the heap, which
-    fragments and keeps growing in resident size although little of it is
-    in use (measured: ~1.5 GiB for a 16k x 16k slide). ``malloc_trim``
-    releases the free pages, so resident memory stays bounded.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _advise_random(mm: mmap.mmap) -> None:

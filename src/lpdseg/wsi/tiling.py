@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lpdseg.errors import DataError
+from lpdseg.heap import release_heap
 from lpdseg.inference.sliding import (
     PredictFn,
     TileGrid,
@@ -39,7 +40,7 @@ from lpdseg.inference.sliding import (
     predict_tiles,
 )
 from lpdseg.wsi.reader import ImageReader
-from lpdseg.wsi.storage import DiskArrays, release_heap
+from lpdseg.wsi.storage import DiskArrays
 
 log = logging.getLogger(__name__)
 
