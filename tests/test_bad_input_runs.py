@@ -305,6 +305,30 @@ def test_sigterm_saves_the_current_step_and_resume_equals_uninterrupted(data, tm
     assert step_records(run) == list(range(1, STEPS + 1)), "a step is logged twice or missing"
 
 
+def test_a_second_sigint_stops_at_once_with_130_and_keeps_the_last_checkpoint(
+    data, tmp_path, monkeypatch, tiny
+):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["train", "demo", *tiny(data, out, 6, "train.ckpt_every=1"), "-q"]
+    real = Trainer.train_step
+
+    def interrupt_twice_at_step_3(self, *a, **k):
+        result = real(self, *a, **k)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # asks to stop at the step's end ...
+            os.kill(os.getpid(), signal.SIGINT)  # ... and the impatient second one
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_twice_at_step_3)
+    res = runner.invoke(app, args)
+    monkeypatch.undo()
+    assert res.exit_code == 130, res.output
+    assert "stopped at once" in res.output and "Aborted" not in res.output
+    # step 3's checkpoint was not reached: the one of step 2 is there, whole
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
 def test_sigint_saves_and_resume_drops_replayed_records_and_refuses_changed_keys(
     data, tmp_path, monkeypatch, tiny
 ):

@@ -52,11 +52,22 @@ def _run(fn, *args, **kwargs):
     """Call library code; turn user errors into a one-line message and exit code 2.
 
     An error carrying its own ``exit_code`` (an interrupted training run: 130 for
-    SIGINT, 143 for SIGTERM) is printed as it is and exits with that code.
+    SIGINT, 143 for SIGTERM) is printed as it is and exits with that code; a
+    ``KeyboardInterrupt`` (a second Ctrl-C) exits 130.
     """
     keep_freed_memory()  # long CPU runs reuse freed memory (lpdseg.heap)
     try:
         return fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        # a second Ctrl-C (or one outside training): stop at once with the shell's
+        # code for SIGINT, not click's "Aborted!" and 1; writes are atomic, so the
+        # files already there (a previous last.pt) are whole
+        typer.secho(
+            "stopped at once (Ctrl-C); files written before are intact",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(130) from None
     except LpdsegError as exc:
         code = getattr(exc, "exit_code", None)
         if isinstance(code, int):
