@@ -305,24 +305,31 @@ def test_sigterm_saves_the_current_step_and_resume_equals_uninterrupted(data, tm
     assert step_records(run) == list(range(1, STEPS + 1)), "a step is logged twice or missing"
 
 
+def _train_with_sigint(runner, args, monkeypatch, at_step: int, times: int):
+    """``lpdseg train args`` with ``times`` SIGINTs (Ctrl-C) in the middle of step ``at_step``."""
+    real = Trainer.train_step
+
+    def interrupt(self, *a, **k):
+        result = real(self, *a, **k)
+        if self.step == at_step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt)
+    try:
+        return runner.invoke(app, args)
+    finally:
+        monkeypatch.undo()
+
+
 def test_a_second_sigint_stops_at_once_with_130_and_keeps_the_last_checkpoint(
     data, tmp_path, monkeypatch, tiny
 ):
-    runner = CliRunner()
     out = tmp_path / "run"
     args = ["train", "demo", *tiny(data, out, 6, "train.ckpt_every=1"), "-q"]
-    real = Trainer.train_step
-
-    def interrupt_twice_at_step_3(self, *a, **k):
-        result = real(self, *a, **k)
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # asks to stop at the step's end ...
-            os.kill(os.getpid(), signal.SIGINT)  # ... and the impatient second one
-        return result
-
-    monkeypatch.setattr(Trainer, "train_step", interrupt_twice_at_step_3)
-    res = runner.invoke(app, args)
-    monkeypatch.undo()
+    # the first asks to stop at the step's end, the impatient second one stops at once
+    res = _train_with_sigint(CliRunner(), args, monkeypatch, at_step=3, times=2)
     assert res.exit_code == 130, res.output
     assert "stopped at once" in res.output and "Aborted" not in res.output
     # step 3's checkpoint was not reached: the one of step 2 is there, whole
@@ -335,17 +342,7 @@ def test_sigint_saves_and_resume_drops_replayed_records_and_refuses_changed_keys
     runner = CliRunner()
     out = tmp_path / "run"
     args = ["train", "demo", *tiny(data, out, 5, "train.ckpt_every=1"), "-q"]
-    real = Trainer.train_step
-
-    def interrupt_at_step_2(self, *a, **k):
-        result = real(self, *a, **k)
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a step
-        return result
-
-    monkeypatch.setattr(Trainer, "train_step", interrupt_at_step_2)
-    res = runner.invoke(app, args)
-    monkeypatch.undo()
+    res = _train_with_sigint(runner, args, monkeypatch, at_step=2, times=1)
     assert res.exit_code == 130, res.output
     assert "interrupted at step 2; resume with: lpdseg train demo" in res.output
     assert f"--resume {out / 'last.pt'}" in res.output
