@@ -14,6 +14,7 @@ from lpdseg.models.decode import (
     infer_maps,
     label_scores,
     minmax_normalise,
+    predict_scores,
     window_probs,
 )
 from lpdseg.models.prototypes import CamHead, HeadOutput
@@ -208,8 +209,23 @@ def test_eval_at_full_size_tiles_large_images_through_the_sliding_window(tiny_ru
     monkeypatch.setattr(
         evaluation, "sliding_window_predict", lambda *a, **k: calls.append(k) or real(*a, **k)
     )
-    big = score(torch.rand(1, 3, 72, 56), labels, ("labels",))
-    assert calls and calls[0]["tile"] == 32 and calls[0]["overlap"] == 0.5
-    assert big["labels"].shape == (1, 5, 72, 56)
+    forwards = []
+    model.register_forward_hook(lambda *a: forwards.append(1))
+    image = torch.rand(1, 3, 72, 56)
+    big = score(image, labels, ("labels", "classifier"))
+    assert len(calls) == 1 and calls[0]["tile"] == 32 and calls[0]["overlap"] == 0.5
+    assert big["labels"].shape == big["classifier"].shape == (1, 5, 72, 56)
     # the labels gate holds in every tile: absent classes never appear
     assert set(big["labels"].argmax(1).unique().tolist()) <= {0, 2, 4}
+    # one forward per tile for both gates, the same scores as one sliding pass per gate
+    one_pass = len(forwards)
+    rgb = (image[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    for gate in ("labels", "classifier"):
+
+        def per_gate(tiles, gate=gate):
+            lab = labels.expand(tiles.shape[0], -1)
+            return predict_scores(model, tiles, small, lab, gate, tta=False)
+
+        ref = real(rgb, per_gate, 5, tile=32, overlap=0.5, progress=False)
+        torch.testing.assert_close(big[gate][0], ref, rtol=1e-5, atol=1e-6)
+    assert one_pass * 2 == len(forwards) - one_pass  # the reference ran the network twice

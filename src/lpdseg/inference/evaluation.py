@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lpdseg.config import GATES, Config, EvalConfig, apply_overrides, config_from_dict
@@ -23,7 +24,7 @@ from lpdseg.errors import ConfigError, DataError
 from lpdseg.inference.loading import load_model, resolve_device
 from lpdseg.inference.sliding import sliding_window_predict
 from lpdseg.io import atomic_write_json
-from lpdseg.models.decode import decode_scores, predict_scores
+from lpdseg.models.decode import decode_scores
 
 
 def evaluate_checkpoint(
@@ -148,24 +149,35 @@ def check_same_evaluation(
 
 
 def full_size_scorer(model, cfg: EvalConfig, num_labels: int, tta: bool):
-    """Scores of an image at full size: whole up to ``eval.max_side``, else by the one
-    sliding-window path ``predict`` and ``slide`` use (one pass per gate for those)."""
+    """Scores of an image at full size, for every gate from one forward per tile.
+
+    Whole up to ``eval.max_side``, else by the one sliding-window path ``predict``
+    and ``slide`` use; either way the network runs once per image or tile (and
+    TTA view), and every gate is decoded from that pass.
+    """
 
     def score(image: Tensor, labels: Tensor, gates) -> dict[str, Tensor]:
         if max(image.shape[-2:]) <= cfg.max_side:
             return decode_scores(model, image, cfg, labels, gates, tta)[0]
         rgb = (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
-        out = {}
-        for gate in gates:
+        gates = list(gates)
 
-            def predict_fn(tiles: Tensor, gate=gate) -> Tensor:
-                lab = labels.expand(tiles.shape[0], -1)
-                return predict_scores(model, tiles.to(labels.device), cfg, lab, gate, tta).cpu()
+        def predict_fn(tiles: Tensor) -> Tensor:
+            lab = labels.expand(tiles.shape[0], -1)
+            by_gate, _ = decode_scores(model, tiles.to(labels.device), cfg, lab, gates, tta)
+            return torch.cat([by_gate[g] for g in gates], dim=1).cpu()  # gates side by side
 
-            out[gate] = sliding_window_predict(
-                rgb, predict_fn, num_labels, tile=cfg.tile, overlap=cfg.overlap, progress=False
-            )[None]
-        return out
+        stacked = sliding_window_predict(
+            rgb,
+            predict_fn,
+            num_labels * len(gates),
+            tile=cfg.tile,
+            overlap=cfg.overlap,
+            progress=False,
+        )
+        return {
+            g: stacked[i * num_labels : (i + 1) * num_labels][None] for i, g in enumerate(gates)
+        }
 
     return score
 
