@@ -21,11 +21,14 @@ Protocol (nothing here is tuned per method):
    similarity-loss encoder (PBIP's loss weights for PBIP, LPD's for LPD).
 3. Upper bound: the stage-2 network (each backbone + MLP decoder,
    ``train.task=seg``) trained on the true masks of the same training patches.
+   ``--methods lpd_stage2``: the same network trained on LPD's pseudo masks of
+   those patches (``lpdseg pseudo`` of the fold's LPD run, its ``last.pt`` by
+   default: ``--stage2-from``), with the same recipe.
 4. Every run is scored on its fold's held-out images at full image size with
-   :func:`lpdseg.engine.train.evaluate_checkpoint` (the code behind
-   ``lpdseg eval``): classifier-gated masks (``predict`` mode, no labels at
-   test time: the headline) and label-gated masks (``pseudo`` mode: the
-   pseudo-mask quality given the true image labels).
+   :func:`lpdseg.inference.evaluate_checkpoint` (the code behind
+   ``lpdseg eval``): classifier-gated masks (no labels at test time: the
+   headline) and label-gated masks (the pseudo-mask quality given the true
+   image labels); stage-2 networks need no gate.
 
 Results: mean +- std over folds x seeds of mIoU / mDice over the 3 tissue
 classes, FwIoU and boundary IoU, written to ``benchmarks/results/wsss4luad_results.md``
@@ -68,11 +71,14 @@ METHODS = {
     "lpd_nodiv": ["model.head=lpd", "loss.div_weight=0"],
     "lpd": ["model.head=lpd"],
 }
+# stage 2: a segmentation network trained on the pseudo masks of a stage-1 method's run
+STAGE2 = {"lpd_stage2": "lpd"}
 METHOD_LABEL = {
     "cam": "CAM baseline",
     "pbip": "PBIP",
     "lpd_nodiv": "LPD w/o diversity",
     "lpd": "LPD",
+    "lpd_stage2": "LPD stage 2",
     "supervised": "Fully supervised (true masks)",
 }
 METRICS = ("mIoU", "mDice", "FwIoU", "bIoU")
@@ -90,7 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--only-folds", default="", help="comma-separated fold indices to run (default: all)"
     )
-    p.add_argument("--methods", default="cam,pbip,lpd_nodiv,lpd", help=", ".join(METHODS))
+    p.add_argument(
+        "--methods", default="cam,pbip,lpd_nodiv,lpd", help=", ".join([*METHODS, *STAGE2])
+    )
+    p.add_argument(
+        "--stage2-from",
+        choices=("last", "best"),
+        default="last",
+        help="stage-1 checkpoint whose pseudo masks stage 2 trains on (last: the fixed-step "
+        "weights, which scored better than best-by-validation here)",
+    )
     p.add_argument("--backbones", default="effnet,mit_b0", help=", ".join(BACKBONES))
     p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--size", type=int, default=112, help="patch side (px)")
@@ -416,6 +431,34 @@ def training_record(out: Path) -> dict:
     }
 
 
+def pseudo_masks(checkpoint: Path, out: Path) -> Path:
+    """Pseudo masks of the fold's training patches from ``checkpoint`` in ``out``, or the
+    ones a finished earlier call left there (``pseudo.json`` is written last)."""
+    from lpdseg.inference import write_pseudo_masks
+
+    if (out / "pseudo.json").is_file():
+        done = json.loads((out / "pseudo.json").read_text())
+        if Path(done.get("checkpoint", "")) == checkpoint:
+            return out
+    # none yet, made from another checkpoint, or cut short: (re)made
+    write_pseudo_masks(checkpoint, out, progress=False, overwrite=out.exists())
+    return out
+
+
+def stage2_pseudo(
+    args: argparse.Namespace, root: Path, fold_dir: Path, first: str, backbone: str, seed: int
+) -> Path:
+    """The stage-1 run of method ``first`` (trained here unless finished), then its pseudo
+    masks from ``args.stage2_from`` (``last.pt`` or ``best.pt``): the folder stage 2 trains on."""
+    out = fold_dir / f"{first}_{backbone}_s{seed}"
+    ov = common_overrides(args, root, out, seed) + BACKBONES[backbone] + METHODS[first]
+    run_one(ov, out, ("classifier", "labels"), args.tta, args.eval_overrides, args.score_last)
+    checkpoint = out / f"{args.stage2_from}.pt"
+    return pseudo_masks(
+        checkpoint, fold_dir / f"pseudo_{first}_{backbone}_s{seed}_{args.stage2_from}"
+    )
+
+
 def build_bank(root: Path, out: Path, args: argparse.Namespace) -> Path:
     from lpdseg.engine.bank import build_bank_from_config
 
@@ -470,7 +513,7 @@ def markdown(summary: dict) -> str:
         "| mIoU (last.pt) | runs |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    order = [(m, b) for m in (*METHODS, "supervised") for b in BACKBONES]
+    order = [(m, b) for m in (*METHODS, *STAGE2, "supervised") for b in BACKBONES]
     for method, backbone in order:
         pred = agg.get(f"{method}|{backbone}|classifier") or agg.get(f"{method}|{backbone}|seg")
         if pred is None:
@@ -522,8 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     backbones = [b for b in args.backbones.split(",") if b]
     seeds = [int(s) for s in str(args.seeds).split(",") if s != ""]
     for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in METHODS and m not in STAGE2:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join([*METHODS, *STAGE2])}")
     for b in backbones:
         if b not in BACKBONES:
             raise SystemExit(f"unknown backbone {b!r}; choose from {', '.join(BACKBONES)}")
@@ -568,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
                 if method == "supervised":
                     ov += ["train.task=seg", f"data.pseudo={root / 'supervised'}"]
                     modes: tuple[str, ...] = ("seg",)
+                elif method in STAGE2:
+                    pseudo = stage2_pseudo(args, root, fold_dir, STAGE2[method], backbone, seed)
+                    ov += ["train.task=seg", f"data.pseudo={pseudo}"]
+                    modes = ("seg",)
                 else:
                     ov += METHODS[method]
                     modes = ("classifier", "labels")
@@ -615,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             "scale": [args.scale_min, args.scale_max],
             "repeat_threshold": args.repeat_threshold,
             "tissue_pooling": args.tissue_pooling,
+            "stage2_from": args.stage2_from,
         },
         "machine": {
             "platform": platform.platform(),

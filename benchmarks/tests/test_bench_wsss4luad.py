@@ -126,3 +126,22 @@ def test_fold_data_is_reused_when_identical_and_refused_when_not(bench, tmp_path
         bench.prepare_fold(
             img_dir, mask_dir, root, PatchRule(16, 16, 0.02, 0.5), ["a", "b"], ["c"], ["d"]
         )
+
+
+def test_stage2_pseudo_masks_are_reused_when_finished_and_remade_when_not(
+    bench, finished_run, tmp_path
+):
+    out = tmp_path / "pseudo"
+    best, last = finished_run / "best.pt", finished_run / "last.pt"
+    assert bench.pseudo_masks(best, out) == out
+    masks = sorted((out / "masks").iterdir())
+    assert masks, "no pseudo masks written"
+    stamp = (out / "pseudo.json").stat().st_mtime_ns
+    bench.pseudo_masks(best, out)  # finished from the same checkpoint: reused
+    assert (out / "pseudo.json").stat().st_mtime_ns == stamp
+    bench.pseudo_masks(last, out)  # another checkpoint: made again from it
+    assert json.loads((out / "pseudo.json").read_text())["checkpoint"] == str(last)
+    (out / "pseudo.json").unlink()  # what a run cut short leaves: masks, no pseudo.json
+    bench.pseudo_masks(best, out)
+    assert json.loads((out / "pseudo.json").read_text())["checkpoint"] == str(best)
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [p.name for p in masks]
