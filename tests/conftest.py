@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,24 @@ def _tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
         "eval.tta_flip=false",
         *extra,
     ]
+
+
+#: Steps of the interrupted-run tests (test_crash, test_bad_input_runs).
+RUN_STEPS = 10
+
+
+def run_overrides(root: Path, out: Path) -> list[str]:
+    """The interrupted-run tests' training: the tiny run with their steps, a checkpoint
+    every step, one thread and its own seed (later keys win)."""
+    return _tiny_overrides(
+        root, out, f"train.max_steps={RUN_STEPS}", "train.ckpt_every=1", "train.threads=1",
+        "train.seed=5",
+    )  # fmt: skip
+
+
+def lpdseg_cmd(*args: str) -> list[str]:
+    """``lpdseg ARGS`` as a subprocess command line (this interpreter)."""
+    return [sys.executable, "-m", "lpdseg.cli", *args]
 
 
 def _raises_naming(fn, name: str, *words: str) -> str:

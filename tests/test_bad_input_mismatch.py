@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import _tiny_overrides
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -146,19 +147,8 @@ def two_datasets(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def seg_overrides(root: Path, pseudo: Path, out: Path) -> list[str]:
-    return [
-        f"data.root={root}",
-        f"data.pseudo={pseudo}",
-        "train.task=seg",
-        "data.crop_size=32",
-        "data.num_workers=0",
-        "train.batch_size=4",
-        "train.max_steps=2",
-        "train.threads=2",
-        f"train.out_dir={out}",
-        "eval.tta_scales=[1.0]",
-        "eval.tta_flip=false",
-    ]
+    """A 2-step stage-2 run on ``pseudo`` (conftest's tiny overrides underneath)."""
+    return _tiny_overrides(root, out, f"data.pseudo={pseudo}", "train.task=seg")
 
 
 def test_stage2_refuses_pseudo_masks_of_another_dataset(tiny_run_dir, two_datasets, tmp_path):

@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import RUN_STEPS as STEPS
+from conftest import lpdseg_cmd
+from conftest import run_overrides as overrides
 from PIL import Image
-from test_crash import STEPS, lpdseg_cmd, overrides
 from typer.testing import CliRunner
 
 from lpdseg.cli import app

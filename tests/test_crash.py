@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _tiny_overrides
+from conftest import RUN_STEPS as STEPS
+from conftest import lpdseg_cmd
+from conftest import run_overrides as overrides
 
 from lpdseg.data.synthetic import write_dataset
 from lpdseg.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -29,26 +31,12 @@ from lpdseg.io import WriteError
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
 
-STEPS = 10
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("crash_data")
     write_dataset(root, n_train=24, n_val=4, n_test=2, size=32, seed=3, progress=False)
     return root
-
-
-def overrides(root: Path, out: Path) -> list[str]:
-    # the shared tiny run, with this file's steps, checkpointing, threads and seed (later wins)
-    return _tiny_overrides(
-        root, out, f"train.max_steps={STEPS}", "train.ckpt_every=1", "train.threads=1",
-        "train.seed=5",
-    )  # fmt: skip
-
-
-def lpdseg_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lpdseg.cli", *args]
 
 
 def steps_logged(run: Path) -> int:

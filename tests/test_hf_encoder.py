@@ -157,30 +157,15 @@ def test_bad_folders(tmp_path):
         HFEncoder(tmp_path, MEAN, STD)
 
 
-def test_training_step_with_hf_encoder(vit_trained, tmp_path):
+def test_training_step_with_hf_encoder(vit_trained, tmp_path, overrides):
     from lpdseg.config import load_config
     from lpdseg.data.synthetic import write_dataset
     from lpdseg.engine.train import train
 
     data = tmp_path / "data"
     write_dataset(data, n_train=8, n_val=2, n_test=0, size=32, seed=0, progress=False)
-    cfg = load_config(
-        "demo",
-        [
-            f"data.root={data}",
-            "data.crop_size=32",
-            "data.num_workers=0",
-            "model.prototypes_per_class=2",
-            "model.proj_hidden=16",
-            "model.embed_dim=32",
-            f"loss.encoder=hf:{vit_trained[0]}",
-            "train.batch_size=4",
-            "train.max_steps=2",
-            f"train.out_dir={tmp_path / 'run'}",
-            "eval.tta_scales=[1.0]",
-            "eval.tta_flip=false",
-        ],
-    )
+    extra = ["model.embed_dim=32", f"loss.encoder=hf:{vit_trained[0]}"]
+    cfg = load_config("demo", overrides(data, tmp_path / "run", *extra))
     summary = train(cfg, progress=False, evaluate_test=False)
     assert summary["step"] == 2
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
