@@ -145,3 +145,25 @@ def test_stage2_pseudo_masks_are_reused_when_finished_and_remade_when_not(
     bench.pseudo_masks(best, out)
     assert json.loads((out / "pseudo.json").read_text())["checkpoint"] == str(best)
     assert sorted(p.name for p in (out / "masks").iterdir()) == [p.name for p in masks]
+
+
+def test_default_protocol_runs_the_ablation_and_bounds_with_the_first_seed_only(bench):
+    args = bench.parse_args([])
+    methods = args.methods.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    first_only = set(args.first_seed_only.split(","))
+    jobs = bench.protocol_jobs(methods, ["effnet"], seeds, args.supervised, first_only)
+    per_method = {}
+    for seed, method, _ in jobs:
+        per_method.setdefault(method, []).append(seed)
+    assert per_method == {
+        "cam": [0, 1],
+        "pbip": [0, 1],
+        "lpd": [0, 1],
+        "lpd_nodiv": [0],
+        "lpd_stage2": [0],
+        "supervised": [0],
+    }
+    # stage 2 after its stage-1 method in the order they run; the bound last
+    order = [m for s, m, _ in jobs if s == 0]
+    assert order.index("lpd_stage2") > order.index("lpd") and order[-1] == "supervised"
