@@ -108,8 +108,21 @@ def remove_stale(parent: str | Path, prefix: str = CANVAS_PREFIX) -> int:
     return len(stale)
 
 
+def _advise(mm: mmap.mmap, advice: int | None, why: str) -> None:
+    """``madvise(advice)`` on a mapping; a no-op where unsupported or closed.
+
+    A failure is not fatal (``why``: what it costs), only logged.
+    """
+    if advice is None or mm.closed:
+        return
+    try:
+        mm.madvise(advice)
+    except (OSError, ValueError) as exc:
+        log.debug("madvise(%s) failed (%s): %s", advice, why, exc)
+
+
 def _advise_random(mm: mmap.mmap) -> None:
-    """``madvise(MADV_RANDOM)``: fault in only the page touched (no-op where unsupported).
+    """``madvise(MADV_RANDOM)``: fault in only the page touched.
 
     A tile's update touches a few hundred bytes in each of many canvas rows.
     Without the advice the kernel maps a large block of neighbouring pages on
@@ -117,22 +130,12 @@ def _advise_random(mm: mmap.mmap) -> None:
     resident per touch instead of 4 KiB, so between two releases a 16k x 16k
     slide's canvas held 50-90 MiB, growing with the slide's width.
     """
-    if _RANDOM is None:
-        return
-    try:
-        mm.madvise(_RANDOM)
-    except (OSError, ValueError) as exc:  # not fatal: only more pages stay resident
-        log.debug("madvise(MADV_RANDOM) failed: %s", exc)
+    _advise(mm, _RANDOM, "more pages stay resident")
 
 
 def release_pages(mm: mmap.mmap) -> None:
     """``madvise(MADV_DONTNEED)`` on a shared file mapping (no-op where unsupported or closed)."""
-    if _DONTNEED is None or mm.closed:
-        return
-    try:
-        mm.madvise(_DONTNEED)
-    except (OSError, ValueError) as exc:  # not fatal: memory is only not returned early
-        log.debug("madvise(MADV_DONTNEED) failed: %s", exc)
+    _advise(mm, _DONTNEED, "memory is only not returned early")
 
 
 class ReleasingView:
