@@ -195,8 +195,8 @@ def protocol_jobs(
     with the first seed only.
     """
     jobs = []
+    names = [*methods, *(["supervised"] if supervised else [])]
     for i, seed in enumerate(seeds):
-        names = [*methods, *(["supervised"] if supervised else [])]
         for method in names:
             if i > 0 and method in first_seed_only:
                 continue
@@ -481,18 +481,41 @@ def pseudo_masks(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def stage2_pseudo(
-    args: argparse.Namespace, root: Path, fold_dir: Path, first: str, backbone: str, seed: int
-) -> Path:
-    """The stage-1 run of method ``first`` (trained here unless finished), then its pseudo
-    masks from ``args.stage2_from`` (``last.pt`` or ``best.pt``): the folder stage 2 trains on."""
-    out = fold_dir / f"{first}_{backbone}_s{seed}"
-    ov = common_overrides(args, root, out, seed) + BACKBONES[backbone] + METHODS[first]
-    run_one(ov, out, ("classifier", "labels"), args.tta, args.eval_overrides, args.score_last)
-    checkpoint = out / f"{args.stage2_from}.pt"
-    return pseudo_masks(
-        checkpoint, fold_dir / f"pseudo_{first}_{backbone}_s{seed}_{args.stage2_from}"
-    )
+def run_job(
+    args: argparse.Namespace,
+    root: Path,
+    fold_dir: Path,
+    method: str,
+    backbone: str,
+    seed: int,
+    bank: Path | None,
+) -> dict:
+    """Train (or reuse) and score one run of the fold: ``run_one`` with its overrides.
+
+    A stage-2 method first runs (or reuses) its stage-1 run, the same way, and
+    trains on that run's pseudo masks from ``args.stage2_from`` (``last.pt`` or
+    ``best.pt``).
+    """
+    out = fold_dir / f"{method}_{backbone}_s{seed}"
+    ov = common_overrides(args, root, out, seed) + BACKBONES[backbone]
+    if method == "supervised":
+        ov += ["train.task=seg", f"data.pseudo={root / 'supervised'}"]
+        modes: tuple[str, ...] = ("seg",)
+    elif method in STAGE2:
+        first = STAGE2[method]
+        run_job(args, root, fold_dir, first, backbone, seed, bank)
+        pseudo = pseudo_masks(
+            fold_dir / f"{first}_{backbone}_s{seed}" / f"{args.stage2_from}.pt",
+            fold_dir / f"pseudo_{first}_{backbone}_s{seed}_{args.stage2_from}",
+        )
+        ov += ["train.task=seg", f"data.pseudo={pseudo}"]
+        modes = ("seg",)
+    else:
+        ov += METHODS[method]
+        modes = ("classifier", "labels")
+        if method == "pbip":
+            ov.append(f"model.bank={bank}")
+    return run_one(ov, out, modes, args.tta, args.eval_overrides, args.score_last)
 
 
 def build_bank(root: Path, out: Path, args: argparse.Namespace) -> Path:
@@ -501,6 +524,7 @@ def build_bank(root: Path, out: Path, args: argparse.Namespace) -> Path:
     from lpdseg.io import atomic_write_json
 
     settings = {"bank_keep": args.bank_keep, "clusters": 3, "seed": 0, "data": str(root)}
+    # the stamp records what the bank is built with: the call below takes its values
     stamp = out.with_suffix(".settings.json")
     if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return out
@@ -509,9 +533,9 @@ def build_bank(root: Path, out: Path, args: argparse.Namespace) -> Path:
         [f"data.root={root}", "loss.encoder=efficientnet-lite0", "model.weights=imagenet",
          "model.backbone=efficientnet_lite0"],
         out,
-        clusters=3,
-        n_keep=args.bank_keep,
-        seed=0,
+        clusters=settings["clusters"],
+        n_keep=settings["bank_keep"],
+        seed=settings["seed"],
         allow_fewer=True,
         sheet=False,
         progress=False,
@@ -649,21 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed, method, backbone in protocol_jobs(
             methods, backbones, seeds, args.supervised, first_only
         ):
-            out = fold_dir / f"{method}_{backbone}_s{seed}"
-            ov = common_overrides(args, root, out, seed) + BACKBONES[backbone]
-            if method == "supervised":
-                ov += ["train.task=seg", f"data.pseudo={root / 'supervised'}"]
-                modes: tuple[str, ...] = ("seg",)
-            elif method in STAGE2:
-                pseudo = stage2_pseudo(args, root, fold_dir, STAGE2[method], backbone, seed)
-                ov += ["train.task=seg", f"data.pseudo={pseudo}"]
-                modes = ("seg",)
-            else:
-                ov += METHODS[method]
-                modes = ("classifier", "labels")
-                if method == "pbip":
-                    ov.append(f"model.bank={bank}")
-            res = run_one(ov, out, modes, args.tta, args.eval_overrides, args.score_last)
+            res = run_job(args, root, fold_dir, method, backbone, seed, bank)
             runs.append({"fold": k, "seed": seed, "method": method, "backbone": backbone, **res})
             head = next(iter(res["scores"].values()))
             print(

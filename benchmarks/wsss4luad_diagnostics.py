@@ -28,7 +28,6 @@ from lpdseg.metrics import SegmentationMeter
 from lpdseg.models.decode import infer_maps
 
 RUNS = ["cam_effnet_s0", "lpd_effnet_s0", "cam_mit_b0_s0", "lpd_mit_b0_s0"]
-CHECKPOINT = ["best.pt"]  # set by --checkpoint
 TILE = 96
 
 
@@ -44,8 +43,8 @@ def _test_pairs(fold: Path):
         yield path, read_image(path), read_mask(fold / "data/test/mask" / path.name, 3)
 
 
-def tiles(fold: Path, run: str) -> None:
-    model, cfg = load_model(fold / run / CHECKPOINT[0])
+def tiles(fold: Path, run: str, checkpoint: str = "best.pt") -> None:
+    model, cfg = load_model(fold / run / checkpoint)
     model.eval()
     probs, labels = [], []
     for _, image, mask in _test_pairs(fold):
@@ -64,8 +63,8 @@ def tiles(fold: Path, run: str) -> None:
     print(f"{fold.name} {run} tiles n={len(p)} AUC {auc} recall@0.5 {recall}", flush=True)
 
 
-def whole(fold: Path, run: str) -> None:
-    model, cfg = load_model(fold / run / CHECKPOINT[0])
+def whole(fold: Path, run: str, checkpoint: str = "best.pt") -> None:
+    model, cfg = load_model(fold / run / checkpoint)
     model.eval()
     print(f"{fold.name} {run} whole images: name, labels, probabilities", flush=True)
     for path, image, mask in _test_pairs(fold):
@@ -75,8 +74,8 @@ def whole(fold: Path, run: str) -> None:
         print(f"  {path.stem} {label} {[round(v, 2) for v in out.probs[0].tolist()]}", flush=True)
 
 
-def gate(fold: Path, run: str) -> None:
-    model, cfg = load_model(fold / run / CHECKPOINT[0])
+def gate(fold: Path, run: str, checkpoint: str = "best.pt") -> None:
+    model, cfg = load_model(fold / run / checkpoint)
     model.eval()
     res = []
     for side in ("whole", "tiles"):
@@ -105,14 +104,14 @@ def main() -> None:
         "--checkpoint", choices=["best", "last"], default="best", help="best.pt or last.pt"
     )
     args = parser.parse_args()
-    CHECKPOINT[0] = f"{args.checkpoint}.pt"
     torch.set_num_threads(2)
     for fold in sorted(p for p in args.work.glob("fold*") if p.is_dir()):
         for run in args.runs:
             if not (fold / run / "best.pt").is_file():
                 continue
             for what in args.what:
-                {"tiles": tiles, "whole": whole, "gate": gate}[what](fold, run)
+                fn = {"tiles": tiles, "whole": whole, "gate": gate}[what]
+                fn(fold, run, f"{args.checkpoint}.pt")
 
 
 if __name__ == "__main__":
