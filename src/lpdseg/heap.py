@@ -6,8 +6,8 @@ its mmap threshold (128 KiB, raised on the fly up to 32 MiB) with a fresh
 mapping and returns it to the OS when it is freed, so the next batch's
 activations are zero-filled again, page by page, on first touch. Measured on
 2 cores (EfficientNet-Lite0, slide tiles of 224 px, batches of 8): ~4,300
-minor page faults per tile and the model at half its speed; a training run of
-60 steps 36 s instead of 26 s.
+minor page faults per tile and the model at under half its speed (51.8 vs
+112.6 tiles/s, docs/usage.md); a training run of 60 steps 36 s instead of 26 s.
 
 :func:`keep_freed_memory` raises both thresholds once per process, so freed
 blocks stay in the heap and the next batch reuses them (resident memory stays
