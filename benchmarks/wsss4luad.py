@@ -119,6 +119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stage-1 checkpoint whose pseudo masks stage 2 trains on (last: the fixed-step "
         "weights, which scored better than best-by-validation here)",
     )
+    p.add_argument(
+        "--stage2-ignore-margin",
+        type=float,
+        default=0.0,
+        help="pseudo-mask pixels whose best label score leads the next by less than this "
+        "are ignored by stage 2 (lpdseg pseudo --ignore-margin); 0: none",
+    )
     p.add_argument("--backbones", default="effnet", help=", ".join(BACKBONES))
     p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--size", type=int, default=96, help="patch side (px)")
@@ -467,17 +474,21 @@ def training_record(out: Path) -> dict:
     }
 
 
-def pseudo_masks(checkpoint: Path, out: Path) -> Path:
+def pseudo_masks(checkpoint: Path, out: Path, ignore_margin: float = 0.0) -> Path:
     """Pseudo masks of the fold's training patches from ``checkpoint`` in ``out``, or the
     ones a finished earlier call left there (``pseudo.json`` is written last)."""
     from lpdseg.inference import write_pseudo_masks
 
     if (out / "pseudo.json").is_file():
         done = json.loads((out / "pseudo.json").read_text())
-        if Path(done.get("checkpoint", "")) == checkpoint:
+        if Path(done.get("checkpoint", "")) == checkpoint and float(
+            done.get("ignore_margin", 0.0)
+        ) == float(ignore_margin):
             return out
-    # none yet, made from another checkpoint, or cut short: (re)made
-    write_pseudo_masks(checkpoint, out, progress=False, overwrite=out.exists())
+    # none yet, made from another checkpoint or margin, or cut short: (re)made
+    write_pseudo_masks(
+        checkpoint, out, progress=False, overwrite=out.exists(), ignore_margin=ignore_margin
+    )
     return out
 
 
@@ -496,7 +507,10 @@ def run_job(
     trains on that run's pseudo masks from ``args.stage2_from`` (``last.pt`` or
     ``best.pt``).
     """
-    out = fold_dir / f"{method}_{backbone}_s{seed}"
+    # stage 2 on masks with an ignore margin is another run (and other pseudo masks)
+    margin = f"_m{args.stage2_ignore_margin:g}" if args.stage2_ignore_margin else ""
+    tag = margin if method in STAGE2 else ""
+    out = fold_dir / f"{method}{tag}_{backbone}_s{seed}"
     ov = common_overrides(args, root, out, seed) + BACKBONES[backbone]
     if method == "supervised":
         ov += ["train.task=seg", f"data.pseudo={root / 'supervised'}"]
@@ -506,7 +520,8 @@ def run_job(
         run_job(args, root, fold_dir, first, backbone, seed, bank)
         pseudo = pseudo_masks(
             fold_dir / f"{first}_{backbone}_s{seed}" / f"{args.stage2_from}.pt",
-            fold_dir / f"pseudo_{first}_{backbone}_s{seed}_{args.stage2_from}",
+            fold_dir / f"pseudo_{first}_{backbone}_s{seed}_{args.stage2_from}{margin}",
+            args.stage2_ignore_margin,
         )
         ov += ["train.task=seg", f"data.pseudo={pseudo}"]
         modes = ("seg",)
@@ -714,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat_threshold": args.repeat_threshold,
             "tissue_pooling": args.tissue_pooling,
             "stage2_from": args.stage2_from,
+            "stage2_ignore_margin": args.stage2_ignore_margin,
             "first_seed_only": args.first_seed_only,
         },
         "machine": {

@@ -145,6 +145,8 @@ def test_stage2_pseudo_masks_are_reused_when_finished_and_remade_when_not(
     bench.pseudo_masks(best, out)
     assert json.loads((out / "pseudo.json").read_text())["checkpoint"] == str(best)
     assert sorted(p.name for p in (out / "masks").iterdir()) == [p.name for p in masks]
+    bench.pseudo_masks(best, out, 0.2)  # another ignore margin: made again with it
+    assert json.loads((out / "pseudo.json").read_text())["ignore_margin"] == 0.2
 
 
 def test_default_protocol_runs_the_ablation_and_bounds_with_the_first_seed_only(bench):

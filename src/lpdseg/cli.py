@@ -381,6 +381,15 @@ def pseudo(
     skip_bad: Annotated[
         bool, typer.Option(help="Skip unreadable images (listed) instead of stopping.")
     ] = False,
+    ignore_margin: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.99,
+            help="Write 255 (ignored by stage 2) where the best label score leads the "
+            "next by less than this; 0 keeps every pixel.",
+        ),
+    ] = 0.0,
     quiet: QuietOpt = False,
 ) -> None:
     """Write pseudo masks of the training set for stage 2 (train.task=seg data.pseudo=OUT).
@@ -403,10 +412,12 @@ def pseudo(
         overwrite=overwrite,
         skip_bad=skip_bad or None,  # without the flag: the checkpoint's data.skip_bad
         hints=cli_hints(),
+        ignore_margin=ignore_margin,
     )
+    ignored = f", {summary['ignored_fraction']:.1%} ignored" if ignore_margin else ""
     typer.echo(
         f"wrote {summary['images']} pseudo masks to {out} "
-        f"(pixel fractions {summary['pixel_fraction']})"
+        f"(pixel fractions {summary['pixel_fraction']}{ignored})"
     )
 
 

@@ -28,11 +28,12 @@ from tqdm.auto import tqdm
 
 from lpdseg.data.datasets import API_HINTS, FixHints, read_image
 from lpdseg.data.loaders import resolve_data
+from lpdseg.data.transforms import IGNORE_INDEX
 from lpdseg.errors import DataError
 from lpdseg.inference.evaluation import check_data_classes
 from lpdseg.inference.loading import load_model, resolve_device
 from lpdseg.io import atomic_write_json, atomic_write_text
-from lpdseg.models.decode import predict_masks
+from lpdseg.models.decode import predict_scores
 from lpdseg.viz import save_png
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def write_pseudo_masks(
     overwrite: bool = False,
     skip_bad: bool | None = None,
     hints: FixHints = API_HINTS,
+    ignore_margin: float = 0.0,
 ) -> dict[str, Any]:
     """Write pseudo masks for every training patch of the checkpoint's dataset.
 
@@ -61,9 +63,11 @@ def write_pseudo_masks(
         batch_size: patches per forward (same-size patches are batched).
         overwrite: replace pseudo masks already in ``out`` (deleted first);
             without it such a folder is refused.
+        ignore_margin: pixels whose top label score leads the next by less than
+            this are 255 (ignored by stage 2); 0 keeps every pixel.
 
     Returns:
-        Summary (count, class pixel fractions, settings, data root).
+        Summary (count, class pixel fractions, ignored fraction, settings, data root).
 
     Raises:
         DataError: ``out`` holds pseudo masks (without ``overwrite``), or the
@@ -71,6 +75,10 @@ def write_pseudo_masks(
     """
     from lpdseg.config import config_from_dict
 
+    if not 0.0 <= ignore_margin < 1.0:
+        raise DataError(
+            f"ignore_margin={ignore_margin} must be in [0, 1) (label scores are in [0, 1])"
+        )
     device = resolve_device("auto")
     model, cfg = load_model(checkpoint, device)
     if data_root is not None:
@@ -90,6 +98,7 @@ def write_pseudo_masks(
     )
     c = len(bundle.class_names)
     counts = np.zeros(c + 1, np.int64)
+    ignored = 0
     rows = [["image", "mask", "label"]]
     samples = bundle.train
     skipped: list[str] = []
@@ -118,12 +127,13 @@ def write_pseudo_masks(
             x = torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2).float().to(device) / 255
             lab = labels_all[offset : offset + len(chunk)].to(device)
             offset += len(chunk)
-            pred, _ = predict_masks(model, x, cfg.eval, lab, gate="labels", tta=tta)
-            preds.extend(pred.cpu().numpy().astype(np.uint8))
+            scores = predict_scores(model, x, cfg.eval, lab, gate="labels", tta=tta)
+            preds.extend(pseudo_labels(scores, ignore_margin).cpu().numpy())
         for s, pred in zip(group, preds):
             name = f"{names[s.image]}.png"
             save_png(out / "masks" / name, pred)
             counts += np.bincount(pred.ravel(), minlength=c + 1)[: c + 1]
+            ignored += int((pred == IGNORE_INDEX).sum())
             label = " ".join(str(int(v)) for v in s.label)
             rows.append([str(s.image.resolve()), f"masks/{name}", label])
     buf = io.StringIO()
@@ -138,9 +148,24 @@ def write_pseudo_masks(
         "data_root": str(Path(bundle.root).resolve()),
         "data_format": cfg.data.format,
         "pixel_fraction": (counts / max(1, counts.sum())).round(4).tolist(),
+        "ignore_margin": ignore_margin,
+        "ignored_fraction": round(ignored / max(1, counts.sum() + ignored), 4),
     }
     atomic_write_json(out / "pseudo.json", summary)
     return summary
+
+
+def pseudo_labels(scores: torch.Tensor, ignore_margin: float = 0.0) -> torch.Tensor:
+    """Label scores (B x (C + 1) x H x W) -> uint8 pseudo masks (B x H x W).
+
+    The argmax, with 255 where the best score leads the second by less than
+    ``ignore_margin`` (0: no pixel is ignored).
+    """
+    top2 = scores.topk(2, dim=1).values
+    mask = scores.argmax(1).to(torch.uint8)
+    if ignore_margin > 0:
+        mask[(top2[:, 0] - top2[:, 1]) < ignore_margin] = IGNORE_INDEX
+    return mask
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
