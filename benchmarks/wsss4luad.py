@@ -172,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--color-jitter", type=float, default=0.1, help="data.color_jitter")
     p.add_argument("--stain-jitter", type=float, default=0.0, help="data.stain_jitter (HED)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="data.cutmix (share of patches mixed)")
     p.add_argument(
         "--repeat-threshold", type=float, default=None, help="data.repeat_threshold (balance)"
     )
@@ -306,6 +307,7 @@ def common_overrides(args: argparse.Namespace, root: Path, out: Path, seed: int)
         "data.num_workers=0",
         f"data.color_jitter={args.color_jitter}",
         f"data.stain_jitter={args.stain_jitter}",
+        f"data.cutmix={args.cutmix}",
         f"data.scale_min={args.scale_min}",
         f"data.scale_max={args.scale_max}",
         f"data.repeat_threshold={'null' if args.repeat_threshold is None else args.repeat_threshold}",
@@ -725,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             "score_last": args.score_last,
             "color_jitter": args.color_jitter,
             "stain_jitter": args.stain_jitter,
+            "cutmix": args.cutmix,
             "scale": [args.scale_min, args.scale_max],
             "repeat_threshold": args.repeat_threshold,
             "tissue_pooling": args.tissue_pooling,

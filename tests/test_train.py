@@ -14,6 +14,7 @@ from lpdseg.cli import app
 from lpdseg.config import load_config
 from lpdseg.data.synthetic import write_dataset
 from lpdseg.engine.checkpoint import load_checkpoint
+from lpdseg.data.mixing import apply_cutmix, cutmix_boxes, cutmix_generator
 from lpdseg.engine.train import Trainer, lr_factor, train
 from lpdseg.errors import DataError, TrainingError
 from lpdseg.inference import load_model
@@ -40,15 +41,21 @@ def test_lr_schedule_warmup_then_poly():
     assert f[-1] < 0.02
 
 
-def test_resume_equals_uninterrupted_run(tiny_data, tmp_path):
-    straight = train(tiny_cfg(tiny_data, tmp_path / "a"), progress=False, evaluate_test=False)
+@pytest.mark.parametrize("extra", [[], ["data.cutmix=0.5"]], ids=["plain", "cutmix"])
+def test_resume_equals_uninterrupted_run(tiny_data, tmp_path, extra):
+    straight = train(
+        tiny_cfg(tiny_data, tmp_path / "a", *extra), progress=False, evaluate_test=False
+    )
     assert straight["step"] == 8
     part = train(
-        tiny_cfg(tiny_data, tmp_path / "b"), progress=False, stop_after=3, evaluate_test=False
+        tiny_cfg(tiny_data, tmp_path / "b", *extra),
+        progress=False,
+        stop_after=3,
+        evaluate_test=False,
     )
     assert part["stopped"] and part["step"] == 3
     resumed = train(
-        tiny_cfg(tiny_data, tmp_path / "b"),
+        tiny_cfg(tiny_data, tmp_path / "b", *extra),
         progress=False,
         resume=tmp_path / "b" / "last.pt",
         evaluate_test=False,
@@ -326,3 +333,30 @@ def test_tissue_pooling_trains_and_is_rebuilt_from_the_checkpoint(tiny_data, tmp
     x = torch.ones(1, 3, 32, 32)
     x[..., :16] = 0.3
     assert model.pool_weight(x)[0, 0, 0].tolist() == [1.0] * 16 + [0.0] * 16
+
+
+def test_train_step_with_cutmix_trains_on_the_mixed_batch(tiny_data, tmp_path):
+    """data.cutmix=1: the step's loss is the loss of the batch mixed by the step's boxes."""
+    from lpdseg.data.loaders import make_train_loader, resolve_data
+
+    runs = (("m", ["data.cutmix=1.0"]), ("p", []), ("q", []))
+    cfgs = [tiny_cfg(tiny_data, tmp_path / name, *extra) for name, extra in runs]
+    bundle = resolve_data(cfgs[0])
+    trainers = []
+    for cfg in cfgs:
+        torch.manual_seed(0)  # the same initial weights
+        trainers.append(Trainer(cfg, bundle, torch.device("cpu")))
+        trainers[-1].make_scheduler(8)
+    batch = next(iter(make_train_loader(cfgs[0], bundle, epoch=0)))
+    images, labels = batch["image"], batch["label"].float()
+    boxes = cutmix_boxes(len(images), *images.shape[-2:], 1.0, cutmix_generator(0, 0))
+    mixed_images, union = apply_cutmix(images, labels, boxes)
+    assert (union >= labels).all() and not torch.equal(mixed_images, images)
+    losses = []
+    for trainer, (x, y) in zip(
+        trainers, ((images, labels), (mixed_images, union), (images, labels))
+    ):
+        torch.manual_seed(1)
+        losses.append(trainer.train_step(x, y).loss)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # trained on the mixed batch
+    assert losses[0] != pytest.approx(losses[2], rel=1e-5)  # not on the batch as given

@@ -220,6 +220,9 @@ class DataConfig:
     crop_size: int = 224  # training crop (px), in [16, 4096]
     color_jitter: float = 0.1  # strength of colour jitter; 0 disables
     stain_jitter: float = 0.0  # strength of the H&E stain jitter (HED space); 0 disables
+    # CutMix: the share of training patches that get a box of another patch of the batch
+    # pasted in, labels = union (lpdseg.data.mixing); 0 disables
+    cutmix: float = 0.0
     # class-balanced sampling: images of a class in fewer than this fraction of the training
     # images are drawn up to sqrt(threshold / fraction) times as often (null: uniform)
     repeat_threshold: float | None = None
@@ -253,6 +256,7 @@ class DataConfig:
         _check_range("data", "num_workers", self.num_workers, 0)
         _check_range("data", "color_jitter", self.color_jitter, 0, 1)
         _check_range("data", "stain_jitter", self.stain_jitter, 0, 1, hi_open=True)
+        _check_range("data", "cutmix", self.cutmix, 0, 1)
         _check_range(
             "data", "repeat_threshold", self.repeat_threshold, 0, 1, lo_open=True, allow_none=True
         )

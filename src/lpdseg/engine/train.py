@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from lpdseg.config import Config, config_from_dict, save_config
 from lpdseg.data.loaders import DataBundle, make_eval_loader, make_train_loader, resolve_data
+from lpdseg.data.mixing import apply_cutmix, cutmix_boxes, cutmix_generator
 from lpdseg.engine.calibration import choose_thresholds, collect_outputs
 from lpdseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lpdseg.engine.distributed import (
@@ -408,9 +409,15 @@ class Trainer:
         ``labels`` are image-level labels (B x C) in stage 1, masks (B x H x W) in stage 2.
         """
         self.model.train()
-        images, labels = images.to(self.device), labels.to(self.device)
         if not self.seg:
             labels = labels.float()
+        if self.cfg.data.cutmix > 0:
+            # boxes drawn from (seed, step, rank): a resumed run mixes as an unbroken one
+            g = cutmix_generator(self.cfg.train.seed, self.step, self.ctx.rank)
+            h, w = images.shape[-2:]
+            boxes = cutmix_boxes(images.shape[0], h, w, self.cfg.data.cutmix, g)
+            images, labels = apply_cutmix(images, labels, boxes)
+        images, labels = images.to(self.device), labels.to(self.device)
         loss, terms = self.compute_loss(images, labels)
         floats = {k: float(v.detach()) for k, v in terms.items()}
         # under DDP every rank skips when any rank's loss is non-finite (they stay in step)
