@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from lpdseg.cli import app
 from lpdseg.config import load_config
+from lpdseg.data.mixing import apply_cutmix, cutmix_boxes, cutmix_generator
 from lpdseg.data.synthetic import write_dataset
 from lpdseg.engine.checkpoint import load_checkpoint
-from lpdseg.data.mixing import apply_cutmix, cutmix_boxes, cutmix_generator
 from lpdseg.engine.train import Trainer, lr_factor, train
 from lpdseg.errors import DataError, TrainingError
 from lpdseg.inference import load_model
