@@ -40,7 +40,13 @@ from lpdseg.exports.onnx import (  # noqa: E402
 )
 from lpdseg.inference import Predictor, load_model  # noqa: E402
 from lpdseg.inference.sliding import sliding_window_predict  # noqa: E402
-from lpdseg.models.decode import infer_maps, predict_scores  # noqa: E402
+from lpdseg.models.decode import (  # noqa: E402
+    GateHead,
+    SeamlessDecoder,
+    infer_maps,
+    predict_scores,
+    seamless_scores,
+)
 
 torch.set_num_threads(2)
 
@@ -255,3 +261,53 @@ def test_missing_or_foreign_onnx_file(tmp_path):
     )
     with pytest.raises(OnnxError, match="not an lpdseg export"):
         OnnxPredictor(foreign)
+
+
+@pytest.mark.parametrize("head", ["lpd", "cam"])
+def test_raw_outputs_give_the_seamless_maps_of_pytorch(exports, head):
+    """The export's raw outputs -> the same stitchable maps and canvas decision as PyTorch."""
+    e = exports[head]
+    session = OnnxPredictor(e["path"], threads=2)
+    reference = Predictor(e["model"], e["cfg"], tta=False)
+    assert session.supports_seamless and reference.supports_seamless
+    assert session.slide_channels == reference.slide_channels
+    assert session.gate_window_px == reference.gate_window_px
+    assert session.gate_head == GateHead.of(e["model"])
+    x = _tiles(3, 5)
+    for size in (None, (TILE // 4, TILE // 4)):  # full resolution and the canvas grid
+        got, want = session.slide_raw(x, size), reference.slide_raw(x, size)
+        assert got.shape == want.shape and got.shape[1] == session.slide_channels
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    # one canvas decided by each predictor's decoder (the ONNX one has no nn.Module)
+    raw = reference.slide_raw(x)[0]
+    valid = torch.ones(raw.shape[-2:], dtype=torch.bool)
+    window = 9
+    want = seamless_scores(raw, valid, e["model"], reference.eval_cfg, window)
+    decoder = session.seamless_decoder(window)
+    assert isinstance(decoder, SeamlessDecoder)
+    lo, hi = decoder.stage_extremes(raw, valid)
+    flo, fhi = decoder.fused_extremes(raw, valid, lo, hi)
+    from lpdseg.models.decode import SeamlessNorm
+
+    got = decoder.scores(raw, valid, SeamlessNorm(lo, hi, flo, fhi))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_gate_head_carries_merge_and_bias(exports):
+    """A head with a logit bias and the softmax merge: GateHead's logits equal the module's."""
+    from lpdseg.models.decode import gate_logits
+
+    model = copy.deepcopy(exports["lpd"]["model"])
+    head = model.head
+    head.merge = "softmax"
+    head.logit_bias = torch.nn.Parameter(torch.randn(4, head.num_classes))
+    spec = GateHead.of(model)
+    assert spec.merge == "softmax" and spec.logit_bias == tuple(head.logit_bias[3].tolist())
+    assert GateHead.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    pooled = torch.randn(2, head.num_classes * head.prototypes_per_class, 3, 4)
+    torch.testing.assert_close(gate_logits(spec, pooled), gate_logits(model, pooled))
+    # the module's own window logits (GAP, merge, bias over the whole map) agree too
+    out = model(_tiles(2, 1))
+    cells = out.proto_maps[3].flatten(1, 2)
+    whole = gate_logits(spec, cells.mean((-2, -1), keepdim=True))[..., 0, 0]
+    torch.testing.assert_close(whole, out.logits[3], atol=1e-5, rtol=0)

@@ -1,7 +1,8 @@
 """`lpdseg slide model.onnx SLIDE`: the slide pipeline with an ONNX export (onnxruntime).
 
 The same small synthetic slide through the PyTorch checkpoint and through its ONNX export
-gives class maps that agree on >= 99 % of pixels (measured: all of them). The export's fixed
+gives class maps that agree on >= 99 % of pixels (measured: all of them), per tile and
+seamless (the default: the export's raw outputs stitched and decided over the canvas). The export's fixed
 tile is the job's tile, its mpp metadata the default working resolution.
 """
 
@@ -102,7 +103,8 @@ def test_onnx_and_pytorch_class_maps_agree(models, slide, tmp_path):
         models["pt"], slide, tmp_path / "pt", "--tile", str(TILE), "--slide-scoring", "per_tile"
     )
     assert res.exit_code == 0, res.output
-    res = run(models["onnx"], slide, tmp_path / "onnx")  # the tile comes from the model
+    # the tile comes from the model
+    res = run(models["onnx"], slide, tmp_path / "onnx", "--slide-scoring", "per_tile")
     assert res.exit_code == 0, res.output
     a = np.asarray(Image.open(tmp_path / "pt" / "tissue_classmap.png"))
     b = np.asarray(Image.open(tmp_path / "onnx" / "tissue_classmap.png"))
@@ -121,6 +123,26 @@ def test_onnx_and_pytorch_class_maps_agree(models, slide, tmp_path):
     assert t["backend"] == "torch" and s["tiles"] == t["tiles"]
     assert s["slide_scoring"] == t["slide_scoring"] == "per_tile"
     assert s["class_names"] == t["class_names"]
+
+
+def test_onnx_slides_are_seamless_like_pytorch(models, slide, tmp_path):
+    """By default an export's slide is stitched from its raw outputs and decided over the
+    canvas, as the checkpoint's: the same class map."""
+    from PIL import Image
+
+    res = run(models["pt"], slide, tmp_path / "pt", "--tile", str(TILE))
+    assert res.exit_code == 0, res.output
+    res = run(models["onnx"], slide, tmp_path / "onnx")
+    assert res.exit_code == 0, res.output
+    a = np.asarray(Image.open(tmp_path / "pt" / "tissue_classmap.png"))
+    b = np.asarray(Image.open(tmp_path / "onnx" / "tissue_classmap.png"))
+    s = json.loads((tmp_path / "onnx" / "tissue_summary.json").read_text())
+    t = json.loads((tmp_path / "pt" / "tissue_summary.json").read_text())
+    assert s["slide_scoring"] == t["slide_scoring"] == "seamless"
+    assert len(np.unique(a[a < len(t["class_names"])])) >= 2
+    agreement = float((a == b).mean())
+    assert agreement >= AGREEMENT, agreement
+    print(f"seamless ONNX vs PyTorch class maps: {agreement:.4%} of {a.size} pixels agree")
 
 
 def test_onnx_mpp_metadata_is_the_default_resolution(models, slide, tmp_path):

@@ -624,8 +624,8 @@ def slide(
         str,
         typer.Option(
             help="seamless: raw maps stitched, then normalised and gated on the whole slide "
-            "(no tile-shaped blocks); per_tile: each tile scored on its own (what ONNX "
-            "models and stage-2 networks use)."
+            "(no tile-shaped blocks); per_tile: each tile scored on its own (what stage-2 "
+            "networks and ONNX files exported before seamless support use)."
         ),
     ] = "seamless",
     quiet: QuietOpt = False,

@@ -12,7 +12,13 @@ softmax (and the glass rule).
 The graph takes ``images``: float32 RGB in [0, 1], ``N x 3 x tile x tile``
 (NCHW; the batch ``N`` is dynamic, the tile side fixed at export) and returns
 ``scores``: float32 ``N x (C + 1) x tile x tile``, the C classes then
-background; the argmax over channels is the mask. Everything a runtime needs
+background; the argmax over channels is the mask. Prototype and CAM models
+also return, from the same forward pass, ``raw_0``, ``raw_1``, ...: the
+network outputs behind seamless slide scoring (``decode.raw_outputs``: the raw
+class maps of each fused stage, then the stage-4 per-pixel logit inputs, at
+their own resolution), with the head's gate values (``GateHead``) in the
+metadata, so ``lpdseg slide`` stitches and decides an ONNX model's maps over
+the whole slide exactly as a checkpoint's. Everything a runtime needs
 to use it travels in the model's ``metadata_props`` (keys ``lpdseg.*``, values
 are strings, lists as JSON): class names, colours, tile size, the input and
 output conventions, the gate settings, ``data.mpp`` when the config has one,
@@ -47,7 +53,17 @@ from lpdseg.config import Config, EvalConfig
 from lpdseg.errors import LpdsegError
 from lpdseg.inference import load_model
 from lpdseg.io import atomic_write_bytes, dumps_strict
-from lpdseg.models.decode import predict_scores
+from lpdseg.models.decode import (
+    GateHead,
+    SeamlessDecoder,
+    needed_stages,
+    predict_scores,
+    raw_outputs,
+    slide_layout,
+    stitchable_maps,
+    view_scores,
+)
+from lpdseg.models.lpd import WSSSModel
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +137,41 @@ class ScoringGraph(nn.Module):
         super().__init__()
         self.model = model.eval()
         self.eval_cfg = eval_cfg
+        #: prototype / CAM models also give the raw outputs of seamless slide scoring
+        self.raw = isinstance(model, WSSSModel)
 
-    def forward(self, images: Tensor) -> Tensor:
-        return predict_scores(self.model, images, self.eval_cfg, gate="classifier", tta=False)
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, ...]:
+        if not self.raw:
+            return predict_scores(self.model, images, self.eval_cfg, gate="classifier", tta=False)
+        cfg = self.eval_cfg
+        stages = needed_stages(cfg.fuse_weights)
+        out = self.model(images, stages=stages, inference_merge=cfg.inference_merge)
+        # one forward for both: view_scores equals predict_scores(tta=False) (tested)
+        return (view_scores(self.model, out, images, cfg), *raw_outputs(self.model, out, cfg))
+
+    def raw_names(self) -> list[str]:
+        """Names of the raw outputs (``raw_0``, ...; none for stage-2 networks)."""
+        if not self.raw:
+            return []
+        return [f"raw_{i}" for i in range(len(slide_layout(self.model, self.eval_cfg).stages) + 1)]
 
 
 # ------------------------------------------------------------------ metadata
-def onnx_metadata(cfg: Config, tile: int, checkpoint: str | Path | None = None) -> dict[str, str]:
+def onnx_metadata(
+    cfg: Config,
+    tile: int,
+    checkpoint: str | Path | None = None,
+    gate_head: GateHead | None = None,
+    raw_names: list[str] | None = None,
+) -> dict[str, str]:
     """The ``metadata_props`` of an export (``lpdseg.*`` keys, string values).
 
     ``tile`` is the graph's input side; ``eval`` is the run's whole ``eval``
     section as JSON (its own ``tile`` is the checkpoint's default, which
     ``--tile`` may have overridden); ``mpp`` only when ``cfg.data`` has one.
+    With ``gate_head`` and ``raw_names`` (prototype / CAM models), what seamless
+    slide scoring needs: the raw output names, the head's gate values and the
+    gate's field (``eval.gate_window``, else the training crop).
     """
     names = list(cfg.data.class_names or [])
     colors = [[int(v) for v in c[:3]] for c in (cfg.data.colors or [])]
@@ -158,6 +197,10 @@ def onnx_metadata(cfg: Config, tile: int, checkpoint: str | Path | None = None) 
     mpp = getattr(cfg.data, "mpp", None)
     if mpp is not None:
         meta["mpp"] = dumps_strict(_plain(mpp))
+    if gate_head is not None and raw_names:
+        meta["raw_outputs"] = dumps_strict(list(raw_names))
+        meta["gate_head"] = dumps_strict(gate_head.to_dict())
+        meta["gate_window_px"] = str(int(cfg.eval.gate_window or cfg.data.crop_size))
     return {META_PREFIX + k: v for k, v in meta.items()}
 
 
@@ -253,7 +296,7 @@ def export_model(
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[OUTPUT_NAME, *graph.raw_names()],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                 external_data=False,
                 optimize=True,
@@ -262,7 +305,8 @@ def export_model(
     except Exception as exc:  # the exporter's own errors have no common base class
         raise OnnxError(f"the ONNX export of {checkpoint or 'the model'} failed: {exc}") from exc
     proto = program.model_proto
-    meta = onnx_metadata(cfg, tile, checkpoint)
+    head = GateHead.of(model) if graph.raw else None
+    meta = onnx_metadata(cfg, tile, checkpoint, head, graph.raw_names())
     kept = [p for p in proto.metadata_props if not p.key.startswith(META_PREFIX)]
     del proto.metadata_props[:]
     for entry in kept:
@@ -355,6 +399,9 @@ class OnnxPredictor:
             )
         self._input = self.metadata.get("input_name", self.session.get_inputs()[0].name)
         self._output = self.metadata.get("output_name", self.session.get_outputs()[0].name)
+        self._raw = list(json.loads(self.metadata.get("raw_outputs", "[]")))
+        self.device = torch.device("cpu")  # where its outputs land (the decoder runs there)
+        self._eval_cfg: EvalConfig | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -384,6 +431,15 @@ class OnnxPredictor:
     def threshold(self) -> float:
         return float(self.metadata.get("cls_threshold", "nan"))
 
+    def _check_tiles(self, tiles: Tensor) -> np.ndarray:
+        t = self.tile
+        if tiles.ndim != 4 or tuple(tiles.shape[1:]) != (3, t, t):
+            raise ValueError(
+                f"tiles must be B x 3 x {t} x {t} (the export's fixed tile size), got "
+                f"{tuple(tiles.shape)}; export again with `lpdseg export --tile N` for another size"
+            )
+        return np.ascontiguousarray(tiles.detach().to("cpu", torch.float32).numpy())
+
     def __call__(self, tiles: Tensor, labels: Tensor | None = None) -> Tensor:
         """RGB tiles in [0, 1] (B x 3 x tile x tile) -> label scores (B x L x tile x tile), CPU.
 
@@ -395,14 +451,50 @@ class OnnxPredictor:
             raise ValueError(
                 "ONNX exports use the classifier gate; the labels gate needs the PyTorch Predictor"
             )
-        t = self.tile
-        if tiles.ndim != 4 or tuple(tiles.shape[1:]) != (3, t, t):
-            raise ValueError(
-                f"tiles must be B x 3 x {t} x {t} (the export's fixed tile size), got "
-                f"{tuple(tiles.shape)}; export again with `lpdseg export --tile N` for another size"
-            )
+        x = self._check_tiles(tiles)
         if tiles.shape[0] == 0:
-            return torch.zeros(0, self.num_labels, t, t)
-        x = np.ascontiguousarray(tiles.detach().to("cpu", torch.float32).numpy())
+            return torch.zeros(0, self.num_labels, self.tile, self.tile)
         (scores,) = self.session.run([self._output], {self._input: x})
         return torch.from_numpy(scores)
+
+    # ------------------------------------------------------------ seamless slide scoring
+    @property
+    def supports_seamless(self) -> bool:
+        """Whether the export has the raw outputs of seamless slide scoring (prototype /
+        CAM models exported by this version; stage-2 networks and older exports: no)."""
+        return bool(self._raw) and "gate_head" in self.metadata
+
+    @property
+    def eval_cfg(self) -> EvalConfig:
+        """The run's ``eval`` settings, from the metadata."""
+        if self._eval_cfg is None:
+            known = set(EvalConfig.__dataclass_fields__)
+            saved = json.loads(self.metadata.get("eval", "{}"))
+            self._eval_cfg = EvalConfig(**{k: v for k, v in saved.items() if k in known})
+        return self._eval_cfg
+
+    @property
+    def gate_head(self) -> GateHead:
+        return GateHead.from_dict(json.loads(self.metadata["gate_head"]))
+
+    @property
+    def slide_channels(self) -> int:
+        """K, channels of :meth:`slide_raw` (``decode.SlideLayout``)."""
+        return slide_layout(self.gate_head, self.eval_cfg).channels
+
+    @property
+    def gate_window_px(self) -> int:
+        """Side (model input px) of the field the slide gate pools."""
+        return int(self.metadata["gate_window_px"])
+
+    def slide_raw(self, tiles: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """RGB tiles (B x 3 x tile x tile) -> stitchable raw maps (B x K x h x w), as
+        ``Predictor.slide_raw`` gives them (``decode.stitchable_maps`` on the raw outputs)."""
+        x = self._check_tiles(tiles)
+        outputs = [torch.from_numpy(o) for o in self.session.run(self._raw, {self._input: x})]
+        images = torch.from_numpy(x)
+        return stitchable_maps(images, self.eval_cfg, False, lambda v, s: (outputs, []), size)
+
+    def seamless_decoder(self, window: int) -> SeamlessDecoder:
+        """The decoder of a stitched canvas (``Predictor.seamless_decoder``)."""
+        return SeamlessDecoder(self.gate_head, self.eval_cfg, window)

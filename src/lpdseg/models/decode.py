@@ -127,15 +127,38 @@ def infer_maps(
             x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
             out = model(x, stages=stages, inference_merge=cfg.inference_merge)
-        maps = [out.class_maps[i] if cfg.fuse_weights[i] else None for i in range(4)]
-        if cfg.gate_window:
-            p = window_probs(model, out, cfg.gate_window * scale, x.shape[-2:])
-        else:
-            p = torch.sigmoid(out.logits[3].float())
-        return maps, [p]
+        return view_maps(model, out, cfg, scale, x.shape[-2:])
 
     maps, (probs,) = with_tta(images, cfg, tta, forward)
     return MapOutput(maps, probs)
+
+
+def view_maps(
+    model: WSSSModel, out, cfg: EvalConfig, scale: float, size: tuple[int, int]
+) -> tuple[list[Tensor | None], list[Tensor]]:
+    """One view's class maps (fused stages, at their resolution) and classifier probabilities.
+
+    ``out``: the model's output for a view of side ``size`` at TTA ``scale``.
+    """
+    maps = [out.class_maps[i] if cfg.fuse_weights[i] else None for i in range(4)]
+    if cfg.gate_window:
+        p = window_probs(model, out, cfg.gate_window * scale, size)
+    else:
+        p = torch.sigmoid(out.logits[3].float())
+    return maps, [p]
+
+
+def view_scores(model: WSSSModel, out, images: Tensor, cfg: EvalConfig) -> Tensor:
+    """Classifier-gated label scores of ``images`` (one view, no TTA) from the model's ``out``.
+
+    Equal to ``predict_scores(model, images, cfg, gate="classifier", tta=False)``
+    for the same output, so one forward can serve these scores and :func:`raw_outputs`.
+    """
+    maps, (probs,) = view_maps(model, out, cfg, 1.0, images.shape[-2:])
+    size = images.shape[-2:]
+    maps = [None if m is None else _resize(m.float(), size) for m in maps]
+    scores = gated_scores(MapOutput(maps, probs), cfg, None, ("classifier",))
+    return with_glass(scores, images, cfg)["classifier"]
 
 
 def window_probs(model: WSSSModel, out, window: float, size: tuple[int, int]) -> Tensor:
@@ -255,15 +278,26 @@ def decode_scores(
         scores = {g: shared for g in gates}
     else:
         out = infer_maps(model, images, cfg, tta=tta, amp_dtype=amp_dtype)
-        fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
-        scores = {
-            g: label_scores(fused, class_gate(cfg, out.probs, labels, g), cfg.bg_gamma)
-            for g in gates
-        }
-    if cfg.glass_background:
-        glass = glass_mask(images.float(), cfg.glass_brightness, cfg.glass_spread)
-        scores = {g: force_background(s, glass.to(s.device)) for g, s in scores.items()}
-    return scores, out
+        scores = gated_scores(out, cfg, labels, gates)
+    return with_glass(scores, images, cfg), out
+
+
+def gated_scores(
+    out: MapOutput, cfg: EvalConfig, labels: Tensor | None, gates: Sequence[str]
+) -> dict[str, Tensor]:
+    """Maps (at input size) -> ``{gate: label scores}``: fused, gated, background added."""
+    fused = fuse_maps(out.stage_maps, cfg.fuse_weights)
+    return {
+        g: label_scores(fused, class_gate(cfg, out.probs, labels, g), cfg.bg_gamma) for g in gates
+    }
+
+
+def with_glass(scores: dict[str, Tensor], images: Tensor, cfg: EvalConfig) -> dict[str, Tensor]:
+    """With ``eval.glass_background``, white-glass pixels of ``images`` made background."""
+    if not cfg.glass_background:
+        return scores
+    glass = glass_mask(images.float(), cfg.glass_brightness, cfg.glass_spread)
+    return {g: force_background(s, glass.to(s.device)) for g, s in scores.items()}
 
 
 def _decode_one(model, images, cfg, labels, gate, tta, amp_dtype):
@@ -332,14 +366,75 @@ class SlideLayout:
         return self.num_classes * len(self.stages) + self.gate_channels + 1
 
 
-def slide_layout(model: WSSSModel, cfg: EvalConfig) -> SlideLayout:
+@dataclass(frozen=True)
+class GateHead:
+    """What deciding a stitched canvas needs of a model's head, as plain values.
+
+    The seamless decoder turns window-pooled per-pixel logit inputs into
+    classifier logits with the head's own merge and stage-4 bias; holding them
+    here (not the module) lets an ONNX export carry them in its metadata.
+
+    Attributes:
+        num_classes: C.
+        prototypes_per_class: k for a prototype head, ``None`` for a CAM head
+            (whose pooled class maps are its logits).
+        merge: how sub-prototype scores become a class score (``mean`` / ``softmax``).
+        logit_bias: the stage-4 logit bias per class (``None``: the head has none).
+        tissue_pooling: the head pools over tissue only (``model.tissue_pooling``).
+    """
+
+    num_classes: int
+    prototypes_per_class: int | None
+    merge: str = "mean"
+    logit_bias: tuple[float, ...] | None = None
+    tissue_pooling: bool = False
+
+    @classmethod
+    def of(cls, model: WSSSModel | GateHead) -> GateHead:
+        """The gate head of a model (a ``GateHead`` is returned as it is)."""
+        if isinstance(model, GateHead):
+            return model
+        head = model.head
+        protos = hasattr(head, "prototypes")
+        bias = getattr(head, "logit_bias", None)
+        return cls(
+            num_classes=int(head.num_classes),
+            prototypes_per_class=int(getattr(head, "prototypes_per_class", 1)) if protos else None,
+            merge=str(getattr(head, "merge", "mean")),
+            logit_bias=None if bias is None else tuple(float(v) for v in bias[3].detach().cpu()),
+            tissue_pooling=getattr(model, "tissue_pooling", None) is not None,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "prototypes_per_class": self.prototypes_per_class,
+            "merge": self.merge,
+            "logit_bias": None if self.logit_bias is None else list(self.logit_bias),
+            "tissue_pooling": self.tissue_pooling,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GateHead:
+        bias = d.get("logit_bias")
+        k = d.get("prototypes_per_class")
+        return cls(
+            num_classes=int(d["num_classes"]),
+            prototypes_per_class=None if k is None else int(k),
+            merge=str(d.get("merge", "mean")),
+            logit_bias=None if bias is None else tuple(float(v) for v in bias),
+            tissue_pooling=bool(d.get("tissue_pooling", False)),
+        )
+
+
+def slide_layout(model: WSSSModel | GateHead, cfg: EvalConfig) -> SlideLayout:
     """The channel layout :func:`slide_raw_maps` gives for ``model``."""
-    head = model.head
-    c = int(head.num_classes)
+    head = GateHead.of(model)
+    c = head.num_classes
     stages = tuple(i for i, w in enumerate(cfg.fuse_weights) if w)
     if not stages:
         raise ValueError("eval.fuse_weights selects no stage")
-    k = int(getattr(head, "prototypes_per_class", 1)) if hasattr(head, "prototypes") else 1
+    k = head.prototypes_per_class or 1
     return SlideLayout(c, stages, tuple(float(cfg.fuse_weights[i]) for i in stages), c * k)
 
 
@@ -364,19 +459,43 @@ def slide_raw_maps(
     input pixels per cell, the glass flag as its mean over each cell): what a
     slide keeps of a tile, at a fraction of the cost of full resolution.
     """
-    layout = slide_layout(model, cfg)
     stages = needed_stages(cfg.fuse_weights)
-    has_protos = hasattr(model.head, "prototypes")
 
     def forward(x: Tensor, scale: float) -> tuple[list[Tensor | None], list[Tensor]]:
         with torch.autocast(
             x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
             out = model(x, stages=stages, inference_merge=cfg.inference_merge)
-        maps = [out.class_maps[i].float() for i in layout.stages]
-        gate = out.proto_maps[3].flatten(1, 2) if has_protos else out.class_maps[3]
-        return [*maps, gate.float()], []
+        return raw_outputs(model, out, cfg), []
 
+    return stitchable_maps(images, cfg, tta, forward, size)
+
+
+def raw_outputs(model: WSSSModel, out, cfg: EvalConfig) -> list[Tensor]:
+    """A view's network outputs behind :func:`slide_raw_maps`, at their own resolution.
+
+    The raw class maps of every fused stage, then the stage-4 per-pixel logit
+    inputs (prototype maps ``C x k``, or a CAM head's class maps), float32.
+    """
+    layout = slide_layout(model, cfg)
+    maps = [out.class_maps[i].float() for i in layout.stages]
+    protos = hasattr(model.head, "prototypes")
+    gate = out.proto_maps[3].flatten(1, 2) if protos else out.class_maps[3]
+    return [*maps, gate.float()]
+
+
+def stitchable_maps(
+    images: Tensor,
+    cfg: EvalConfig,
+    tta: bool,
+    forward: Callable[[Tensor, float], tuple[Sequence[Tensor | None], Sequence[Tensor]]],
+    size: tuple[int, int] | None = None,
+) -> Tensor:
+    """:func:`raw_outputs` of every TTA view (``forward``) -> the :func:`slide_raw_maps` tensor.
+
+    The outputs are TTA-averaged at ``size`` (the input size when None) and the
+    glass flag of ``images`` is appended; shared by PyTorch models and ONNX exports.
+    """
     maps, _ = with_tta(images, cfg, tta, forward, size)
     glass = glass_mask(images.float(), cfg.glass_brightness, cfg.glass_spread)[:, None].float()
     if size is not None and tuple(size) != tuple(images.shape[-2:]):
@@ -384,21 +503,20 @@ def slide_raw_maps(
     return torch.cat([*maps, glass.to(maps[0].dtype)], dim=1)
 
 
-def gate_logits(model: WSSSModel, pooled: Tensor) -> Tensor:
+def gate_logits(model: WSSSModel | GateHead, pooled: Tensor) -> Tensor:
     """Window-pooled stage-4 logit inputs (B x G x h x w) -> classifier logits (B x C x h x w).
 
     The head's own merge of sub-prototype scores and its logit bias, as in
     ``forward`` / ``window_logits``; a CAM head's pooled maps are its logits.
     """
-    head = model.head
-    if not hasattr(head, "prototypes"):
+    head = GateHead.of(model)
+    if head.prototypes_per_class is None:
         return pooled
     b, _, h, w = pooled.shape
-    c = int(head.num_classes)
-    scores = pooled.reshape(b, c, -1, h, w).permute(0, 1, 3, 4, 2)  # B x C x h x w x k
+    scores = pooled.reshape(b, head.num_classes, -1, h, w).permute(0, 1, 3, 4, 2)  # ... x k
     logits = merge_prototype_scores(scores, head.merge)
     if head.logit_bias is not None:
-        logits = logits + head.logit_bias[3].to(logits)[None, :, None, None]
+        logits = logits + logits.new_tensor(head.logit_bias)[None, :, None, None]
     return logits
 
 
@@ -489,10 +607,14 @@ class SeamlessDecoder:
     """
 
     def __init__(
-        self, model: WSSSModel, cfg: EvalConfig, window: int, glass_fraction: float = 0.5
+        self,
+        model: WSSSModel | GateHead,
+        cfg: EvalConfig,
+        window: int,
+        glass_fraction: float = 0.5,
     ) -> None:
-        self.model, self.cfg = model, cfg
-        self.layout = slide_layout(model, cfg)
+        self.head, self.cfg = GateHead.of(model), cfg
+        self.layout = slide_layout(self.head, cfg)
         self.window = max(1, int(window)) | 1
         self.glass_fraction = glass_fraction
         c = self.layout.num_classes
@@ -565,11 +687,11 @@ class SeamlessDecoder:
             fused = torch.zeros_like(fused)
         gate_in = raw[c * ns : c * ns + g]
         weight = valid
-        if getattr(self.model, "tissue_pooling", None) is not None:
+        if self.head.tissue_pooling:
             # the head pools over tissue only: weight each cell by its non-glass share
             weight = valid.to(raw.dtype) * (1.0 - raw[-1].clamp(0, 1))
         pooled = _window_mean(gate_in, weight, self.window)
-        probs = torch.sigmoid(gate_logits(self.model, pooled[None])[0])
+        probs = torch.sigmoid(gate_logits(self.head, pooled[None])[0])
         if self.cfg.cls_thresholds is not None:
             thr = probs.new_tensor(self.cfg.cls_thresholds)[:, None, None]
         else:

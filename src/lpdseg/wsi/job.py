@@ -172,7 +172,8 @@ class SlideJob:
             gated over fields of the training crop and glass/non-tissue made
             background on the stitched canvas, so tiles leave no seams) or
             ``per_tile`` (each tile's label scores as ``predict`` gives them,
-            stitched). ONNX exports and stage-2 networks always use ``per_tile``.
+            stitched). Stage-2 networks always use ``per_tile``, and so do ONNX
+            files exported without the raw outputs (older exports, stage-2 networks).
     """
 
     checkpoint: Path

@@ -601,8 +601,9 @@ def infer_tiles(
 def slide_scoring(predictor: Any, job: SlideJob) -> str:
     """``seamless`` when the job asks for it and the predictor can (``slide_raw``), else ``per_tile``.
 
-    ONNX exports give per-tile label scores only, and stage-2 networks' softmax
-    needs no slide-level decision: both stitch their label scores as they are.
+    ONNX files without raw outputs (exported before they existed) give per-tile label
+    scores only, and stage-2 networks' softmax needs no slide-level decision: both
+    stitch their label scores as they are.
     """
     if job.slide_scoring == "seamless" and getattr(predictor, "supports_seamless", False):
         return "seamless"
