@@ -6,6 +6,10 @@ Both sides score the same RGB tiles with the classifier gate and no TTA:
 suite's rules (``common.time_interleaved``: warm-up, interleaved repeats,
 medians); the figure is ONNX tiles/s / PyTorch tiles/s. Both use the same
 number of threads. The largest absolute score difference is printed too.
+Prototype and CAM models are timed twice: ``scores`` (per-tile label scores,
+``slide --slide-scoring per_tile``) and ``raw`` (the stitchable maps of seamless
+slide scoring, ``slide_raw`` at a quarter of the tile side, the slide default).
+Writes ``benchmarks/results/onnx.json`` (``--json`` elsewhere).
 
 Usage::
 
@@ -17,13 +21,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from common import machine_info, make_config, median, side, time_interleaved
+from common import machine_info, make_config, median, side, time_interleaved, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results" / "onnx.json"
 
 
 def random_model(backbone: str) -> tuple[torch.nn.Module, object]:
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8, help="Tiles per call.")
     ap.add_argument("--repeats", type=int, default=3, help="Timed repeats per side.")
     ap.add_argument("--threads", type=int, default=2, help="Threads of both runtimes.")
-    ap.add_argument("--json", type=Path, help="Also write the result here.")
+    ap.add_argument("--json", type=Path, default=RESULTS, help="Where the result is written.")
     args = ap.parse_args(argv)
 
     from lpdseg.exports.onnx import OPSET, OnnxPredictor, export_model
@@ -72,6 +77,17 @@ def main(argv: list[str] | None = None) -> dict:
         torch_pred = Predictor(model, cfg, tta=False)
 
         diff = max((onnx_pred(b) - torch_pred(b)).abs().max().item() for b in batches[:2])
+        cells = (tile // 4, tile // 4)
+        sides = {"pytorch": torch_pred, "onnxruntime": onnx_pred}
+        if onnx_pred.supports_seamless:
+            diff_raw = max(
+                (onnx_pred.slide_raw(b, cells) - torch_pred.slide_raw(b, cells)).abs().max().item()
+                for b in batches[:2]
+            )
+            sides |= {
+                "pytorch raw": lambda b: torch_pred.slide_raw(b, cells),
+                "onnxruntime raw": lambda b: onnx_pred.slide_raw(b, cells),
+            }
 
         def run(predict):
             def go() -> None:
@@ -81,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             return go
 
         times = time_interleaved(
-            {"pytorch": run(torch_pred), "onnxruntime": run(onnx_pred)},
-            repeats=args.repeats,
-            warmup=1,
+            {name: run(fn) for name, fn in sides.items()}, repeats=args.repeats, warmup=1
         )
 
     rate = {name: args.tiles / median(t) for name, t in times.items()}
@@ -100,18 +114,32 @@ def main(argv: list[str] | None = None) -> dict:
         "sides": {name: side(t, tiles_per_s=round(rate[name], 2)) for name, t in times.items()},
         "ratio_onnx_over_torch": round(rate["onnxruntime"] / rate["pytorch"], 3),
         "max_abs_diff": diff,
+        **(
+            {
+                "ratio_onnx_over_torch_raw": round(
+                    rate["onnxruntime raw"] / rate["pytorch raw"], 3
+                ),
+                "max_abs_diff_raw": diff_raw,
+            }
+            if "pytorch raw" in rate
+            else {}
+        ),
         "machine": machine_info(),
     }
     print(
         f"{source}, {args.tiles} tiles of {tile} px, batch {args.batch}, "
         f"{args.threads} threads, median of {args.repeats}:"
     )
-    print(f"  pytorch     {rate['pytorch']:8.2f} tiles/s")
-    print(f"  onnxruntime {rate['onnxruntime']:8.2f} tiles/s")
+    for name, r in rate.items():
+        print(f"  {name:16s} {r:8.2f} tiles/s")
     print(f"  ratio onnx/torch {result['ratio_onnx_over_torch']:.3f}x; max |diff| {diff:.2e}")
+    if "ratio_onnx_over_torch_raw" in result:
+        print(
+            f"  raw maps: ratio {result['ratio_onnx_over_torch_raw']:.3f}x; "
+            f"max |diff| {result['max_abs_diff_raw']:.2e}"
+        )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return result
 
 

@@ -131,6 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=96, help="patch side (px)")
     p.add_argument("--stride", type=int, default=48, help="patch stride (px)")
     p.add_argument("--min-fraction", type=float, default=0.02, help="label rule")
+    p.add_argument(
+        "--max-background",
+        type=float,
+        default=0.5,
+        help="patch rule: drop training patches with more background (+ padding) than this",
+    )
     p.add_argument("--steps", type=int, default=600, help="training steps per run")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -659,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     stems = [img.stem for img, _ in pairs]
     classes = mask_classes(pairs, 3) if args.val_images > 0 else None
     folds = make_folds(stems, args.folds, args.split_seed)
-    rule = PatchRule(args.size, args.stride, args.min_fraction, 0.5)
+    rule = PatchRule(args.size, args.stride, args.min_fraction, args.max_background)
     t_start = time.perf_counter()
     runs: list[dict] = []
     data_info = []
@@ -710,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             "size": args.size,
             "stride": args.stride,
             "min_fraction": args.min_fraction,
+            "max_background": args.max_background,
             "steps": args.steps,
             "batch_size": args.batch_size,
             "lr": args.lr,
