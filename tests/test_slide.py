@@ -342,6 +342,7 @@ def test_cli_slide_under_torchrun_equals_one_process(run_dir, slide_path, tmp_pa
     sb = json.loads((sharded / "synthetic_summary.json").read_text())
     assert sa["tiles"] == sb["tiles"] > 4
     assert not (sharded / LOCK_NAME).exists()
+    assert not list(sharded.glob(".lpdseg-canvas-*"))  # every rank's canvas folder removed
 
     # A finished run is refused by every rank alike, and nothing hangs.
     proc = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)

@@ -140,6 +140,31 @@ def test_rank_split_merges_to_single_process_result(wsi_pyramid, tmp_path):
         stitch_slide(None, 1, dark_is_class0, 2, rank=3, world_size=3)  # type: ignore[arg-type]
 
 
+def test_rank_canvas_files_added_band_by_band_equal_one_process(wsi_pyramid, tmp_path, monkeypatch):
+    """Under torchrun each rank's canvas is on disk; rank 0 adds the others' files in bands."""
+    from lpdseg.wsi import pipeline
+    from lpdseg.wsi.storage import DiskArrays
+
+    kw = {"tile": 64, "overlap": 0.3, "output_downsample": 3, "progress": False}
+    monkeypatch.setattr(pipeline, "MERGE_BAND_BYTES", 1)  # one row per band: many bands
+    with (
+        open_image(wsi_pyramid.path) as r,
+        DiskArrays(tmp_path) as own,
+        DiskArrays(tmp_path) as other,
+    ):
+        single = stitch_slide(r, 1, dark_is_class0, 2, batch_size=8, **kw)
+        rank0 = stitch_slide(r, 1, dark_is_class0, 2, rank=0, world_size=2, storage=own, **kw)
+        rank1 = stitch_slide(r, 1, dark_is_class0, 2, rank=1, world_size=2, storage=other, **kw)
+        other.flush()
+        assert rank1.score_sum.any() and rank0.tiles and rank1.tiles
+        pipeline._add_canvas_files(rank0, other.folder, own)
+        np.testing.assert_array_equal(rank0.score_sum, single.score_sum)
+        np.testing.assert_array_equal(rank0.weight_sum, single.weight_sum)
+        missing = tmp_path / "nowhere"
+        with pytest.raises(ValueError, match="every rank must see the output folder"):
+            pipeline._add_canvas_files(rank0, missing, own)
+
+
 def test_stitch_and_merge_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="output_downsample must be an integer >= 1"):
         stitch_slide(None, 0, dark_is_class0, 2, output_downsample=0)  # type: ignore[arg-type]

@@ -54,6 +54,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,7 @@ import torch.nn.functional as F
 from lpdseg.engine.distributed import (
     DistContext,
     all_gather_objects,
+    barrier,
     broadcast_object,
     cleanup,
     init_distributed,
@@ -641,12 +643,69 @@ def finish_canvas(
     )
 
 
-def merge_ranks(canvas: SlideCanvas, ctx: DistContext) -> SlideCanvas | None:
-    """Every rank's canvas summed on rank 0 (None on the other ranks; as is for one process)."""
+#: bytes of canvas sums rank 0 adds per band when it merges the ranks' canvas files
+MERGE_BAND_BYTES = 8 * 2**20
+
+
+def merge_ranks(
+    canvas: SlideCanvas, ctx: DistContext, storage: DiskArrays | None = None
+) -> SlideCanvas | None:
+    """Every rank's canvas summed on rank 0 (None on the other ranks; as is for one process).
+
+    With ``storage`` (each rank's canvas in its own folder of the output folder,
+    a disk every rank sees), rank 0 adds the other ranks' files to its own band by
+    band, so memory stays that of one band whatever the slide's size or the number
+    of ranks; the other ranks keep their files until rank 0 is done. Without it,
+    the canvases are gathered in memory.
+
+    Raises:
+        ValueError: on rank 0, a rank's canvas file is missing (no shared disk) or
+            does not match.
+    """
     if not ctx.enabled:
         return canvas
-    parts = all_gather_objects(ctx, canvas)
-    return merge_partial(parts) if ctx.is_main else None
+    if storage is None:
+        parts = all_gather_objects(ctx, canvas)
+        return merge_partial(parts) if ctx.is_main else None
+    storage.flush()  # this rank's sums on disk before rank 0 reads them
+    shape = (canvas.score_sum.shape, canvas.level, canvas.output_downsample)
+    ranks = all_gather_objects(ctx, (str(storage.folder), canvas.tiles, shape))
+    error = None
+    if ctx.is_main:
+        try:
+            for folder, tiles, other in ranks[1:]:
+                if other != shape:
+                    raise ValueError(
+                        f"canvases do not match: (shape, level, output_downsample) {shape} "
+                        f"here, {other} in {folder}"
+                    )
+                _add_canvas_files(canvas, Path(folder), storage)
+                canvas.tiles += tiles
+        except Exception as exc:
+            error = exc
+    # every rank waits here: the others' files stay until rank 0 has added them
+    failed = broadcast_object(ctx, None if error is None else str(error))
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"rank 0 could not merge the ranks' canvases: {failed}")
+    return canvas if ctx.is_main else None
+
+
+def _add_canvas_files(canvas: SlideCanvas, folder: Path, storage: DiskArrays) -> None:
+    """Add the canvas another rank's ``stitch_slide`` left in ``folder`` to ``canvas``."""
+    from lpdseg.wsi.storage import open_array
+
+    score = open_array(folder / "score_sum.bin", canvas.score_sum.shape, np.int64)
+    weight = open_array(folder / "weight_sum.bin", canvas.weight_sum.shape, np.int64)
+    labels, h, w = canvas.score_sum.shape
+    rows = max(1, MERGE_BAND_BYTES // max(1, (labels + 1) * w * 8))
+    for y0 in range(0, h, rows):
+        band = slice(y0, min(h, y0 + rows))
+        canvas.score_sum[:, band] += score[:, band]
+        canvas.weight_sum[band] += weight[band]
+        storage.release()  # resident memory stays one band's
+    del score, weight
 
 
 # ---------------------------------------------------------------- 7. write
@@ -833,11 +892,12 @@ def run_slide_job(
             tissue = find_tissue(reader, job)
             scoring = slide_scoring(predictor, job)
             seamless = scoring == "seamless"
-            # One process: the canvas lives on disk beside the outputs, so memory stays
-            # flat whatever the slide's size. Ranks exchange theirs in memory.
+            # The canvas lives on disk beside the outputs (each rank's in its own folder),
+            # so memory stays flat whatever the slide's size and the number of ranks.
             if ctx.is_main:  # we hold the lock: a canvas folder here is a killed run's
                 remove_stale(job.out_dir)
-            storage = None if ctx.enabled else stack.enter_context(DiskArrays(job.out_dir))
+            barrier(ctx)  # no rank makes its canvas folder before the stale ones are gone
+            storage = stack.enter_context(DiskArrays(job.out_dir))
             canvas = infer_tiles(
                 reader,
                 plan,
@@ -851,7 +911,7 @@ def run_slide_job(
                 cell_maps=seamless,
                 progress=progress and ctx.is_main,
             )
-            merged = merge_ranks(canvas, ctx)
+            merged = merge_ranks(canvas, ctx, storage)
             if merged is None:  # not rank 0: rank 0 merges, writes and reports
                 return {"rank": ctx.rank, "tiles": canvas.tiles}
             probabilities = job.ome_tiff and job.ome_probabilities

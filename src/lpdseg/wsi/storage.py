@@ -70,6 +70,11 @@ class DiskArrays:
         self._maps.append(mm)
         return np.frombuffer(mm, dtype=dtype).reshape(tuple(shape))
 
+    def flush(self) -> None:
+        """Write every array's changed pages to its file (for another process to read)."""
+        for mm in self._maps:
+            mm.flush()
+
     def release(self) -> None:
         """Drop every array's pages from resident memory (contents kept)."""
         for mm in self._maps:
@@ -157,3 +162,25 @@ class ReleasingView:
         if self.storage is not None and self._reads % self.every == 0:
             self.storage.release()
         return out
+
+
+def open_array(path: str | Path, shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """A read-only view of an array another process wrote with :meth:`DiskArrays.zeros`.
+
+    Raises:
+        ValueError: the file is missing or not the expected size (another process's
+            folder not visible here, e.g. ranks on machines without a shared disk).
+    """
+    path = Path(path)
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    have = path.stat().st_size if path.is_file() else None
+    if have != size:
+        raise ValueError(
+            f"{path}: expected a canvas file of {size} bytes, found "
+            f"{'none' if have is None else f'{have} bytes'}; every rank must see the output "
+            "folder (a disk shared by the ranks)"
+        )
+    if size == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=tuple(shape))
