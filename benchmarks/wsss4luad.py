@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-background",
         type=float,
-        default=0.5,
+        default=0.8,
         help="patch rule: drop training patches with more background (+ padding) than this",
     )
     p.add_argument("--steps", type=int, default=600, help="training steps per run")

@@ -779,7 +779,7 @@ def patches(
     ] = None,
     max_background: Annotated[
         float, typer.Option(help="Drop patches whose background fraction exceeds this.")
-    ] = 0.5,
+    ] = 0.8,
     format: Annotated[
         str,
         typer.Option(
