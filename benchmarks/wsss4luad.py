@@ -753,9 +753,11 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    # --results is a stem: "r_m0.1" -> r_m0.1.json (with_suffix would make r_m0.json)
+    stem = str(args.results).removesuffix(".json").removesuffix(".md")
+    Path(stem + ".json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary)
-    args.results.with_suffix(".md").write_text(table)
+    Path(stem + ".md").write_text(table)
     print(table)
     return 0
 
