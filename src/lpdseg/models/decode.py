@@ -427,13 +427,19 @@ class GateHead:
         )
 
 
+def fused_stages(cfg: EvalConfig) -> tuple[int, ...]:
+    """Stages with a non-zero fuse weight (the class maps a slide's canvas keeps)."""
+    stages = tuple(i for i, w in enumerate(cfg.fuse_weights) if w)
+    if not stages:
+        raise ValueError("eval.fuse_weights selects no stage")
+    return stages
+
+
 def slide_layout(model: WSSSModel | GateHead, cfg: EvalConfig) -> SlideLayout:
     """The channel layout :func:`slide_raw_maps` gives for ``model``."""
     head = GateHead.of(model)
     c = head.num_classes
-    stages = tuple(i for i, w in enumerate(cfg.fuse_weights) if w)
-    if not stages:
-        raise ValueError("eval.fuse_weights selects no stage")
+    stages = fused_stages(cfg)
     k = head.prototypes_per_class or 1
     return SlideLayout(c, stages, tuple(float(cfg.fuse_weights[i]) for i in stages), c * k)
 
@@ -477,8 +483,8 @@ def raw_outputs(model: WSSSModel, out, cfg: EvalConfig) -> list[Tensor]:
     The raw class maps of every fused stage, then the stage-4 per-pixel logit
     inputs (prototype maps ``C x k``, or a CAM head's class maps), float32.
     """
-    layout = slide_layout(model, cfg)
-    maps = [out.class_maps[i].float() for i in layout.stages]
+    # per view, so no GateHead here: building one copies the logit bias to the host
+    maps = [out.class_maps[i].float() for i in fused_stages(cfg)]
     protos = hasattr(model.head, "prototypes")
     gate = out.proto_maps[3].flatten(1, 2) if protos else out.class_maps[3]
     return [*maps, gate.float()]
