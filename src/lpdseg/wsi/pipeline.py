@@ -82,8 +82,14 @@ from lpdseg.wsi.job import (
 )
 from lpdseg.wsi.lock import OutputLock
 from lpdseg.wsi.reader import ImageReader, open_image
-from lpdseg.wsi.storage import DiskArrays, remove_stale
-from lpdseg.wsi.tiling import SlideCanvas, merge_partial, stitch_slide
+from lpdseg.wsi.storage import DiskArrays, open_array, remove_stale
+from lpdseg.wsi.tiling import (
+    SCORE_SUM,
+    WEIGHT_SUM,
+    SlideCanvas,
+    merge_partial,
+    stitch_slide,
+)
 from lpdseg.wsi.tissue import detect_tissue
 
 log = logging.getLogger(__name__)
@@ -668,16 +674,15 @@ def merge_ranks(
         parts = all_gather_objects(ctx, canvas)
         return merge_partial(parts) if ctx.is_main else None
     storage.flush()  # this rank's sums on disk before rank 0 reads them
-    shape = (canvas.score_sum.shape, canvas.level, canvas.output_downsample)
-    ranks = all_gather_objects(ctx, (str(storage.folder), canvas.tiles, shape))
+    ranks = all_gather_objects(ctx, (str(storage.folder), canvas.tiles, canvas.layout))
     error = None
     if ctx.is_main:
         try:
             for folder, tiles, other in ranks[1:]:
-                if other != shape:
+                if other != canvas.layout:
                     raise ValueError(
-                        f"canvases do not match: (shape, level, output_downsample) {shape} "
-                        f"here, {other} in {folder}"
+                        "canvases do not match: (shape, level, output_downsample) "
+                        f"{canvas.layout} here, {other} in {folder}"
                     )
                 _add_canvas_files(canvas, Path(folder), storage)
                 canvas.tiles += tiles
@@ -694,10 +699,8 @@ def merge_ranks(
 
 def _add_canvas_files(canvas: SlideCanvas, folder: Path, storage: DiskArrays) -> None:
     """Add the canvas another rank's ``stitch_slide`` left in ``folder`` to ``canvas``."""
-    from lpdseg.wsi.storage import open_array
-
-    score = open_array(folder / "score_sum.bin", canvas.score_sum.shape, np.int64)
-    weight = open_array(folder / "weight_sum.bin", canvas.weight_sum.shape, np.int64)
+    score = open_array(folder, SCORE_SUM, canvas.score_sum.shape, np.int64)
+    weight = open_array(folder, WEIGHT_SUM, canvas.weight_sum.shape, np.int64)
     labels, h, w = canvas.score_sum.shape
     rows = max(1, MERGE_BAND_BYTES // max(1, (labels + 1) * w * 8))
     for y0 in range(0, h, rows):
@@ -705,7 +708,6 @@ def _add_canvas_files(canvas: SlideCanvas, folder: Path, storage: DiskArrays) ->
         canvas.score_sum[:, band] += score[:, band]
         canvas.weight_sum[band] += weight[band]
         storage.release()  # resident memory stays one band's
-    del score, weight
 
 
 # ---------------------------------------------------------------- 7. write

@@ -57,10 +57,10 @@ class DiskArrays:
         self._maps: list[mmap.mmap] = []
 
     def zeros(self, name: str, shape: Sequence[int], dtype: Any) -> np.ndarray:
-        """A new writable array of zeros, stored in ``<folder>/<name>.bin``."""
+        """A new writable array of zeros, stored in :func:`array_file` ``(folder, name)``."""
         dtype = np.dtype(dtype)
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        path = self.folder / f"{name}.bin"
+        size = _nbytes(shape, dtype)
+        path = array_file(self.folder, name)
         with open(path, "w+b") as handle:
             if size == 0:
                 return np.zeros(shape, dtype)
@@ -164,16 +164,26 @@ class ReleasingView:
         return out
 
 
-def open_array(path: str | Path, shape: Sequence[int], dtype: Any) -> np.ndarray:
-    """A read-only view of an array another process wrote with :meth:`DiskArrays.zeros`.
+def array_file(folder: str | Path, name: str) -> Path:
+    """Where :meth:`DiskArrays.zeros` keeps the array ``name`` of ``folder``."""
+    return Path(folder) / f"{name}.bin"
+
+
+def _nbytes(shape: Sequence[int], dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def open_array(folder: str | Path, name: str, shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """A read-only view of the array ``name`` another process made in ``folder``
+    with :meth:`DiskArrays.zeros`.
 
     Raises:
         ValueError: the file is missing or not the expected size (another process's
             folder not visible here, e.g. ranks on machines without a shared disk).
     """
-    path = Path(path)
+    path = array_file(folder, name)
     dtype = np.dtype(dtype)
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = _nbytes(shape, dtype)
     have = path.stat().st_size if path.is_file() else None
     if have != size:
         raise ValueError(

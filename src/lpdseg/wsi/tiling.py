@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # integer addition is associative, so partial canvases from several processes
 # sum to exactly the single-process canvas, whatever the order.
 FIXED_POINT_SCALE = 2**20
+#: names of a canvas's arrays in its ``DiskArrays`` folder (rank 0 reads the others' there)
+SCORE_SUM, WEIGHT_SUM = "score_sum", "weight_sum"
 # Return freed heap memory to the OS every this many batches (see _release_heap).
 TRIM_EVERY_BATCHES = 8
 
@@ -165,6 +167,11 @@ class SlideCanvas:
         return int(self.weight_sum.shape[0]), int(self.weight_sum.shape[1])
 
     @property
+    def layout(self) -> tuple[tuple[int, ...], int, int]:
+        """``(score_sum shape, level, output_downsample)``: what canvases to be summed share."""
+        return tuple(self.score_sum.shape), self.level, self.output_downsample
+
+    @property
     def downsample_to_level0(self) -> float:
         """Level-0 pixels per canvas pixel (``scale_to_level0`` of the exports)."""
         return self.level_downsample * self.output_downsample
@@ -246,11 +253,7 @@ def merge_partial(accumulators: Sequence[SlideCanvas]) -> SlideCanvas:
         raise ValueError("merge_partial needs at least one canvas")
     first = accumulators[0]
     for other in accumulators[1:]:
-        if (
-            other.score_sum.shape != first.score_sum.shape
-            or other.level != first.level
-            or other.output_downsample != first.output_downsample
-        ):
+        if other.layout != first.layout:
             raise ValueError(
                 "canvases do not match: shapes "
                 f"{first.score_sum.shape} / {other.score_sum.shape}, levels "
@@ -464,8 +467,8 @@ def stitch_slide(
         score_sum = np.zeros((num_labels, *canvas_hw), np.int64)
         weight_sum = np.zeros(canvas_hw, np.int64)
     else:
-        score_sum = storage.zeros("score_sum", (num_labels, *canvas_hw), np.int64)
-        weight_sum = storage.zeros("weight_sum", canvas_hw, np.int64)
+        score_sum = storage.zeros(SCORE_SUM, (num_labels, *canvas_hw), np.int64)
+        weight_sum = storage.zeros(WEIGHT_SUM, canvas_hw, np.int64)
     windows = TileWindows(tile, weight, (h_img, w_img))
     read_tile = level_tile_reader(reader, level, tile)
 
