@@ -36,6 +36,7 @@ only when used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -52,6 +53,7 @@ import lpdseg
 from lpdseg.config import Config, EvalConfig
 from lpdseg.errors import LpdsegError
 from lpdseg.inference import load_model
+from lpdseg.inference.predictor import gate_window_px
 from lpdseg.io import atomic_write_bytes, dumps_strict
 from lpdseg.models.decode import (
     GateHead,
@@ -200,7 +202,7 @@ def onnx_metadata(
     if gate_head is not None and raw_names:
         meta["raw_outputs"] = dumps_strict(list(raw_names))
         meta["gate_head"] = dumps_strict(gate_head.to_dict())
-        meta["gate_window_px"] = str(int(cfg.eval.gate_window or cfg.data.crop_size))
+        meta["gate_window_px"] = str(gate_window_px(cfg.eval, cfg))
     return {META_PREFIX + k: v for k, v in meta.items()}
 
 
@@ -401,7 +403,6 @@ class OnnxPredictor:
         self._output = self.metadata.get("output_name", self.session.get_outputs()[0].name)
         self._raw = list(json.loads(self.metadata.get("raw_outputs", "[]")))
         self.device = torch.device("cpu")  # where its outputs land (the decoder runs there)
-        self._eval_cfg: EvalConfig | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -464,16 +465,14 @@ class OnnxPredictor:
         CAM models exported by this version; stage-2 networks and older exports: no)."""
         return bool(self._raw) and "gate_head" in self.metadata
 
-    @property
+    @functools.cached_property
     def eval_cfg(self) -> EvalConfig:
         """The run's ``eval`` settings, from the metadata."""
-        if self._eval_cfg is None:
-            known = set(EvalConfig.__dataclass_fields__)
-            saved = json.loads(self.metadata.get("eval", "{}"))
-            self._eval_cfg = EvalConfig(**{k: v for k, v in saved.items() if k in known})
-        return self._eval_cfg
+        known = set(EvalConfig.__dataclass_fields__)
+        saved = json.loads(self.metadata.get("eval", "{}"))
+        return EvalConfig(**{k: v for k, v in saved.items() if k in known})
 
-    @property
+    @functools.cached_property
     def gate_head(self) -> GateHead:
         return GateHead.from_dict(json.loads(self.metadata["gate_head"]))
 

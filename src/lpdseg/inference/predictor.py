@@ -122,9 +122,8 @@ class Predictor:
 
     @property
     def gate_window_px(self) -> int:
-        """Side (model input px) of the field the slide gate pools: ``eval.gate_window``,
-        else the training crop (the size the classifier is calibrated for)."""
-        return int(self.eval_cfg.gate_window or self.cfg.data.crop_size)
+        """Side (model input px) of the field the slide gate pools (:func:`gate_window_px`)."""
+        return gate_window_px(self.eval_cfg, self.cfg)
 
     @torch.no_grad()
     def slide_raw(self, tiles: Tensor, size: tuple[int, int] | None = None) -> Tensor:
@@ -188,6 +187,12 @@ class Predictor:
     def mask(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
         """One ``H x W x 3`` uint8 RGB image -> index mask (H x W uint8, background = C)."""
         return self.scores(image, progress).argmax(0).numpy().astype(np.uint8)
+
+
+def gate_window_px(eval_cfg: EvalConfig, cfg: Config) -> int:
+    """Side (model input px) of the field a slide's classifier gate pools: ``eval.gate_window``,
+    else the training crop (the size the classifier is calibrated for)."""
+    return int(eval_cfg.gate_window or cfg.data.crop_size)
 
 
 def _check_options(threshold: float | None, batch_size: int, gate: str) -> None:
