@@ -161,9 +161,9 @@ def pseudo_labels(scores: torch.Tensor, ignore_margin: float = 0.0) -> torch.Ten
     The argmax, with 255 where the best score leads the second by less than
     ``ignore_margin`` (0: no pixel is ignored).
     """
-    top2 = scores.topk(2, dim=1).values
     mask = scores.argmax(1).to(torch.uint8)
     if ignore_margin > 0:
+        top2 = scores.topk(2, dim=1).values
         mask[(top2[:, 0] - top2[:, 1]) < ignore_margin] = IGNORE_INDEX
     return mask
 
