@@ -64,14 +64,19 @@ def overrides(root: Path, out: Path, batch: int, *extra: str) -> list[str]:
 
 CLS_ONLY = ("loss.sim_weight=0", "loss.div_weight=0")
 
+# Both torchrun workers below: a rank aborted in 2 of ~20 loaded suite runs ("terminate called without an active
+# exception", exit -6) with no Python traceback. faulthandler prints where its threads
+# were if it recurs; os._exit skips interpreter finalisation, where Gloo's threads are
+# known to abort. Every check below reads files written before that point.
 WORKER = textwrap.dedent(
     """
-    import json, os, sys
+    import faulthandler, json, os, sys
     import torch
     import torch.distributed as dist
     from lpdseg.config import load_config
     from lpdseg.engine.train import train
 
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     jobs = json.loads(open(sys.argv[1]).read())
     dist.init_process_group("gloo")  # train() then joins this group and leaves it open
@@ -84,6 +89,8 @@ WORKER = textwrap.dedent(
         out = train(cfg, **kw)
         assert out["step"] == job["steps"], out
     dist.destroy_process_group()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
     """
 )
 
@@ -212,13 +219,14 @@ PREDICT_SRC = (
 
 SLIDE_WORKER = textwrap.dedent(
     """
-    import sys
+    import faulthandler, os, sys
     import numpy as np
     import torch
     import torch.distributed as dist
     from lpdseg.engine.distributed import all_gather_objects, init_distributed
     from lpdseg.wsi import merge_partial, open_image, stitch_slide
 
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     ctx = init_distributed("cpu")
 
@@ -233,6 +241,8 @@ SLIDE_WORKER = textwrap.dedent(
     if ctx.is_main:
         merge_partial(parts).save(sys.argv[2])
     dist.destroy_process_group()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
     """
 ).replace("{predict_src}", PREDICT_SRC)
 
