@@ -28,7 +28,8 @@ Protocol (nothing here is tuned per method):
    :func:`lpdseg.inference.evaluate_checkpoint` (the code behind
    ``lpdseg eval``): classifier-gated masks (no labels at test time: the
    headline) and label-gated masks (the pseudo-mask quality given the true
-   image labels); stage-2 networks need no gate.
+   image labels); stage-2 networks need no gate and are scored in windows of
+   the patch size (``--seg-windows``: the scale they learned at).
 
 The default protocol (no flags): EfficientNet-Lite0 (ImageNet), 96-px patches,
 stride 48, 600 steps x batch 12, 3 folds; CAM, PBIP and LPD with seeds 0 and 1;
@@ -187,6 +188,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="model.tissue_pooling: class logits pool over tissue pixels only",
+    )
+    p.add_argument(
+        "--seg-windows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score the segmentation networks (supervised, stage 2) in sliding windows of "
+        "the patch size (overlap 0.5) instead of whole images: the scale they learned at",
     )
     p.add_argument("--scale-min", type=float, default=1.0, help="data.scale_min")
     p.add_argument("--scale-max", type=float, default=1.0, help="data.scale_max")
@@ -538,7 +546,21 @@ def run_job(
         modes = ("classifier", "labels")
         if method == "pbip":
             ov.append(f"model.bank={bank}")
-    return run_one(ov, out, modes, args.tta, args.eval_overrides, args.score_last)
+    scoring = list(args.eval_overrides or [])
+    if modes == ("seg",) and args.seg_windows:
+        scoring += seg_window_overrides(args.size)
+    return run_one(ov, out, modes, args.tta, scoring or None, args.score_last)
+
+
+def seg_window_overrides(size: int) -> list[str]:
+    """Eval settings that score a segmentation network in windows of its ``size``-px patches.
+
+    A network trained on small patches and run on a whole image sees far more
+    context than it learned with; windows of the patch size keep it at that scale
+    (the fully supervised bound: 54.7 vs 49.8 mIoU whole, docs/results.md). The
+    classifier-gated methods stay whole: their gate is an image-level decision.
+    """
+    return [f"eval.max_side={size}", f"eval.tile={size}", "eval.overlap=0.5"]
 
 
 def build_bank(root: Path, out: Path, args: argparse.Namespace) -> Path:
@@ -633,7 +655,12 @@ def markdown(summary: dict) -> str:
         f"of the patch; {s['steps']} steps x batch {s['batch_size']}, lr {s['lr']}; "
         + (f"input scale {s['input_scale']}; " if s.get("input_scale", 1.0) != 1.0 else "")
         + f"{s['threads']} threads. Wall time {summary['wall_s'] / 60:.1f} min."
-        + (f" Scored with {' '.join(s['eval_overrides'])}." if s.get("eval_overrides") else ""),
+        + (f" Scored with {' '.join(s['eval_overrides'])}." if s.get("eval_overrides") else "")
+        + (
+            f" Segmentation networks scored in {s['size']}-px windows (overlap 0.5)."
+            if s.get("seg_windows")
+            else ""
+        ),
         f"Command: `{summary['command']}`",
     ]
     return "\n".join(lines) + "\n"
@@ -725,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
             "bank_keep": args.bank_keep,
             "tta": args.tta,
             "eval_overrides": args.eval_overrides,
+            "seg_windows": args.seg_windows,
             "threads": args.threads,
             "split_seed": args.split_seed,
             "only_folds": sorted(only),

@@ -169,3 +169,28 @@ def test_default_protocol_runs_the_ablation_and_bounds_with_the_first_seed_only(
     # stage 2 after its stage-1 method in the order they run; the bound last
     order = [m for s, m, _ in jobs if s == 0]
     assert order.index("lpd_stage2") > order.index("lpd") and order[-1] == "supervised"
+
+
+def test_segmentation_networks_are_scored_in_windows_of_the_patch_size(bench, monkeypatch):
+    # what run_job hands to run_one: the user's eval overrides, plus the window rule for
+    # the seg networks only (the gated methods' image-level decision needs the whole image)
+    seen = {}
+    monkeypatch.setattr(
+        bench, "run_one", lambda ov, out, modes, tta, scoring, last: seen.update({modes: scoring})
+    )
+    monkeypatch.setattr(bench, "pseudo_masks", lambda *a: Path("pseudo"))
+    root = Path("fold")
+    for windows in (True, False):
+        seen.clear()
+        flag = "--seg-windows" if windows else "--no-seg-windows"
+        args = bench.parse_args(["--size", "64", "--eval-overrides", "eval.bg_gamma=5", flag])
+        for method in ("supervised", "lpd"):
+            bench.run_job(args, root, root, method, "effnet", 0, None)
+        window = ["eval.max_side=64", "eval.tile=64", "eval.overlap=0.5"] if windows else []
+        assert seen[("seg",)] == ["eval.bg_gamma=5", *window]
+        assert seen[("classifier", "labels")] == ["eval.bg_gamma=5"]
+    # the window settings are valid eval settings of the preset
+    from lpdseg.config import load_config
+
+    cfg = load_config("wsss4luad", bench.seg_window_overrides(64))
+    assert (cfg.eval.max_side, cfg.eval.tile, cfg.eval.overlap) == (64, 64, 0.5)
