@@ -89,6 +89,8 @@ METHOD_LABEL = {
     "supervised": "Fully supervised (true masks)",
 }
 METRICS = ("mIoU", "mDice", "FwIoU", "bIoU")
+#: overlap of the windows the segmentation networks are scored in (--seg-windows)
+SEG_WINDOW_OVERLAP = 0.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -194,7 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="score the segmentation networks (supervised, stage 2) in sliding windows of "
-        "the patch size (overlap 0.5) instead of whole images: the scale they learned at",
+        f"the patch size (overlap {SEG_WINDOW_OVERLAP}) instead of whole images: the scale "
+        "they learned at",
     )
     p.add_argument("--scale-min", type=float, default=1.0, help="data.scale_min")
     p.add_argument("--scale-max", type=float, default=1.0, help="data.scale_max")
@@ -560,7 +563,7 @@ def seg_window_overrides(size: int) -> list[str]:
     (the fully supervised bound: 54.7 vs 49.8 mIoU whole, docs/results.md). The
     classifier-gated methods stay whole: their gate is an image-level decision.
     """
-    return [f"eval.max_side={size}", f"eval.tile={size}", "eval.overlap=0.5"]
+    return [f"eval.max_side={size}", f"eval.tile={size}", f"eval.overlap={SEG_WINDOW_OVERLAP}"]
 
 
 def build_bank(root: Path, out: Path, args: argparse.Namespace) -> Path:
@@ -657,7 +660,8 @@ def markdown(summary: dict) -> str:
         + f"{s['threads']} threads. Wall time {summary['wall_s'] / 60:.1f} min."
         + (f" Scored with {' '.join(s['eval_overrides'])}." if s.get("eval_overrides") else "")
         + (
-            f" Segmentation networks scored in {s['size']}-px windows (overlap 0.5)."
+            f" Segmentation networks scored in {s['size']}-px windows "
+            f"(overlap {SEG_WINDOW_OVERLAP})."
             if s.get("seg_windows")
             else ""
         ),

@@ -64,10 +64,11 @@ def overrides(root: Path, out: Path, batch: int, *extra: str) -> list[str]:
 
 CLS_ONLY = ("loss.sim_weight=0", "loss.div_weight=0")
 
-# Both torchrun workers below: a rank aborted in 2 of ~20 loaded suite runs ("terminate called without an active
-# exception", exit -6) with no Python traceback. faulthandler prints where its threads
-# were if it recurs; os._exit skips interpreter finalisation, where Gloo's threads are
-# known to abort. Every check below reads files written before that point.
+# Both torchrun workers below: a rank aborted in 2 of ~20 loaded suite runs
+# ("terminate called without an active exception", exit -6) with no Python traceback.
+# faulthandler prints where its threads were if it recurs; os._exit skips interpreter
+# finalisation, where Gloo's threads are known to abort. Every check below reads files
+# written before that point.
 WORKER = textwrap.dedent(
     """
     import faulthandler, json, os, sys
